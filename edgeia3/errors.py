@@ -1,0 +1,9 @@
+"""One exception type for every user-facing failure.
+
+The CLI turns an ``EdgeIA3Error`` into one red line and exit code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+
+class EdgeIA3Error(Exception):
+    """A problem with the user's input (file, adapter, model, data)."""

@@ -1,0 +1,124 @@
+"""Base-model identity: which base an adapter belongs to.
+
+``fingerprint`` hashes the structure (family, model type, layer count, hidden
+size, vocabulary, and the logical [out, in] shape of every IA3-capable module),
+so an adapter for another architecture or size is caught. ``content`` hashes a
+few weights that no quantizer touches (final norm, first embedding rows, as
+fp16), so a same-shaped but different base (e.g. base vs instruct) is caught
+too, while the fp32 and NF4 loads of one base agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import EdgeIA3Error
+from .registry import Family
+
+EMBED_ROWS = 8
+
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    fingerprint: str
+    content: str
+    name: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "BaseIdentity | None":
+        return cls(**d) if d else None
+
+    def matches(self, other: "BaseIdentity") -> bool:
+        return self.fingerprint == other.fingerprint and self.content == other.content
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _structural(family: Family, config: dict, shapes: dict[str, tuple[int, int]]) -> str:
+    doc = {
+        "family": family.name,
+        "model_type": config.get("model_type"),
+        "layers": config.get("num_hidden_layers") or config.get("n_layer"),
+        "hidden": config.get("hidden_size") or config.get("n_embd"),
+        "vocab": config.get("vocab_size"),
+        "shapes": sorted((k, list(v)) for k, v in shapes.items()),
+    }
+    return _sha(json.dumps(doc, sort_keys=True).encode())
+
+
+def _content(norm: np.ndarray, embed_rows: np.ndarray) -> str:
+    parts = [np.ascontiguousarray(a, dtype=np.float16).tobytes() for a in (norm, embed_rows)]
+    return _sha(b"".join(parts))
+
+
+def num_layers(config: Any) -> int:
+    c = config if isinstance(config, dict) else config.to_dict()
+    return int(c.get("num_hidden_layers") or c["n_layer"])
+
+
+def _module_names(family: Family, layers: int) -> list[str]:
+    mods = sorted({s.module for s in family.sites})
+    return [f"{family.layers}.{i}.{m}" for i in range(layers) for m in mods]
+
+
+def module_shape(module: Any, conv1d: bool) -> tuple[int, int]:
+    """Logical [out, in] of a Linear, bnb Linear4bit or GPT-2 Conv1D module."""
+    if hasattr(module, "out_features") and hasattr(module, "in_features"):
+        return int(module.out_features), int(module.in_features)
+    w = module.weight.shape
+    return (int(w[1]), int(w[0])) if conv1d else (int(w[0]), int(w[1]))
+
+
+def identity_of_model(model: Any, family: Family, name: str = "") -> BaseIdentity:
+    """Identity of a loaded transformers model (fp32 or bitsandbytes 4-bit)."""
+    config = model.config.to_dict()
+    shapes = {
+        m: module_shape(model.get_submodule(m), family.conv1d)
+        for m in _module_names(family, num_layers(config))
+    }
+    norm = model.get_parameter(family.final_norm).detach().float().cpu().numpy()
+    embed = model.get_parameter(family.embed)[:EMBED_ROWS].detach().float().cpu().numpy()
+    return BaseIdentity(_structural(family, config, shapes), _content(norm, embed), name)
+
+
+def identity_of_dir(path: str | Path, family: Family, name: str = "") -> BaseIdentity:
+    """Identity of a transformers directory from safetensors headers (no model load)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise EdgeIA3Error(f"{path} has no .safetensors weights")
+    where: dict[str, Path] = {}
+    for f in files:
+        with safe_open(f, "np") as st:
+            where.update({k: f for k in st.keys()})
+
+    def get(name: str, shape_only: bool = False) -> Any:
+        if name not in where:
+            raise EdgeIA3Error(f"{path}: tensor {name} missing; not a {family.name} checkpoint?")
+        with safe_open(where[name], "pt") as st:
+            sl = st.get_slice(name)
+            return tuple(sl.get_shape()) if shape_only else sl[:].float().numpy()
+
+    def shape(module: str) -> tuple[int, int]:
+        w = get(f"{module}.weight", shape_only=True)
+        return (int(w[1]), int(w[0])) if family.conv1d else (int(w[0]), int(w[1]))
+
+    shapes = {m: shape(m) for m in _module_names(family, num_layers(config))}
+    embed = get(family.embed)[:EMBED_ROWS]
+    return BaseIdentity(_structural(family, config, shapes), _content(get(family.final_norm), embed), name)
+
+

@@ -1,0 +1,1 @@
+"""Converters between the canonical IA3 adapter and external adapter formats."""

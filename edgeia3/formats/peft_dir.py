@@ -1,0 +1,167 @@
+"""PEFT's IA3 directory format <-> canonical adapter.
+
+PEFT stores one ``ia3_l`` tensor per targeted module under
+``base_model.model.<module>.ia3_l``: shape (out, 1) for modules that scale
+their output, (1, in) for ``feedforward_modules`` (input). A fused module
+(phi3 qkv_proj, gpt2 c_attn) holds one vector for all its sites; reading
+splits it by the registry's row slices and drops slices that are exactly
+ones (identity); writing pads missing slices with ones.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..adapter import CANONICAL_FILE, IA3Adapter, IA3Vector, fused_layout_for
+from ..errors import EdgeIA3Error
+from ..registry import Family, Scaling, family_for_config, get_family
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+SUFFIX = ".ia3_l"
+
+
+def peft_target_modules(family: Family, sites: list[str]) -> tuple[list[str], list[str]]:
+    """PEFT ``target_modules`` and ``feedforward_modules`` (module paths in a layer)."""
+    targets, feedforward = [], []
+    for name in sites:
+        s = family.site(name)
+        if s.module not in targets:
+            targets.append(s.module)
+        if s.scaling is Scaling.INPUT and s.module not in feedforward:
+            feedforward.append(s.module)
+    return targets, feedforward
+
+
+def _module_scaling(config: dict, module: str) -> Scaling:
+    ff = config.get("feedforward_modules") or []
+    if isinstance(ff, str):  # PEFT also accepts a regex
+        return Scaling.INPUT if re.fullmatch(ff, module) else Scaling.OUTPUT
+    return Scaling.INPUT if any(module == m or module.endswith("." + m) for m in ff) else Scaling.OUTPUT
+
+
+def read_peft_dir(path: str | Path, family: str | None = None, config: Any = None) -> IA3Adapter:
+    """Read a PEFT IA3 adapter directory (edgeia3's own metadata, if present, wins).
+
+    A bare PEFT directory does not say its architecture: ``family`` (or a base
+    ``config``, which also gives the row ranges of fused modules) is required.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if (path / CANONICAL_FILE).exists():
+        return IA3Adapter.load(path / CANONICAL_FILE)
+    for f in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / f).exists():
+            raise EdgeIA3Error(f"{path} is not an IA3 adapter directory: {f} is missing")
+    try:
+        peft_cfg = json.loads((path / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise EdgeIA3Error(f"{path / CONFIG_FILE} is not valid JSON: {e}") from e
+    if peft_cfg.get("peft_type") != "IA3":
+        raise EdgeIA3Error(f"{path} holds a {peft_cfg.get('peft_type')} adapter, not IA3")
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), "np") as st:
+            tensors = {k: st.get_tensor(k) for k in st.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise EdgeIA3Error(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {e}") from e
+
+    if family is None and config is None:
+        raise EdgeIA3Error(
+            f"{path} is a PEFT IA3 directory without edgeia3 metadata, so its architecture is "
+            "unknown: give its base model (--base) so it can be read"
+        )
+    fam = get_family(family) if family else family_for_config(config)
+    layout = fused_layout_for(fam, config) if config is not None else {}
+    layer_re = re.compile(rf"^{re.escape(PREFIX)}{re.escape(fam.layers)}\.(\d+)\.(.+){re.escape(SUFFIX)}$")
+    vectors = []
+    for key, arr in tensors.items():
+        m = layer_re.match(key)
+        if not m or not fam.site_for_module(m.group(2)):
+            raise EdgeIA3Error(f"{path}: tensor {key} is not an IA3 site of family '{fam.name}'")
+        layer, module = int(m.group(1)), m.group(2)
+        scaling = _module_scaling(peft_cfg, module)
+        values = arr.astype(np.float32).ravel()
+        expected_shape = (1, values.size) if scaling is Scaling.INPUT else (values.size, 1)
+        if tuple(arr.shape) != expected_shape:
+            raise EdgeIA3Error(f"{path}: {key} has shape {tuple(arr.shape)}, PEFT IA3 expects {expected_shape}")
+        sites = fam.site_for_module(module)
+        if len(sites) == 1 and sites[0].fused_rows is None:
+            vectors.append(IA3Vector(layer, sites[0].name, scaling, values))
+            continue
+        # A fused module: split by row ranges, which come from the base config.
+        if not layout:
+            raise EdgeIA3Error(f"{path}: splitting fused module {module} into sites needs the base model")
+        for s in sites:
+            a, b, _ = layout[s.name]
+            part = values[a:b]
+            if not np.all(part == 1.0):
+                vectors.append(IA3Vector(layer, s.name, scaling, part.copy()))
+    adapter = IA3Adapter(fam.name, vectors, fused_layout=layout,
+                         extra={"peft_base_model": peft_cfg.get("base_model_name_or_path")})
+    adapter.check_finite()
+    return adapter
+
+
+def write_peft_dir(adapter: IA3Adapter, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write PEFT's IA3 directory plus edgeia3's canonical file beside it."""
+    from safetensors.numpy import save_file
+
+    adapter.check_finite()
+    fam = adapter.family_spec
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    scalings: dict[str, Scaling] = {}  # per module path inside a layer
+    key_module: dict[str, str] = {}
+    for v in adapter.vectors:
+        site = fam.site(v.site)
+        key = f"{PREFIX}{fam.module_path(v.layer, site)}{SUFFIX}"
+        key_module[key] = site.module
+        if scalings.setdefault(site.module, v.scaling) is not v.scaling:
+            raise EdgeIA3Error(f"sites of module {site.module} disagree on input/output scaling")
+        if site.fused_rows is None:
+            tensors[key] = v.values.astype(np.float32)
+            continue
+        if v.site not in adapter.fused_layout:
+            raise EdgeIA3Error(f"adapter lacks the fused layout of site {v.site}; rebuild it against its base")
+        a, b, total = adapter.fused_layout[v.site]
+        full = tensors.setdefault(key, np.ones(total, dtype=np.float32))
+        full[a:b] = v.values
+    for key, vec in tensors.items():
+        tensors[key] = vec.reshape(1, -1) if scalings[key_module[key]] is Scaling.INPUT else vec.reshape(-1, 1)
+    targets = list(scalings)
+    feedforward = [m for m in targets if scalings[m] is Scaling.INPUT]
+    config = {
+        "peft_type": "IA3",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "target_modules": targets,
+        "feedforward_modules": feedforward,
+        "fan_in_fan_out": fam.conv1d,
+        "init_ia3_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "revision": None,
+    }
+    save_file(tensors, str(path / WEIGHTS_FILE))
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    adapter.save(path / CANONICAL_FILE)
+    return path
+
+
+def to_peft_model(model: Any, adapter: IA3Adapter) -> Any:
+    """Wrap a transformers model with ``adapter`` through PEFT (the PyTorch reference)."""
+    import tempfile
+
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_peft_dir(adapter, tmp)
+        return PeftModel.from_pretrained(model, tmp)

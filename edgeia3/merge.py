@@ -1,0 +1,114 @@
+"""Merge step: fold IA3 vectors into a transformers model's weights.
+
+Output sites scale weight rows (and the bias); input sites scale weight
+columns. For an adapter trained on an NF4 base the vectors are folded into
+the *dequantized NF4* weights - the model it was trained with - so the result
+is exact; folding into the original fp32 weights would add the 4-bit
+quantization error (PEFT refuses the 4-bit case altogether, peft #1704).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import IA3Adapter
+from .atomic import atomic_dir
+from .base import DEFAULT_BASE, LoadedBase, load_base
+from .errors import EdgeIA3Error
+from .registry import Family, Scaling
+from .validate import load_adapter_for
+
+INTO_CHOICES = ("auto", "full", "nf4")
+
+
+def fold_into_model(model: Any, adapter: IA3Adapter, family: Family) -> None:
+    """Scale ``model``'s weights in place by ``adapter`` (fp32/fp16 Linear or Conv1D)."""
+    with torch.no_grad():
+        for v in adapter.vectors:
+            site = family.site(v.site)
+            module = model.get_submodule(family.module_path(v.layer, site))
+            w = module.weight.data
+            w = w.T if family.conv1d else w  # a view: [out, in] either way
+            if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise EdgeIA3Error(f"{type(module).__name__} weights are quantized; dequantize before merging")
+            scale = torch.from_numpy(v.values).to(w.dtype)
+            rows = slice(*site.fused_rows(model.config)) if site.fused_rows else slice(None)
+            if v.scaling is Scaling.OUTPUT:
+                w[rows] *= scale[:, None]
+                if getattr(module, "bias", None) is not None:
+                    module.bias.data[rows] *= scale
+            else:
+                if site.fused_rows is not None:
+                    raise EdgeIA3Error(f"site {v.site} is in a fused module and cannot be input-scaled")
+                w[:, :] *= scale[None, :]
+
+
+def dequantize_model(model: Any) -> Any:
+    """Replace bitsandbytes 4-bit Linear layers by fp32 Linear holding the dequantized weights."""
+    model = model.dequantize()
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model.float()
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    into: str  # human description of which weights the vectors were folded into
+    adapter: IA3Adapter
+    seconds: float
+
+
+def merge_loaded(base: LoadedBase, adapter: IA3Adapter) -> Any:
+    """Fold ``adapter`` into ``base`` (dequantizing an NF4 base first); returns the model."""
+    model = dequantize_model(base.model) if base.quant == "nf4" else base.model
+    fold_into_model(model, adapter, base.family)
+    return model
+
+
+def merge(base: str = DEFAULT_BASE, adapter: str | Path = "", out: str | Path = "",
+          into: str = "auto") -> MergeResult:
+    """Load ``base``, fold ``adapter`` in and save a transformers directory at ``out``.
+
+    ``into``: ``auto`` follows the adapter's training quantization, ``full``
+    uses the full-precision weights, ``nf4`` the dequantized NF4 weights.
+    """
+    if into not in INTO_CHOICES:
+        raise EdgeIA3Error(f"--into must be one of {', '.join(INTO_CHOICES)}")
+    t0 = time.perf_counter()
+    if into == "auto":
+        # Peek at the adapter's metadata before choosing how to load the base.
+        quant = _adapter_quant(adapter)
+        into = "nf4" if quant == "nf4" else "full"
+    lb = load_base(base, quant="nf4" if into == "nf4" else "none")
+    ad = load_adapter_for(adapter, lb)
+    model = merge_loaded(lb, ad)
+    what = ("dequantized NF4 weights (exact w.r.t. the 4-bit model it was trained on)"
+            if into == "nf4" else "full-precision weights")
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        if lb.tokenizer is not None:
+            lb.tokenizer.save_pretrained(tmp)
+        (tmp / "edgeia3_merge.json").write_text(json.dumps({
+            "base": lb.source.name,
+            "base_identity": lb.identity.to_dict(),
+            "adapter": str(adapter),
+            "adapter_sites": ad.sites,
+            "adapter_quant": ad.quant,
+            "merged_into": into,
+        }, indent=2) + "\n")
+    return MergeResult(Path(out), what, ad, time.perf_counter() - t0)
+
+
+def _adapter_quant(path: str | Path) -> str:
+    try:
+        return IA3Adapter.load(path).quant
+    except EdgeIA3Error:
+        return "none"  # a bare PEFT dir carries no quant info; load_adapter_for reports real errors

@@ -1,0 +1,107 @@
+"""Registry data types and lookup."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import EdgeIA3Error
+
+
+class Scaling(str, enum.Enum):
+    """Where an IA3 vector multiplies (PEFT semantics).
+
+    OUTPUT: ``W x * l`` (rows of W and the bias are scaled) - attention sites.
+    INPUT:  ``W (x * l)`` (columns of W are scaled) - feed-forward sites.
+    """
+
+    OUTPUT = "output"
+    INPUT = "input"
+
+
+# A function of the HF config giving the [start, stop) output rows of a site
+# inside a fused module (phi3 qkv_proj, gpt2 c_attn).
+SliceFn = Callable[[Any], "tuple[int, int]"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place inside a transformer layer where an IA3 vector can act."""
+
+    name: str  # canonical name used by every format: q, k, v, o, gate, up, down
+    module: str  # HF module path inside a layer, e.g. "self_attn.k_proj"
+    scaling: Scaling  # PEFT's default for this module (down: INPUT, others: OUTPUT)
+    fused_rows: SliceFn | None = None  # rows of a fused module's output
+    gguf_tensor: str | None = None  # GGUF weight name, "{i}" = layer
+    gguf_permute: str | None = None  # RoPE row permutation in llama.cpp: "q" or "k"
+    onnx_node: str | None = None  # ONNX builder node name, "{i}" = layer
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything edgeia3 needs to know about one architecture family."""
+
+    name: str
+    model_types: tuple[str, ...]  # HF config.model_type values it covers
+    layers: str  # module path of the layer list, e.g. "model.layers"
+    sites: tuple[Site, ...]
+    default_targets: tuple[str, ...]  # PEFT's default IA3 targets, as site names
+    embed: str  # embedding weight name (fingerprint content hash)
+    final_norm: str  # final norm weight name (fingerprint content hash)
+    conv1d: bool = False  # weights stored [in, out] (GPT-2 Conv1D)
+    gated_mlp: bool = True  # down(act(gate x) * up x): down's input == up's rows
+    gguf_arch: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        known = ", ".join(s.name for s in self.sites)
+        raise EdgeIA3Error(f"family '{self.name}' has no IA3 site '{name}' (known: {known})")
+
+    def site_for_module(self, module: str) -> list[Site]:
+        """Sites living in an HF module path inside a layer (several if fused)."""
+        return [s for s in self.sites if s.module == module]
+
+    def module_path(self, layer: int, site: Site) -> str:
+        return f"{self.layers}.{layer}.{site.module}"
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Add a family; model types must be unique across the registry."""
+    for other in _REGISTRY.values():
+        clash = set(other.model_types) & set(family.model_types)
+        if clash and other.name != family.name:
+            raise ValueError(f"model types {clash} already registered by {other.name}")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def families() -> dict[str, Family]:
+    return dict(_REGISTRY)
+
+
+def get_family(name: str) -> Family:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise EdgeIA3Error(
+            f"unknown architecture family '{name}' (supported: {', '.join(sorted(_REGISTRY))})"
+        ) from None
+
+
+def family_for_config(config: Any) -> Family:
+    """The family of an HF config (object or dict)."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    for fam in _REGISTRY.values():
+        if model_type in fam.model_types:
+            return fam
+    supported = sorted(t for f in _REGISTRY.values() for t in f.model_types)
+    raise EdgeIA3Error(
+        f"unknown architecture '{model_type}': edgeia3 supports model types {', '.join(supported)}"
+    )

@@ -1,0 +1,34 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from tiny_models import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Factory: path of a saved tiny random model per family (cached per session)."""
+    cache: dict = {}
+
+    def get(family: str, seed: int = 0, **overrides) -> Path:
+        key = (family, seed, tuple(sorted(overrides.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"tiny_{family}_{seed}")
+            cache[key] = make_tiny_model(family, out, seed=seed, **overrides)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct (fp32), loaded once per session."""
+    from edgeia3 import load_base
+
+    return load_base("default")

@@ -1,0 +1,85 @@
+"""Tiny random models, one per registered family, built from configs (no hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 128
+
+
+def _config(family: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if family == "llama":
+        return tf.LlamaConfig(**common)
+    if family == "mistral":
+        return tf.MistralConfig(**common, sliding_window=None)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=16)
+    if family == "gemma2":
+        return tf.Gemma2Config(**common, head_dim=16)
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig(**common, head_dim=16)
+    if family == "phi3":
+        return tf.Phi3Config(**common, pad_token_id=0)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    raise ValueError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2"]
+
+
+def make_tiny_model(family: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random causal LM of ``family`` to ``out`` and return the path."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = _config(family)
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random norms/biases so no site is trivially symmetric
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out)
+    return out
+
+
+def input_ids(seed: int = 0, batch: int = 2, length: int = 12) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def logits(model, ids: torch.Tensor | None = None) -> torch.Tensor:
+    ids = input_ids() if ids is None else ids
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def random_peft_adapter(model, family_name: str, out: Path, seed: int = 1, sites=None):
+    """Wrap ``model`` with PEFT IA3 on the registry's default sites, randomize, save to ``out``."""
+    from peft import IA3Config, get_peft_model
+
+    from edgeia3.formats.peft_dir import peft_target_modules
+    from edgeia3.registry import get_family
+
+    fam = get_family(family_name)
+    targets, ff = peft_target_modules(fam, list(sites or fam.default_targets))
+    cfg = IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=ff,
+                    fan_in_fan_out=fam.conv1d)
+    pm = get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(out)
+    return pm
