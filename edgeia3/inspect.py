@@ -112,16 +112,27 @@ def describe_gguf(path: Path) -> dict[str, Any]:
         f = reader.fields.get(name)
         if f is None:
             return None
-        v = f.contents()
-        return v
+        return f.contents()
 
     types: dict[str, int] = {}
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     arch = field("general.architecture")
+    family = fingerprint = None
+    if field("general.type") in (None, "model"):
+        from .fingerprint import identity_of_gguf
+        from .registry import family_for_gguf_arch
+
+        try:
+            family = family_for_gguf_arch(arch).name
+            ident = identity_of_gguf(path)
+            fingerprint = f"{ident.fingerprint}/{ident.content}"
+        except EdgeIA3Error as e:
+            family = f"unsupported ({e})"
     return {
         "kind": f"GGUF {field('general.type') or 'model'}",
         "architecture": arch,
+        "family": family,
         "name": field("general.name"),
         "layers": field(f"{arch}.block_count"),
         "adapter type": field("adapter.type"),
@@ -129,6 +140,7 @@ def describe_gguf(path: Path) -> dict[str, Any]:
         "tensor types": ", ".join(f"{k}x{v}" for k, v in sorted(types.items())),
         "parameters": int(sum(int(t.n_elements) for t in reader.tensors)),
         "bytes": path.stat().st_size,
+        "fingerprint": fingerprint,
     }
 
 

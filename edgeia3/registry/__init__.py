@@ -6,7 +6,8 @@ writes (HF module, ONNX node, GGUF tensor, row permutation). Code elsewhere
 asks the registry; it never branches on architecture names.
 """
 
-from .base import Family, Scaling, Site, families, family_for_config, get_family, register
+from .base import (Family, Scaling, Site, families, family_for_config, family_for_gguf_arch,
+                   get_family, register)
 from . import builtin as _builtin  # noqa: F401  (registers the built-in families)
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "Site",
     "families",
     "family_for_config",
+    "family_for_gguf_arch",
     "get_family",
     "register",
 ]

@@ -105,3 +105,12 @@ def family_for_config(config: Any) -> Family:
     raise EdgeIA3Error(
         f"unknown architecture '{model_type}': edgeia3 supports model types {', '.join(supported)}"
     )
+
+
+def family_for_gguf_arch(arch: str) -> Family:
+    """The family whose GGUF architecture name is ``arch``."""
+    for fam in _REGISTRY.values():
+        if fam.gguf_arch == arch:
+            return fam
+    known = sorted(f.gguf_arch for f in _REGISTRY.values() if f.gguf_arch)
+    raise EdgeIA3Error(f"unknown GGUF architecture '{arch}' (supported: {', '.join(known)})")

@@ -1,0 +1,137 @@
+"""Each bad input gets one clear error, exit code 2, and no output left behind."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from typer.testing import CliRunner
+
+from edgeia3 import IA3Adapter, load_adapter_for, load_base
+from edgeia3.cli import app
+from tiny_models import make_tiny_model, random_peft_adapter
+
+runner = CliRunner()
+
+
+def run_merge(base, adapter, out):
+    return runner.invoke(app, ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)])
+
+
+def assert_refused(result, out, *needles):
+    assert result.exit_code == 2, result.output
+    text = result.output.lower()
+    assert "error:" in text
+    for n in needles:
+        assert n.lower() in text, result.output
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+@pytest.fixture()
+def llama_adapter(tiny_dir, tmp_path):
+    base = load_base(tiny_dir("llama"))
+    random_peft_adapter(copy.deepcopy(base.model), "llama", tmp_path / "peft")
+    return tmp_path / "peft"
+
+
+def test_shape_mismatch(tiny_dir, tmp_path, llama_adapter):
+    other = tiny_dir("llama", hidden_size=32, intermediate_size=48)
+    assert_refused(run_merge(other, llama_adapter, tmp_path / "out"), tmp_path / "out", "shape mismatch")
+
+
+def test_non_finite_values(tiny_dir, tmp_path, llama_adapter):
+    f = llama_adapter / "adapter_model.safetensors"
+    tensors = load_file(f)
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = np.nan
+    save_file(tensors, f)
+    assert_refused(run_merge(tiny_dir("llama"), llama_adapter, tmp_path / "out"), tmp_path / "out", "non-finite")
+
+
+def test_adapter_for_another_base(tiny_dir, tmp_path, llama_adapter):
+    base_a = load_base(tiny_dir("llama"))
+    adapter = load_adapter_for(llama_adapter, base_a)
+    adapter.base = base_a.identity
+    adapter.save(tmp_path / "stamped.safetensors")
+    other = tiny_dir("llama", seed=7)  # same shapes, other weights
+    out = tmp_path / "out"
+    assert_refused(run_merge(other, tmp_path / "stamped.safetensors", out), out, "another base", "weights")
+    # same file on its own base works
+    assert run_merge(tiny_dir("llama"), tmp_path / "stamped.safetensors", out).exit_code == 0
+
+
+def test_unknown_architecture(tmp_path, llama_adapter):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4)
+    GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "neox")
+    out = tmp_path / "out"
+    assert_refused(run_merge(tmp_path / "neox", llama_adapter, out), out, "unknown architecture 'gpt_neox'")
+
+
+def test_unknown_family_in_adapter(tiny_dir, tmp_path, llama_adapter):
+    base = load_base(tiny_dir("llama"))
+    path = load_adapter_for(llama_adapter, base).save(tmp_path / "a.safetensors")
+    tensors = load_file(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as st:
+        meta = dict(st.metadata())
+    meta["family"] = "mamba"
+    save_file(tensors, path, metadata=meta)
+    out = tmp_path / "out"
+    assert_refused(run_merge(tiny_dir("llama"), path, out), out, "unknown architecture family 'mamba'")
+
+
+@pytest.mark.parametrize("missing", ["adapter_config.json", "adapter_model.safetensors"])
+def test_missing_files(tiny_dir, tmp_path, llama_adapter, missing):
+    (llama_adapter / missing).unlink()
+    out = tmp_path / "out"
+    assert_refused(run_merge(tiny_dir("llama"), llama_adapter, out), out, missing)
+
+
+def test_missing_adapter_and_base(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    assert_refused(run_merge(tiny_dir("llama"), tmp_path / "nope", out), out, "adapter not found")
+    assert_refused(run_merge(tmp_path / "nobase", tmp_path / "nope", out), out, "base not found")
+
+
+def test_corrupt_and_wrong_type(tiny_dir, tmp_path, llama_adapter):
+    out = tmp_path / "out"
+    (llama_adapter / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    assert_refused(run_merge(tiny_dir("llama"), llama_adapter, out), out, "not a readable safetensors")
+
+    cfg = json.loads((llama_adapter / "adapter_config.json").read_text())
+    cfg["peft_type"] = "LORA"
+    (llama_adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    assert_refused(run_merge(tiny_dir("llama"), llama_adapter, out), out, "LORA adapter, not IA3")
+
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    assert_refused(run_merge(tiny_dir("llama"), tmp_path / "junk.safetensors", out), out, "not a readable")
+
+
+def test_failed_merge_keeps_previous_output(tiny_dir, tmp_path, llama_adapter):
+    """A refused merge over an existing output directory leaves it untouched."""
+    out = tmp_path / "out"
+    assert run_merge(tiny_dir("llama"), llama_adapter, out).exit_code == 0
+    before = sorted(p.name for p in out.iterdir())
+    other = tiny_dir("llama", hidden_size=32, intermediate_size=48)
+    result = run_merge(other, llama_adapter, out)
+    assert result.exit_code == 2
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_canonical_nan_refused_on_save(tiny_dir, tmp_path):
+    base = load_base(tiny_dir("llama"))
+    from edgeia3 import EdgeIA3Error, identity_adapter
+
+    ad = identity_adapter(base.family, base.model)
+    ad.vectors[0].values[3] = np.inf
+    with pytest.raises(EdgeIA3Error, match="non-finite"):
+        ad.save(tmp_path / "never.safetensors")
+    assert not list(tmp_path.iterdir())
