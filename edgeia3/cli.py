@@ -23,6 +23,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+export_app = typer.Typer(help="Convert a base (+ IA3 adapters) to ONNX or GGUF.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -43,8 +45,11 @@ def user_errors(fn: Callable) -> Callable:
 
 def _quiet_libraries() -> None:
     """Keep transformers' progress bars and info logs out of CLI output."""
+    import logging
+
     import transformers
 
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -83,6 +88,73 @@ def inspect(path: Path = typer.Argument(..., help="adapter, model dir, .gguf or 
         if v is not None:
             table.add_row(k, f"{v:,}" if isinstance(v, int) else str(v))
     console.print(table)
+
+
+def parse_named(pairs: list[str] | None, what: str) -> dict[str, str]:
+    """``NAME=PATH`` options into a dict, with one clear error for a bad pair."""
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name or not value:
+            raise EdgeIA3Error(f"{what} must look like NAME=PATH, got '{pair}'")
+        out[name] = value
+    return out
+
+
+@app.command()
+@user_errors
+def run(
+    model: Path = typer.Option(..., help="transformers dir, ONNX export dir or GGUF export dir"),
+    prompt: str = typer.Option(..., help="the user message (rendered with the chat template)"),
+    adapter: Optional[str] = typer.Option(None, help="name of the adapter to activate (default: base)"),
+    attach: Optional[list[str]] = typer.Option(None, "--with", help="NAME=ADAPTER_PATH to attach (torch)"),
+    max_tokens: int = typer.Option(64, help="maximum new tokens"),
+    raw: bool = typer.Option(False, help="send the prompt as plain text, without the chat template"),
+) -> None:
+    """Answer a prompt with an adapter active (greedy decoding)."""
+    from .run import run as run_fn
+
+    _quiet_libraries()
+    text = run_fn(model, prompt, adapter=adapter, max_tokens=max_tokens, chat=not raw,
+                  adapters=parse_named(attach, "--with"))
+    console.print(text, highlight=False, markup=False)
+
+
+@export_app.command("onnx")
+@user_errors
+def export_onnx(
+    base: str = typer.Option("default", help="'default', a model dir, a .gguf or a hub id"),
+    out: Path = typer.Option(..., help="output directory (opens with onnxruntime_genai.Model)"),
+    precision: str = typer.Option("int4", help="int4, int8, fp16 or fp32"),
+    adapter: Optional[list[str]] = typer.Option(None, help="NAME=ADAPTER_DIR, repeatable"),
+    merge: Optional[str] = typer.Option(None, help="fold adapter NAME into the weights"),
+    provider: str = typer.Option("cpu", help="cpu or cuda"),
+    mobile: bool = typer.Option(False, help="also convert to ORT format and check mobile op coverage"),
+) -> None:
+    """Export to ONNX (onnxruntime-genai) with IA3 side-tensors or a merged adapter."""
+    from .export import export_onnx as fn
+
+    _quiet_libraries()
+    res = fn(base=base, out=out, precision=precision, adapters=parse_named(adapter, "--adapter"),
+             merge=merge, provider=provider, mobile=mobile)
+    console.print(str(res))
+
+
+@export_app.command("gguf")
+@user_errors
+def export_gguf(
+    base: str = typer.Option("default", help="'default', a model dir or a .gguf"),
+    out: Path = typer.Option(..., help="output directory"),
+    quant: str = typer.Option("q4_0", help="q4_0, q4_1, q5_k_m, q4_k_m, q8_0 or f16 (a .gguf base is kept as is)"),
+    adapter: Optional[list[str]] = typer.Option(None, help="NAME=ADAPTER_DIR, repeatable"),
+    merge: Optional[str] = typer.Option(None, help="fold adapter NAME into the quantized weights"),
+) -> None:
+    """Export to GGUF (llama.cpp) with IA3 adapter files or an exact merge."""
+    from .export import export_gguf as fn
+
+    _quiet_libraries()
+    res = fn(base=base, out=out, quant=quant, adapters=parse_named(adapter, "--adapter"), merge=merge)
+    console.print(str(res))
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -75,13 +75,19 @@ def merge_loaded(base: LoadedBase, adapter: IA3Adapter) -> Any:
 
 def merge(base: str = DEFAULT_BASE, adapter: str | Path = "", out: str | Path = "",
           into: str = "auto") -> MergeResult:
-    """Load ``base``, fold ``adapter`` in and save a transformers directory at ``out``.
+    """Load ``base``, fold ``adapter`` in and save a transformers directory at ``out``
+    (or, when ``out`` ends in ``.gguf``, patch the base GGUF's quantized blocks).
 
     ``into``: ``auto`` follows the adapter's training quantization, ``full``
     uses the full-precision weights, ``nf4`` the dequantized NF4 weights.
     """
     if into not in INTO_CHOICES:
         raise EdgeIA3Error(f"--into must be one of {', '.join(INTO_CHOICES)}")
+    if Path(out).suffix == ".gguf":
+        # Merge straight into an already-quantized GGUF by rescaling block scales.
+        from converters.gguf.merge import merge_gguf
+
+        return merge_gguf(base=base, adapter=adapter, out=out)
     t0 = time.perf_counter()
     if into == "auto":
         # Peek at the adapter's metadata before choosing how to load the base.

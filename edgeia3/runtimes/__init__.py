@@ -1,0 +1,80 @@
+"""Runtimes behind one small protocol, so torch, onnxruntime(-genai) and
+llama.cpp are interchangeable in tests, the CLI and reports.
+
+A runtime is opened once on an artifact (a transformers dir, an ONNX export,
+a GGUF export) and then serves requests; ``use_adapter`` switches the active
+IA3 adapter between requests without reloading the base.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import EdgeIA3Error
+
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    name: str  # e.g. "torch", "onnxruntime-genai", "llama.cpp"
+
+    @property
+    def adapters(self) -> list[str]: ...
+
+    def use_adapter(self, name: str | None) -> None:
+        """Activate adapter ``name`` for the next requests (None: the base model)."""
+
+    def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
+        """Token ids of a plain-text prompt, or of chat messages rendered with
+        the artifact's chat template (edgeia3.prompts.render_chat)."""
+
+    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64) -> Iterator[int]:
+        """Greedy decoding, yielding each new token id as soon as it exists
+        (stops at end-of-sequence). Streaming makes TTFT and tok/s measurable."""
+
+    def detokenize(self, ids: list[int]) -> str: ...
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """Next-token logits at every position of ``token_ids``: [len, vocab] float32."""
+
+
+def generate(rt: Runtime, prompt: str | list[dict], max_tokens: int = 64) -> str:
+    """Greedy completion of ``prompt`` as text, on any runtime."""
+    return rt.detokenize(list(rt.generate_ids(rt.prompt_ids(prompt), max_tokens)))
+
+
+# Openers tried in order: (can_open(path) -> bool, open(path, **kw) -> Runtime).
+_OPENERS: list[tuple] = []
+
+
+def register_runtime(can_open, opener) -> None:
+    _OPENERS.append((can_open, opener))
+
+
+def open_runtime(path: str | Path, **kwargs) -> Runtime:
+    """Open the runtime that fits the artifact at ``path``."""
+    from . import torch_runtime  # noqa: F401  (registers itself; others register on import)
+
+    _import_optional_runtimes()
+    path = Path(path)
+    if not path.exists():
+        raise EdgeIA3Error(f"model not found: {path}")
+    for can_open, opener in _OPENERS:
+        if can_open(path):
+            return opener(path, **kwargs)
+    raise EdgeIA3Error(f"{path}: not a model edgeia3 can run (transformers dir, ONNX or GGUF export)")
+
+
+def _import_optional_runtimes() -> None:
+    import importlib
+
+    for mod in ("onnx_runtime", "llama_runtime"):
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith(__name__):
+                continue  # that runtime is not part of this build yet
+            raise

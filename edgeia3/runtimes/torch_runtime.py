@@ -1,0 +1,113 @@
+"""PyTorch runtime: a transformers model, with IA3 adapters through PEFT.
+
+It is also the reference every other runtime is measured against: base +
+adapter, unmerged, in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ..adapter import IA3Adapter
+from ..base import LoadedBase, load_base
+from ..errors import EdgeIA3Error
+from ..formats.peft_dir import write_peft_dir
+from ..prompts import render_chat
+from . import register_runtime
+
+
+class TorchRuntime:
+    name = "torch"
+
+    def __init__(self, base: LoadedBase, adapters: dict[str, IA3Adapter] | None = None):
+        import tempfile
+
+        from peft import PeftModel
+
+        self.base = base
+        self.tokenizer = base.tokenizer
+        self._active: str | None = None
+        self._names: list[str] = []
+        self.model: Any = base.model
+        for name, adapter in (adapters or {}).items():
+            with tempfile.TemporaryDirectory() as tmp:
+                write_peft_dir(adapter, tmp)
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(tmp, adapter_name=name)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, tmp, adapter_name=name)
+            self._names.append(name)
+        self.model.eval()
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._names)
+
+    def use_adapter(self, name: str | None) -> None:
+        if name is not None and name not in self._names:
+            raise EdgeIA3Error(f"unknown adapter '{name}' (loaded: {', '.join(self._names) or 'none'})")
+        if name is not None:
+            self.model.set_adapter(name)
+        self._active = name
+
+    def _context(self):
+        if self._active is None and self._names:
+            return self.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
+        if self.tokenizer is None:
+            raise EdgeIA3Error("this model has no tokenizer; cannot encode text")
+        if not isinstance(prompt, str):
+            prompt = render_chat(self.tokenizer.chat_template, prompt)
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        ids = torch.tensor([token_ids])
+        with torch.no_grad(), self._context():
+            return self.model(input_ids=ids).logits[0].float().numpy()
+
+    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64) -> Iterator[int]:
+        eos = set(_eos_ids(self.model.generation_config, self.tokenizer))
+        ids = torch.tensor([prompt_ids])
+        past = None
+        with torch.no_grad(), self._context():
+            for _ in range(max_tokens):
+                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                nxt = int(out.logits[0, -1].argmax())
+                if nxt in eos:
+                    return
+                yield nxt
+                ids = torch.tensor([[nxt]])
+
+
+def _eos_ids(gen_config: Any, tokenizer: Any) -> list[int]:
+    eos = getattr(gen_config, "eos_token_id", None)
+    eos = eos if isinstance(eos, list) else [eos]
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.append(tokenizer.eos_token_id)
+    return [e for e in eos if e is not None]
+
+
+def _is_transformers_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").exists()
+
+
+def _open(path: Path, adapters: dict[str, Any] | None = None, **_: Any) -> TorchRuntime:
+    from ..validate import load_adapter_for
+
+    base = load_base(path)
+    loaded = {name: load_adapter_for(p, base) for name, p in (adapters or {}).items()}
+    return TorchRuntime(base, loaded)
+
+
+register_runtime(_is_transformers_dir, _open)
