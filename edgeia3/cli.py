@@ -56,6 +56,41 @@ def _quiet_libraries() -> None:
 
 @app.command()
 @user_errors
+def train(
+    data: Path = typer.Option(..., help="training JSONL (messages | prompt/completion | text rows)"),
+    out: Path = typer.Option(..., help="output adapter directory"),
+    base: str = typer.Option("default", help="'default' (embedded SmolLM2), a model dir, a .gguf or a hub id"),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", help="eval JSONL (loss, exact-match accuracy)"),
+    quant: str = typer.Option("nf4", help="nf4 (4-bit bitsandbytes base) or none (full precision)"),
+    epochs: float = typer.Option(1.0, help="passes over the training data"),
+    max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
+    batch_size: int = typer.Option(8, help="rows per step (per process)"),
+    max_length: int = typer.Option(256, help="truncate rows to this many tokens"),
+    lr: float = typer.Option(3e-3, help="AdamW learning rate"),
+    seed: int = typer.Option(0, help="random seed"),
+    targets: Optional[str] = typer.Option(None, help="comma-separated IA3 sites, e.g. k,v,down (default: registry)"),
+    max_eval: Optional[int] = typer.Option(None, help="use only the first N eval rows"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Train an IA3 adapter on a frozen (4-bit by default) base."""
+    from .train import TrainConfig, train as train_fn
+
+    _quiet_libraries()
+    cfg = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, max_length=max_length,
+                      seed=seed, targets=targets.split(",") if targets else None, max_eval=max_eval)
+    res = train_fn(base=base, data=data, out=out, eval_data=eval_data, quant=quant, config=cfg, quiet=quiet)
+    if not quiet and res.main_process:
+        console.print(f"trained {res.adapter.num_params:,} IA3 parameters in {res.steps} steps, "
+                      f"{res.seconds:.0f} s ({res.tokens_per_s:.0f} tok/s); loss "
+                      f"{res.loss_curve[0]:.3f} -> {res.loss_curve[-1]:.3f} -> [bold]{res.out}[/]")
+        for label, ev in (("before", res.eval_before), ("after", res.eval_after)):
+            if ev:
+                acc = f", accuracy {ev['accuracy']:.1%}" if "accuracy" in ev else ""
+                console.print(f"eval {label}: loss {ev['loss']:.3f}{acc}")
+
+
+@app.command()
+@user_errors
 def merge(
     base: str = typer.Option("default", help="'default' (embedded SmolLM2), a model dir, a .gguf or a hub id"),
     adapter: Path = typer.Option(..., help="IA3 adapter: edgeia3 dir/file or a PEFT IA3 dir"),

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from tiny_models import make_tiny_model  # noqa: E402
+from tiny_models import make_tiny_model, make_tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -16,11 +16,13 @@ def tiny_dir(tmp_path_factory):
     """Factory: path of a saved tiny random model per family (cached per session)."""
     cache: dict = {}
 
-    def get(family: str, seed: int = 0, **overrides) -> Path:
-        key = (family, seed, tuple(sorted(overrides.items())))
+    def get(family: str, seed: int = 0, tokenizer: bool = False, **overrides) -> Path:
+        key = (family, seed, tokenizer, tuple(sorted(overrides.items())))
         if key not in cache:
             out = tmp_path_factory.mktemp(f"tiny_{family}_{seed}")
             cache[key] = make_tiny_model(family, out, seed=seed, **overrides)
+            if tokenizer:
+                make_tiny_tokenizer(out)
         return cache[key]
 
     return get

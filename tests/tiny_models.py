@@ -83,3 +83,44 @@ def random_peft_adapter(model, family_name: str, out: Path, seed: int = 1, sites
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
     pm.save_pretrained(out)
     return pm
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_tokenizer(out: Path):
+    """A character-level fast tokenizer (< VOCAB ids) with a chat template, saved to ``out``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|im_end|>", "<|im_start|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    assert len(vocab) <= VOCAB
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def write_label_task(path: Path, rows: int = 48, seed: int = 0) -> Path:
+    """A tiny chat task: a word -> one of three labels (deterministic)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    labels = {"red": "warm", "sun": "warm", "fire": "warm", "ice": "cold", "snow": "cold", "sea": "wet",
+              "rain": "wet", "lake": "wet", "frost": "cold"}
+    words = sorted(labels)
+    with open(path, "w") as f:
+        for _ in range(rows):
+            w = rng.choice(words)
+            msgs = [{"role": "user", "content": w}, {"role": "assistant", "content": labels[w]}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return path

@@ -1,0 +1,115 @@
+"""Training data: JSONL rows in three shapes, tokenized with loss masks.
+
+- ``{"messages": [...]}``: chat, rendered with the tokenizer's chat template;
+  loss on the assistant messages only.
+- ``{"prompt": ..., "completion": ...}``: plain text; loss on the completion.
+- ``{"text": ...}``: plain text; loss on every token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import EdgeIA3Error
+from .prompts import render_chat
+
+IGNORE = -100
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where no loss
+    prompt: Any  # what a user would send: chat messages or text (for generation)
+    target: str  # the reference answer (last assistant message / completion)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file; one clear error naming the first bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeIA3Error(f"data file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EdgeIA3Error(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            _check_row(row, f"{path}:{n}")
+            rows.append(row)
+    if not rows:
+        raise EdgeIA3Error(f"{path} has no rows")
+    return rows
+
+
+def _check_row(row: Any, where: str) -> None:
+    if not isinstance(row, dict):
+        raise EdgeIA3Error(f"{where}: each line must be a JSON object")
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise EdgeIA3Error(f"{where}: 'messages' must be a non-empty list")
+        for m in msgs:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise EdgeIA3Error(f"{where}: each message needs a role ({', '.join(sorted(ROLES))}) "
+                                   "and a string content")
+        if msgs[-1]["role"] != "assistant":
+            raise EdgeIA3Error(f"{where}: the last message must be the assistant's answer")
+    elif "prompt" in row or "completion" in row:
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+            raise EdgeIA3Error(f"{where}: 'prompt' and 'completion' must both be strings")
+    elif "text" in row:
+        if not isinstance(row["text"], str) or not row["text"]:
+            raise EdgeIA3Error(f"{where}: 'text' must be a non-empty string")
+    else:
+        raise EdgeIA3Error(f"{where}: expected a 'messages', 'prompt'/'completion' or 'text' row, "
+                           f"got keys {sorted(row)}")
+
+
+def encode(row: dict, tokenizer: Any, max_length: int) -> Example:
+    """Tokenize one row; labels mask everything the model should not learn to write."""
+    if "messages" in row:
+        msgs = row["messages"]
+        template = tokenizer.chat_template
+        text = render_chat(template, msgs, add_generation_prompt=False)
+        spans = []  # character ranges of assistant turns (content + end-of-turn marker)
+        for k, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                start = len(render_chat(template, msgs[:k], add_generation_prompt=True))
+                end = len(render_chat(template, msgs[: k + 1], add_generation_prompt=False))
+                spans.append((start, end))
+        prompt, target = msgs[:-1], msgs[-1]["content"]
+    elif "prompt" in row:
+        eos = tokenizer.eos_token or ""
+        text = row["prompt"] + row["completion"] + eos
+        spans = [(len(row["prompt"]), len(text))]
+        prompt, target = row["prompt"], row["completion"]
+    else:
+        text, spans, prompt, target = row["text"], [(0, len(row["text"]))], row["text"], ""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels = [], []
+    for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+        ids.append(tid)
+        inside = any(s <= a and b <= e and b > a for s, e in spans)
+        labels.append(tid if inside else IGNORE)
+    return Example(ids[:max_length], labels[:max_length], prompt, target)
+
+
+def load_examples(path: str | Path, tokenizer: Any, max_length: int) -> list[Example]:
+    """Read and encode a JSONL file; rows left with no trainable token are refused."""
+    if tokenizer is None:
+        raise EdgeIA3Error("the base model has no tokenizer; cannot encode training text")
+    examples = []
+    for n, row in enumerate(read_jsonl(path), start=1):
+        ex = encode(row, tokenizer, max_length)
+        if all(label == IGNORE for label in ex.labels):
+            raise EdgeIA3Error(f"{path}: row {n} has no answer tokens within --max-length {max_length}")
+        examples.append(ex)
+    return examples

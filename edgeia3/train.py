@@ -1,0 +1,254 @@
+"""Train step: IA3 on a frozen (by default NF4 4-bit) base from JSONL data.
+
+Runs on CPU or GPU, single process or under ``accelerate launch``. Guards
+against the silent failures IA3 training is prone to: missing gradients,
+vectors that stop moving (the bitsandbytes CPU repack bug, FACTS.md) and
+non-finite loss all stop the run with a message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import IA3Adapter, IA3Vector, fused_layout_for
+from .atomic import atomic_dir
+from .base import DEFAULT_BASE, LoadedBase, load_base
+from .data import IGNORE, Example, load_examples
+from .errors import EdgeIA3Error
+from .evaluate import evaluate
+from .formats.peft_dir import peft_target_modules, write_peft_dir
+
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 3e-3
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    max_length: int = 256
+    seed: int = 0
+    grad_clip: float = 1.0
+    warmup_ratio: float = 0.05
+    targets: list[str] | None = None  # site names; default: the registry's
+    eval_accuracy: bool | None = None  # None: when the eval answers are short labels
+    max_eval: int | None = None  # cap eval rows (speed)
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    seconds: float
+    tokens_per_s: float
+    loss_curve: list[float]
+    eval_before: dict | None
+    eval_after: dict | None
+    adapter: IA3Adapter = field(repr=False)
+    main_process: bool = True  # False on the other ranks of a multi-process run
+
+
+def _ia3_params(model: Any) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if "ia3_l" in n}
+
+
+def wrap_with_ia3(base: LoadedBase, sites: list[str]) -> Any:
+    """A PEFT IA3 model on ``base`` targeting ``sites``; fused slices not targeted stay at 1."""
+    from peft import IA3Config, get_peft_model
+
+    fam = base.family
+    modules, feedforward = peft_target_modules(fam, sites)
+    cfg = IA3Config(task_type="CAUSAL_LM", target_modules=modules, feedforward_modules=feedforward,
+                    fan_in_fan_out=fam.conv1d)
+    model = get_peft_model(base.model, cfg)
+    # A fused module (phi3 qkv_proj) holds several sites in one vector: mask the
+    # gradient of slices that were not asked for, so they stay exactly 1.
+    for s in fam.sites:
+        if s.fused_rows is not None and s.name not in sites and s.module in modules:
+            a, b = s.fused_rows(base.config)
+            for name, p in _ia3_params(model).items():
+                if f".{s.module}." in name:
+                    mask = torch.ones_like(p)
+                    mask[a:b] = 0
+                    p.register_hook(lambda g, m=mask: g * m)
+    return model
+
+
+def adapter_from_peft(model: Any, base: LoadedBase, sites: list[str], quant: str) -> IA3Adapter:
+    """Read the trained vectors out of a PEFT model into the canonical adapter."""
+    fam = base.family
+    layout = fused_layout_for(fam, base.config)
+    params = {n.replace(".default", ""): p.detach().float().cpu().numpy().ravel()
+              for n, p in _ia3_params(model).items()}
+    vectors = []
+    for name, values in params.items():
+        path = name.split("base_model.model.", 1)[-1].rsplit(".ia3_l", 1)[0]
+        layer = int(path[len(fam.layers) + 1:].split(".", 1)[0])
+        module = path[len(fam.layers) + 1:].split(".", 1)[1]
+        for s in fam.site_for_module(module):
+            if s.name not in sites:
+                continue
+            part = values[layout[s.name][0]:layout[s.name][1]] if s.name in layout else values
+            vectors.append(IA3Vector(layer, s.name, s.scaling, part.copy()))
+    return IA3Adapter(fam.name, vectors, base=base.identity, quant=quant, fused_layout=layout)
+
+
+def _batches(examples: list[Example], batch_size: int, rng: random.Random, pad_id: int):
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    for i in range(0, len(order), batch_size):
+        chunk = [examples[j] for j in order[i:i + batch_size]]
+        width = max(len(e.input_ids) for e in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, e in enumerate(chunk):
+            n = len(e.input_ids)
+            ids[r, :n] = torch.tensor(e.input_ids)
+            labels[r, :n] = torch.tensor(e.labels)
+            mask[r, :n] = 1
+        yield ids, labels, mask
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.1, 1 - (step - warmup) / max(1, total - warmup))
+
+
+class _Guard:
+    """Fails the run loudly when IA3 training silently stops learning."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]):
+        self.params = params
+        self.last = {n: p.detach().clone() for n, p in params.items()}
+
+    def check_grads(self, step: int) -> None:
+        missing = [n for n, p in self.params.items() if p.grad is None]
+        if missing:
+            raise EdgeIA3Error(
+                f"step {step}: {len(missing)} IA3 vectors received no gradient (e.g. {missing[0]}); "
+                "training would silently stall (bitsandbytes CPU repack bug? see FACTS.md)")
+
+    def check_moved(self, step: int) -> None:
+        moved = max(float((p.detach() - self.last[n]).abs().max()) for n, p in self.params.items())
+        if moved == 0.0:
+            raise EdgeIA3Error(f"step {step}: the IA3 vectors did not change since the last check; "
+                               "training is frozen")
+        self.last = {n: p.detach().clone() for n, p in self.params.items()}
+
+
+def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
+          eval_data: str | Path | None = None, quant: str = "nf4", config: TrainConfig | None = None,
+          quiet: bool = False) -> TrainResult:
+    """Train an IA3 adapter and write it (canonical + PEFT) with training.json to ``out``."""
+    from accelerate import Accelerator
+
+    from .progress import TrainProgress
+
+    cfg = config or TrainConfig()
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    lb = load_base(base, quant=quant)
+    fam = lb.family
+    sites = list(cfg.targets or fam.default_targets)
+    for s in sites:
+        fam.site(s)  # unknown site names fail here, with the list of known ones
+    train_set = load_examples(data, lb.tokenizer, cfg.max_length)
+    eval_set = load_examples(eval_data, lb.tokenizer, cfg.max_length) if eval_data else None
+    if eval_set and cfg.max_eval:
+        eval_set = eval_set[: cfg.max_eval]
+
+    model = wrap_with_ia3(lb, sites)
+    params = _ia3_params(model)
+    optim = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
+    model, optim = acc.prepare(model, optim)
+    shard = train_set[acc.process_index::acc.num_processes]  # each process its own rows
+    steps_per_epoch = math.ceil(len(shard) / cfg.batch_size)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = max(1, int(cfg.warmup_ratio * total))
+    want_acc = cfg.eval_accuracy
+
+    before = evaluate(acc.unwrap_model(model), lb.tokenizer, eval_set, want_acc) if eval_set and acc.is_main_process else None
+    rng = random.Random(cfg.seed)
+    pad = lb.tokenizer.pad_token_id if lb.tokenizer.pad_token_id is not None else lb.tokenizer.eos_token_id
+    guard = _Guard(params)
+    losses: list[float] = []
+    tokens = 0
+    t0 = time.perf_counter()
+    step = 0
+    with TrainProgress(total, quiet=quiet or not acc.is_main_process) as progress:
+        while step < total:
+            for ids, labels, mask in _batches(shard, cfg.batch_size, rng, pad):
+                if step >= total:
+                    break
+                model.train()
+                ids, labels, mask = ids.to(acc.device), labels.to(acc.device), mask.to(acc.device)
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                if not torch.isfinite(loss):
+                    raise EdgeIA3Error(f"step {step}: loss is {loss.item()}; stopping "
+                                       "(try a lower --lr or check the data)")
+                acc.backward(loss)
+                guard.check_grads(step)
+                acc.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+                for g in optim.param_groups:
+                    g["lr"] = cfg.lr * _lr_factor(step, total, warmup)
+                optim.step()
+                optim.zero_grad(set_to_none=True)
+                step_loss = float(acc.reduce(loss.detach(), reduction="mean"))
+                losses.append(step_loss)
+                tokens += int(mask.sum()) * acc.num_processes
+                step += 1
+                if step % 10 == 0 or step == total:
+                    guard.check_moved(step)
+                progress.update(step, step_loss, tokens / (time.perf_counter() - t0))
+    seconds = time.perf_counter() - t0
+    model = acc.unwrap_model(model)
+    after = evaluate(model, lb.tokenizer, eval_set, want_acc) if eval_set and acc.is_main_process else None
+    adapter = adapter_from_peft(model, lb, sites, quant)
+    adapter.extra = {"trained_on": str(data), "steps": step}
+    result = TrainResult(Path(out), step, seconds, tokens / seconds, losses, before, after, adapter,
+                         acc.is_main_process)
+    if acc.is_main_process:
+        _save(result, lb, cfg, quant, acc.num_processes, str(acc.state.backend or "none"))
+    acc.wait_for_everyone()
+    return result
+
+
+def _save(res: TrainResult, lb: LoadedBase, cfg: TrainConfig, quant: str, processes: int,
+          backend: str) -> None:
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report = {
+        "base": lb.source.name,
+        "base_identity": lb.identity.to_dict(),
+        "quant": quant,
+        "family": lb.family.name,
+        "sites": res.adapter.sites,
+        "scaling": {s: lb.family.site(s).scaling.value for s in res.adapter.sites},
+        "parameters": res.adapter.num_params,
+        "config": asdict(cfg),
+        "processes": processes,
+        "backend": backend,
+        "steps": res.steps,
+        "wall_seconds": round(res.seconds, 2),
+        "tokens_per_second": round(res.tokens_per_s, 1),
+        "peak_rss_mb": round(peak_mb, 1),
+        "loss_curve": [round(x, 5) for x in res.loss_curve],
+        "eval_before": res.eval_before,
+        "eval_after": res.eval_after,
+    }
+    with atomic_dir(res.out) as tmp:
+        write_peft_dir(res.adapter, tmp, base_model_name_or_path=lb.source.name)
+        (tmp / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+
+

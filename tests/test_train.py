@@ -1,0 +1,147 @@
+"""Training on tiny random models: vectors move, loss drops, guards fire, bad data is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edgeia3 import EdgeIA3Error, IA3Adapter, load_base
+from edgeia3.cli import app
+from edgeia3.train import TrainConfig, _Guard, train, wrap_with_ia3
+from tiny_models import input_ids, write_label_task
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    d = tmp_path_factory.mktemp("task")
+    return write_label_task(d / "train.jsonl", 48, seed=0), write_label_task(d / "eval.jsonl", 16, seed=1)
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_training_moves_vectors_and_lowers_loss(quant, tiny_dir, task, tmp_path):
+    base = tiny_dir("llama", tokenizer=True)
+    cfg = TrainConfig(max_steps=12, batch_size=8, lr=3e-2, eval_accuracy=True)
+    res = train(str(base), task[0], tmp_path / "ad", eval_data=task[1], quant=quant, config=cfg, quiet=True)
+    assert res.steps == 12
+    assert res.eval_after["loss"] < res.eval_before["loss"]
+    assert np.mean(res.loss_curve[-3:]) < np.mean(res.loss_curve[:3])
+    adapter = IA3Adapter.load(tmp_path / "ad")
+    assert adapter.quant == quant and adapter.sites == ["k", "v", "down"]
+    assert max(float(np.abs(v.values - 1).max()) for v in adapter.vectors) > 1e-3
+    assert adapter.base is not None and adapter.base.matches(load_base(base).identity)
+    files = sorted(p.name for p in (tmp_path / "ad").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "edgeia3_adapter.safetensors",
+                     "training.json"]  # nothing pickled
+    report = json.loads((tmp_path / "ad" / "training.json").read_text())
+    assert report["quant"] == quant and len(report["loss_curve"]) == 12
+    assert report["tokens_per_second"] > 0 and 0 <= report["eval_after"]["accuracy"] <= 1
+
+
+def test_nf4_eval_before_training_does_not_freeze_it(tiny_dir, task, tmp_path):
+    """The eval pass before training (eval mode, no grad) used to repack bnb weights and kill
+    every IA3 gradient. With load_base's guard the vectors keep learning after it."""
+    base = tiny_dir("llama", tokenizer=True)
+    cfg = TrainConfig(max_steps=10, batch_size=8, lr=3e-2)
+    res = train(str(base), task[0], tmp_path / "ad", eval_data=task[1], quant="nf4", config=cfg, quiet=True)
+    assert res.eval_before is not None
+    last = IA3Adapter.load(tmp_path / "ad")
+    assert max(float(np.abs(v.values - 1).max()) for v in last.vectors) > 1e-3
+
+
+def test_bnb_repack_bug_is_caught_by_the_guard(tiny_dir):
+    """Reproduce the bitsandbytes CPU repack path: on a CPU that repacks, gradients vanish and
+    the guard raises; elsewhere gradients exist. Either way no silent stall."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    # the repacked layout needs input widths that are multiples of 64
+    lb = load_base(tiny_dir("llama", intermediate_size=128), quant="nf4")
+    for m in lb.model.modules():  # undo load_base's protection
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = has_avx512bf16()
+    model = wrap_with_ia3(lb, ["k", "v", "down"])
+    params = {n: p for n, p in model.named_parameters() if "ia3_l" in n}
+    guard = _Guard(params)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=input_ids())
+    model.train()
+    model(input_ids=input_ids(), labels=input_ids()).loss.backward()
+    if any(p.grad is None for p in params.values()):
+        with pytest.raises(EdgeIA3Error, match="no gradient"):
+            guard.check_grads(0)
+    else:
+        guard.check_grads(0)  # gradients are present: nothing to catch
+
+
+def test_guard_detects_frozen_vectors():
+    p = torch.nn.Parameter(torch.ones(4))
+    guard = _Guard({"x.ia3_l": p})
+    with pytest.raises(EdgeIA3Error, match="no gradient"):
+        guard.check_grads(3)
+    with pytest.raises(EdgeIA3Error, match="frozen"):
+        guard.check_moved(10)
+    with torch.no_grad():
+        p.mul_(1.01)
+    guard.check_moved(20)
+
+
+def test_non_finite_loss_stops_the_run(tiny_dir, task, tmp_path):
+    cfg = TrainConfig(max_steps=5, lr=float("inf"))  # the vectors blow up after one step
+    with pytest.raises(EdgeIA3Error, match="loss is (nan|inf)"):
+        train(str(tiny_dir("llama", tokenizer=True)), task[0], tmp_path / "ad", quant="none", config=cfg,
+              quiet=True)
+    assert not (tmp_path / "ad").exists()
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n',
+     ":2: not valid JSON"),
+    ('{"question": "x"}\n', ":1: expected a 'messages'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', ":1: the last message must be the assistant"),
+    ('{"prompt": "a", "completion": 3}\n', ":1: 'prompt' and 'completion' must both be strings"),
+    ('[1, 2]\n', ":1: each line must be a JSON object"),
+    ("\n\n", "has no rows"),
+])
+def test_malformed_data(content, needle, tiny_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    out = tmp_path / "ad"
+    res = runner.invoke(app, ["train", "--base", str(tiny_dir("llama", tokenizer=True)), "--data", str(bad),
+                              "--out", str(out), "--quant", "none", "--quiet"])
+    assert res.exit_code == 2 and needle in res.output, res.output
+    assert not out.exists()
+
+
+def test_prompt_completion_and_text_rows(tiny_dir, tmp_path):
+    rows = [{"prompt": "sea is ", "completion": "wet"}, {"text": "snow is cold"}] * 8
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = train(str(tiny_dir("llama", tokenizer=True)), data, tmp_path / "ad", quant="none",
+                config=TrainConfig(max_steps=3, batch_size=4), quiet=True)
+    assert res.steps == 3 and all(np.isfinite(res.loss_curve))
+
+
+def test_two_process_accelerate_run(tiny_dir, task, tmp_path):
+    out = tmp_path / "ad"
+    # --multi_gpu selects accelerate's torch.distributed launcher; on a CPU-only
+    # machine the processes join over gloo (--cpu alone would start one process).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--module", "edgeia3",
+           "train", "--base", str(tiny_dir("llama", tokenizer=True)), "--data", str(task[0]),
+           "--out", str(out), "--quant", "none", "--max-steps", "4", "--batch-size", "4", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "training.json").read_text())
+    assert report["processes"] == 2 and report["steps"] == 4 and report["backend"] == "gloo"
+    adapter = IA3Adapter.load(out)
+    assert max(float(np.abs(v.values - 1).max()) for v in adapter.vectors) > 1e-4
