@@ -46,9 +46,11 @@ def user_errors(fn: Callable) -> Callable:
 def _quiet_libraries() -> None:
     """Keep transformers' progress bars and info logs out of CLI output."""
     import logging
+    import warnings
 
     import transformers
 
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/peft
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
