@@ -127,6 +127,24 @@ def inspect(path: Path = typer.Argument(..., help="adapter, model dir, .gguf or 
     console.print(table)
 
 
+@app.command()
+@user_errors
+def report(
+    exports: list[Path] = typer.Argument(..., help="export directories (ONNX and/or GGUF)"),
+    out: Path = typer.Option(..., help="report directory (report.md, report.json, PNG charts)"),
+    eval_data: Optional[list[str]] = typer.Option(None, "--eval", help="ADAPTER=data.jsonl: task accuracy"),
+    runs: int = typer.Option(5, help="timed runs per latency figure (after one warm-up)"),
+    eval_rows: int = typer.Option(50, help="eval rows per adapter for accuracy"),
+) -> None:
+    """Measure sizes, latencies and drift of exports against PyTorch; write a report."""
+    from .report import ReportOptions, report as report_fn
+
+    _quiet_libraries()
+    with console.status("measuring..."):
+        report_fn(exports, out, parse_named(eval_data, "--eval"), ReportOptions(runs=runs, eval_rows=eval_rows))
+    console.print(f"wrote {out / 'report.md'}, {out / 'report.json'} and charts")
+
+
 def parse_named(pairs: list[str] | None, what: str) -> dict[str, str]:
     """``NAME=PATH`` options into a dict, with one clear error for a bad pair."""
     out: dict[str, str] = {}

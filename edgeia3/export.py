@@ -6,6 +6,7 @@ the stable entry both the CLI and Python users call.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,3 +27,93 @@ def export_gguf(base: str, out: str | Path, quant: str = "q4_0",
     from converters.gguf.export import export
 
     return export(base=base, out=out, quant=quant, adapters=adapters or {}, merge=merge)
+
+
+@dataclass
+class ExportInfo:
+    """What any export directory holds, read from its manifest (edgeia3.json)."""
+
+    path: Path
+    kind: str  # onnx | gguf
+    precision: str  # int4 / fp32 ... or the GGUF file type (Q4_1 ...)
+    base_spec: str  # how to load the same base in PyTorch (the drift reference)
+    model_bytes: int
+    adapter_files: dict[str, Path]  # name -> side adapter file
+    adapter_bytes: dict[str, int]
+    merged: str | None  # name of the adapter folded into the weights, if any
+    manifest: dict
+
+    @property
+    def label(self) -> str:
+        mode = f"merged '{self.merged}'" if self.merged else "side"
+        return f"{self.kind} {self.precision} {mode}"
+
+    def adapters(self) -> dict[str, Any]:
+        """Canonical adapters read back from the export's own adapter files."""
+        return _READERS[self.kind][1](self)
+
+
+def _dir_bytes(path: Path, skip: tuple[str, ...] = ()) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name not in skip
+               and "adapters" not in f.relative_to(path).parts)
+
+
+def _onnx_info(path: Path, m: dict) -> ExportInfo:
+    ads = {n: a for n, a in m.get("adapters", {}).items() if a.get("file")}
+    merged = (m.get("merged") or {}).get("name")
+    return ExportInfo(path, "onnx", m["precision"], m["base"]["spec"],
+                      _dir_bytes(path, ("edgeia3.json", "tokenizer.json", "tokenizer_config.json",
+                                        "chat_template.jinja")),
+                      {n: path / a["file"] for n, a in ads.items()}, {n: a["bytes"] for n, a in ads.items()},
+                      merged, m)
+
+
+def _onnx_adapters(info: ExportInfo) -> dict[str, Any]:
+    from converters.onnx.adapter_file import read_onnx_adapter
+    from converters.onnx.export import plans_of
+
+    from .adapter import IA3Adapter
+
+    m = info.manifest
+    out = {n: read_onnx_adapter(p, plans_of(m), m["family"], m["adapters"][n]["sites"])
+           for n, p in info.adapter_files.items()}
+    if info.merged:  # folded into the weights: the manifest points at its source
+        out[info.merged] = IA3Adapter.load(m["adapters"][info.merged]["source"])
+    return out
+
+
+def _gguf_info(path: Path, m: dict) -> ExportInfo:
+    ads = m.get("adapters", {})
+    return ExportInfo(path, "gguf", m["quant"], m["base"]["spec"], (path / m["model"]).stat().st_size,
+                      {n: path / a["file"] for n, a in ads.items()}, {n: a["bytes"] for n, a in ads.items()},
+                      m.get("merged"), m)
+
+
+def _gguf_adapters(info: ExportInfo) -> dict[str, Any]:
+    from converters.gguf.adapter_file import read_ia3_gguf
+
+    return {n: read_ia3_gguf(p) for n, p in info.adapter_files.items()}
+
+
+# manifest kind -> (info reader, adapter reader)
+_READERS = {"onnx": (_onnx_info, _onnx_adapters), "gguf": (_gguf_info, _gguf_adapters)}
+
+
+def read_export(path: str | Path) -> ExportInfo:
+    """Read an export directory's manifest; one clear error if it is not one."""
+    import json
+
+    from .errors import EdgeIA3Error
+
+    path = Path(path)
+    manifest = path / "edgeia3.json"
+    if not manifest.exists():
+        raise EdgeIA3Error(f"{path} is not an edgeia3 export directory (no edgeia3.json)")
+    try:
+        m = json.loads(manifest.read_text())
+    except json.JSONDecodeError as e:
+        raise EdgeIA3Error(f"{manifest} is not valid JSON: {e}") from None
+    kind = m.get("kind") or {"edgeia3-onnx": "onnx"}.get(m.get("format"))
+    if kind not in _READERS:
+        raise EdgeIA3Error(f"{manifest}: unknown export kind {kind!r}")
+    return _READERS[kind][0](path, m)

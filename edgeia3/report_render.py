@@ -1,0 +1,153 @@
+"""Render a report document (report.json's dict) as Markdown tables and PNG charts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else (f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB")
+
+
+def _ms(s: dict | float | None) -> str:
+    if s is None:
+        return "-"
+    if isinstance(s, dict):
+        return f"{s['median'] * 1e3:.2f} ms ({s['min'] * 1e3:.2f}–{s['max'] * 1e3:.2f})"
+    return f"{s * 1e3:.0f} ms"
+
+
+def _tps(s: dict | None) -> str:
+    return "-" if not s else f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
+
+
+def render_markdown(doc: dict, charts: list[str]) -> str:
+    m = doc["machine"]
+    v = ", ".join(f"{k} {x}" for k, x in m["versions"].items() if x)
+    lines = ["# edgeia3 report", "", f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}.  ",
+             f"Versions: {v}.", "", "Latencies are medians of "
+             f"{doc['options']['runs']} runs after one warm-up (min–max in brackets).", ""]
+    lines += ["## Size", "", "| export | base | adapter | adapter file | IA3 vectors | LoRA r=8 (same modules) "
+              "| LoRA / IA3 |", "|---|---|---|---|---|---|---|"]
+    for e in doc["exports"]:
+        for name, a in e["adapters"].items():
+            s = a["size"] or {}
+            ratio = f"{s['lora_r8_bytes'] / s['vector_bytes']:.1f}x" if s else "-"
+            lines.append(f"| {e['label']} | {_mb(e['model_bytes'])} | {name} | {_mb(s.get('bytes'))} | "
+                         f"{_mb(s.get('vector_bytes'))} | {_mb(s.get('lora_r8_bytes'))} | {ratio} |")
+    lines += ["", "## Latency", "", "| export | load | reload (load + 1st token) | adapter switch | "
+              "TTFT (base) | decode tok/s (base) |", "|---|---|---|---|---|---|"]
+    for e in doc["exports"]:
+        sb = e["speed_base"]
+        lines.append(f"| {e['label']} | {_ms(e['load_s'])} | {_ms(e['reload_s'])} | {_ms(e['switch_s'])} | "
+                     f"{_ms(sb['ttft_s'])} | {_tps(sb['decode_tok_s'])} |")
+    lines += ["", "## Drift vs PyTorch (fp32 base + adapter, unmerged)", "",
+              "| export | adapter | max abs Δlogit | mean abs Δlogit | KL(ref‖rt) | argmax agree | "
+              "greedy tokens agree | decode tok/s | accuracy (runtime / torch) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for e in doc["exports"]:
+        for name, a in e["adapters"].items():
+            d = a["drift"]
+            acc = a.get("accuracy")
+            acc_s = f"{acc['runtime']:.0%} / {acc['torch']:.0%} (n={acc['rows']})" if acc else "-"
+            lines.append(f"| {e['label']} | {name} | {d['max_abs_logit_diff']:.3f} | "
+                         f"{d['mean_abs_logit_diff']:.4f} | {d['kl_ref_to_runtime']:.5f} | "
+                         f"{d['argmax_agreement']:.1%} | {d['greedy_token_agreement']:.1%} | "
+                         f"{_tps(a['speed']['decode_tok_s'])} | {acc_s} |")
+    lines += ["", "## How to read this", "",
+              "- **Size**: an IA3 adapter is a few hundred kB next to a base of tens of MB; the LoRA "
+              "column is what a rank-8 LoRA on the same modules would weigh.",
+              "- **Latency**: *adapter switch* is `use_adapter()` on the loaded model; *reload* is what "
+              "switching costs when the runtime has to open the model again.",
+              "- **Drift**: differences against PyTorch running the fp32 base with the adapter unmerged. "
+              "Quantized exports (int4, Q4) drift by their quantization error; side-tensor and merged "
+              "exports of the same precision should agree closely with each other.", ""]
+    lines += [f"![{c}]({c})" for c in charts]
+    return "\n".join(lines) + "\n"
+
+
+def write_charts(doc: dict, out: Path) -> list[str]:
+    """sizes.png, tokens_per_s.png, switch_vs_reload.png; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    exports = doc["exports"]
+
+    # 1. size per artifact, log scale
+    labels, values, colors = [], [], []
+    for e in exports:
+        labels.append(f"{e['label']}: base")
+        values.append(e["model_bytes"])
+        colors.append("#4c72b0")
+        for n, a in e["adapters"].items():
+            if a["size"] and a["size"]["bytes"]:
+                labels.append(f"{e['label']}: adapter '{n}'")
+                values.append(a["size"]["bytes"])
+                colors.append("#dd8452")
+    first = next((a["size"] for e in exports for a in e["adapters"].values() if a["size"]), None)
+    if first:
+        labels.append("LoRA r=8, same modules (computed)")
+        values.append(first["lora_r8_bytes"])
+        colors.append("#8c8c8c")
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.5))
+    ax.barh(labels, [v / 1e6 for v in values], color=colors)
+    ax.set_xscale("log")
+    ax.set_xlabel("size (MB, log scale)")
+    ax.set_title("Artifact sizes")
+    for y, v in enumerate(values):
+        ax.text(v / 1e6, y, f"  {_mb(v)}", va="center", fontsize=8)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out / "sizes.png", dpi=110)
+    plt.close(fig)
+    names.append("sizes.png")
+
+    # 2. decode tokens/s per export (base) and per adapter
+    labels, med, lo, hi = [], [], [], []
+    for e in exports:
+        rows = [("base" if not e["merged"] else "merged", e["speed_base"])]
+        rows += [(f"adapter '{n}'", a["speed"]) for n, a in e["adapters"].items() if not e["merged"]]
+        for tag, sp in rows:
+            if sp["decode_tok_s"]:
+                labels.append(f"{e['label']}\n{tag}")
+                s = sp["decode_tok_s"]
+                med.append(s["median"])
+                lo.append(s["median"] - s["min"])
+                hi.append(s["max"] - s["median"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4.5))
+    ax.bar(range(len(labels)), med, yerr=[lo, hi], capsize=4, color="#55a868")
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("decode tokens / s (median, min–max)")
+    ax.set_title("Greedy decode speed")
+    fig.tight_layout()
+    fig.savefig(out / "tokens_per_s.png", dpi=110)
+    plt.close(fig)
+    names.append("tokens_per_s.png")
+
+    # 3. adapter switch vs reload, log scale
+    labels = [e["label"] for e in exports if e["switch_s"]]
+    if labels:
+        sw = [e["switch_s"]["median"] * 1e3 for e in exports if e["switch_s"]]
+        rl = [e["reload_s"]["median"] * 1e3 for e in exports if e["switch_s"]]
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4.5))
+        x = range(len(labels))
+        ax.bar([i - 0.2 for i in x], sw, width=0.4, label="switch adapter (in place)", color="#dd8452")
+        ax.bar([i + 0.2 for i in x], rl, width=0.4, label="reload model", color="#4c72b0")
+        for i, (a, b) in enumerate(zip(sw, rl)):
+            ax.text(i - 0.2, a, f"{a:.2f}", ha="center", va="bottom", fontsize=8)
+            ax.text(i + 0.2, b, f"{b:.0f}", ha="center", va="bottom", fontsize=8)
+            ax.text(i, max(a, b) * 3, f"{b / a:,.0f}x", ha="center", fontsize=9, weight="bold")
+        ax.set_yscale("log")
+        ax.set_ylim(top=max(rl) * 20)
+        ax.set_xticks(list(x), labels, fontsize=8)
+        ax.set_ylabel("milliseconds (log scale)")
+        ax.set_title("Adapter switch vs model reload")
+        ax.legend(loc="upper left")
+        fig.tight_layout()
+        fig.savefig(out / "switch_vs_reload.png", dpi=110)
+        plt.close(fig)
+        names.append("switch_vs_reload.png")
+    return names
