@@ -1,0 +1,301 @@
+"""ONNX export for onnxruntime(-genai): IA3 as side-tensors, or merged exactly.
+
+Flow: base + canonical adapters in -> onnxruntime-genai model builder ->
+graph post-processing -> a folder ``og.Model(DIR)`` opens, with
+``adapters/NAME.onnx_adapter`` and the manifest ``edgeia3.json``.
+
+- Side mode (adapters given, no --merge): every IA3 site is a graph input
+  ``ia3.layers.{i}.{sites}`` of shape [batch|1, 1, N] whose initializer
+  default is ones, so no adapter = the base model; a Mul applies it.
+- Merged mode (--merge NAME): int4/int8 scale the MatMulNBits scale rows of
+  the affected output channels (exact, no re-quantization; input-scaled
+  sites of gated MLPs land on up_proj's rows). fp32/fp16, adapters trained
+  on NF4 and anything not foldable into rows are folded in torch before the
+  build (the manifest says which).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeia3.adapter import IA3Adapter
+from edgeia3.atomic import atomic_dir
+from edgeia3.base import LoadedBase, load_base
+from edgeia3.errors import EdgeIA3Error
+from edgeia3.fingerprint import num_layers
+from edgeia3.prompts import TEMPLATE_FILE, read_template
+from edgeia3.registry import Family, Scaling
+from edgeia3.validate import expected_length, load_adapter_for
+
+from . import builder
+from .adapter_file import SUFFIX, write_onnx_adapter
+from .graph import IA3Input, activation_type, add_side_inputs, find_node, plan_inputs, scale_output_rows
+
+PRECISIONS = ("int4", "int8", "fp16", "fp32")
+PROVIDERS = ("cpu", "cuda")
+MANIFEST = "edgeia3.json"
+MODEL_FILE = "model.onnx"
+ADAPTER_DIR = "adapters"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class OnnxExport:
+    """What ``export`` produced (``str()`` is the CLI's summary)."""
+
+    out: Path
+    manifest: dict
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def adapters(self) -> dict[str, Path]:
+        return {n: self.out / a["file"] for n, a in self.manifest["adapters"].items()}
+
+    def __str__(self) -> str:
+        m = self.manifest
+        mb = m["model_bytes"] / 1e6
+        if m["mode"] == "merged":
+            what = f"adapter '{m['merged']['name']}' merged ({m['merged']['method']})"
+        elif m["mode"] == "side":
+            sizes = ", ".join(f"{n} {a['bytes'] / 1e3:.1f} kB" for n, a in m["adapters"].items())
+            what = f"{len(m['adapters'])} adapter(s) as side-tensors over {len(m['ia3_inputs'])} IA3 inputs ({sizes})"
+        else:
+            what = "no adapter (base model)"
+        lines = [f"ONNX export of {m['base']['name']} ({m['family']}, {m['precision']}, {m['provider']}): {what}",
+                 f"  -> {self.out}  model {mb:.1f} MB, {self.seconds:.1f} s"]
+        if m.get("mobile"):
+            mob = m["mobile"]
+            lines.append(f"  mobile: {mob['ort_file']} loads in onnxruntime: {mob['ort_loads']}; "
+                         f"ops outside NNAPI: {', '.join(mob['unsupported_ops'].get('NNAPI', [])) or 'none'}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _check_args(precision: str, provider: str, adapters: dict[str, Any], merge: str | None) -> None:
+    if precision not in PRECISIONS:
+        raise EdgeIA3Error(f"unsupported precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    if provider not in PROVIDERS:
+        raise EdgeIA3Error(f"unsupported provider '{provider}' (choose from {', '.join(PROVIDERS)})")
+    for name in adapters:
+        if not _NAME_RE.match(name):
+            raise EdgeIA3Error(f"adapter name '{name}' must be letters, digits, '_', '-' or '.'")
+    if merge is not None:
+        if merge not in adapters:
+            raise EdgeIA3Error(f"--merge {merge}: no adapter of that name (given: {', '.join(adapters) or 'none'})")
+        if len(adapters) > 1:
+            raise EdgeIA3Error("--merge folds one adapter into the weights; give only that adapter "
+                               "(export the others as side-tensors in a separate export)")
+
+
+def _check_family(family: Family) -> None:
+    if not any(s.onnx_node for s in family.sites):
+        raise EdgeIA3Error(
+            f"ONNX export does not support the '{family.name}' family: onnxruntime-genai's model "
+            "builder has no such model (supported: families with ONNX node names in the registry)"
+        )
+
+
+def _dir_bytes(path: Path, exclude: tuple[str, ...] = ()) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name not in exclude)
+
+
+def _save_hf(model: Any, tokenizer: Any, where: Path) -> Path:
+    model.save_pretrained(where)
+    tokenizer.save_pretrained(where)
+    return where
+
+
+def export(base: str = "default", out: str | Path = "", precision: str = "int4",
+           adapters: dict[str, str | Path] | None = None, merge: str | None = None, provider: str = "cpu",
+           mobile: bool = False, fuse_qkv: bool = True, accuracy_level: int | None = None) -> OnnxExport:
+    """Export ``base`` (+ IA3 adapters) for onnxruntime-genai; see the module docstring.
+
+    ``fuse_qkv=False`` asks the builder for separate q/k/v MatMuls (one IA3
+    input per site instead of one combined qkv input per layer).
+    ``accuracy_level`` (int4/int8): MatMulNBits compute precision; None keeps the
+    builder's default (4 on CPU: activations quantized to int8 per block, fastest).
+    With 4, side and merged exports differ by activation-rounding noise (the two
+    graphs round x*l differently and int8 rounding flips); 1 computes in fp32.
+    """
+    t0 = time.perf_counter()
+    adapters = dict(adapters or {})
+    _check_args(precision, provider, adapters, merge)
+    out = Path(out)
+    lb = load_base(base)
+    _check_family(lb.family)
+    if lb.tokenizer is None:
+        raise EdgeIA3Error(f"base {base} has no tokenizer; onnxruntime-genai exports need one")
+    identity = lb.identity  # before any in-place merge changes the weights
+    loaded = {name: load_adapter_for(p, lb) for name, p in adapters.items()}
+    extra = {} if fuse_qkv else {"fuse_qkv": "false"}
+    if accuracy_level is not None:
+        extra["accuracy_level"] = str(accuracy_level)
+    notes: list[str] = []
+    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="edgeia3-onnx-") as work:
+        if merge is not None:
+            merged = _export_merged(lb, loaded[merge], tmp, Path(work), precision, provider, extra, notes)
+            merged["name"] = merge
+            plans: list[IA3Input] = []
+        else:
+            merged = None
+            builder.build(lb.source.hf_path, tmp, precision, provider, extra)
+            plans = _add_side_inputs(tmp, lb, loaded, notes)
+        _ensure_chat_template(tmp, lb)
+        manifest = _manifest(lb, identity, precision, provider, plans, merged, fuse_qkv)
+        manifest["builder_options"] = extra
+        for name, ad in loaded.items():
+            entry = {"sites": ad.sites, "params": ad.num_params, "trained_on": ad.quant, "source": str(adapters[name])}
+            if merge is None:
+                dtype = _np_activation_dtype(tmp)
+                path = write_onnx_adapter(ad, plans, tmp / ADAPTER_DIR / f"{name}{SUFFIX}", dtype)
+                entry.update(file=f"{ADAPTER_DIR}/{name}{SUFFIX}", bytes=path.stat().st_size)
+                if ad.quant == "nf4":
+                    notes.append(f"adapter '{name}' was trained on an NF4 base; side mode applies it to weights "
+                                 f"built from the full-precision base (use --merge {name} to fold it into the "
+                                 "dequantized NF4 weights it was trained with)")
+            manifest["adapters"][name] = entry
+        manifest["model_bytes"] = _dir_bytes(tmp, exclude=("tokenizer.json",))
+        if mobile:
+            from .mobile import make_mobile
+
+            manifest["mobile"] = make_mobile(tmp)
+        manifest["notes"] = notes
+        manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return OnnxExport(out, manifest, time.perf_counter() - t0, notes)
+
+
+def _sizes(lb: LoadedBase, sites: list[str]) -> dict[tuple[int, str], int]:
+    n = num_layers(lb.config)
+    return {(i, s): expected_length(lb, i, s, lb.family.site(s).scaling) for i in range(n) for s in sites}
+
+
+def _load_graph(model_dir: Path):
+    import onnx
+
+    return onnx.load(str(model_dir / MODEL_FILE), load_external_data=False)
+
+
+def _np_activation_dtype(model_dir: Path):
+    from onnx import helper
+
+    return helper.tensor_dtype_to_np_dtype(activation_type(_load_graph(model_dir)))
+
+
+def _add_side_inputs(model_dir: Path, lb: LoadedBase, loaded: dict[str, IA3Adapter], notes: list[str]):
+    """Add the IA3 inputs for the union of the adapters' sites; rewrite model.onnx only."""
+    import onnx
+
+    sites = [s.name for s in lb.family.sites if any(s.name in ad.sites for ad in loaded.values())]
+    if not sites:
+        return []
+    model = _load_graph(model_dir)
+    plans = plan_inputs(model.graph, lb.family, lb.config, sites, _sizes(lb, sites), num_layers(lb.config))
+    add_side_inputs(model, plans, activation_type(model))
+    # Tensor data stays in model.onnx.data (the protos keep their external references).
+    onnx.save(model, str(model_dir / MODEL_FILE))
+    return plans
+
+
+def _row_ops(family: Family, adapter: IA3Adapter, config: Any, graph: Any) -> list[tuple] | None:
+    """(node, start, stop, values) per vector, or None if some vector cannot be a row scaling."""
+    ops = []
+    for v in adapter.vectors:
+        site = family.site(v.site)
+        if v.scaling is Scaling.INPUT:
+            # down(act(gate x) * up x * l) == down(act(gate x) * (l * up x)): up's rows.
+            if not family.gated_mlp:
+                return None
+            site = family.site("up")
+        fused = site.onnx_fused_node and find_node(graph, site.onnx_fused_node.format(i=v.layer))
+        if fused:
+            start, stop = site.onnx_fused_rows(config)
+            ops.append((site.onnx_fused_node.format(i=v.layer), start, stop, v.values))
+        elif site.onnx_node and find_node(graph, site.onnx_node.format(i=v.layer)) is not None:
+            ops.append((site.onnx_node.format(i=v.layer), 0, v.values.size, v.values))
+        else:
+            return None
+    return ops
+
+
+def _export_merged(lb: LoadedBase, adapter: IA3Adapter, tmp: Path, work: Path, precision: str, provider: str,
+                   extra: dict, notes: list[str]) -> dict:
+    from edgeia3.merge import fold_into_model, merge_loaded
+
+    if precision in ("int4", "int8") and adapter.quant != "nf4":
+        builder.build(lb.source.hf_path, tmp, precision, provider, extra)
+        model = _load_graph(tmp)
+        ops = _row_ops(lb.family, adapter, lb.config, model.graph)
+        if ops is not None:
+            for node, start, stop, values in ops:
+                scale_output_rows(model, tmp, node, start, stop, values)
+            return {"method": "MatMulNBits scale rows (exact, no re-quantization)", "into": "quantized weights"}
+        notes.append("some IA3 vectors cannot be folded into quantized rows exactly; "
+                     "they were folded into the full-precision weights before quantization")
+        for f in tmp.iterdir():  # rebuild below from the folded weights
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    if adapter.quant == "nf4":
+        nf4 = load_base(lb.source.spec, quant="nf4")
+        model = merge_loaded(nf4, adapter)
+        into = "dequantized NF4 weights (the base it was trained on)"
+        notes.append("adapter was trained on NF4: folded into the dequantized NF4 weights before the build"
+                     + (f", then quantized to {precision}" if precision in ("int4", "int8") else ""))
+    else:
+        fold_into_model(lb.model, adapter, lb.family)
+        model = lb.model
+        into = "full-precision weights"
+    hf = _save_hf(model, lb.tokenizer, work / "merged_hf")
+    builder.build(hf, tmp, precision, provider, extra)
+    return {"method": f"folded in torch before the {precision} build", "into": into}
+
+
+def _ensure_chat_template(model_dir: Path, lb: LoadedBase) -> None:
+    """chat_template.jinja beside the model, so every runtime renders prompts identically."""
+    if (model_dir / TEMPLATE_FILE).exists():
+        return
+    template = read_template(lb.source.hf_path) or getattr(lb.tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        (model_dir / TEMPLATE_FILE).write_text(template)
+
+
+def _manifest(lb: LoadedBase, identity: Any, precision: str, provider: str, plans: list[IA3Input],
+              merged: dict | None, fuse_qkv: bool) -> dict:
+    return {
+        "format": "edgeia3-onnx",
+        "format_version": 1,
+        "base": {"name": lb.source.name, "spec": lb.source.spec, **identity.to_dict()},
+        "fingerprint": f"{identity.fingerprint}/{identity.content}",
+        "family": lb.family.name,
+        "precision": precision,
+        "provider": provider,
+        "mode": "merged" if merged else ("side" if plans else "base"),
+        "merged": merged,
+        "fuse_qkv": fuse_qkv and any(len(p.parts) > 1 for p in plans) if plans else fuse_qkv,
+        "sites": sorted({part[0] for p in plans for part in p.parts}),
+        "ia3_inputs": [p.to_dict() for p in plans],
+        "adapters": {},
+        "model_file": MODEL_FILE,
+        "builder": f"onnxruntime-genai {builder.builder_version()}",
+        "mobile": None,
+    }
+
+
+def read_manifest(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / MANIFEST
+    if not path.exists():
+        raise EdgeIA3Error(f"{model_dir} is not an edgeia3 ONNX export (no {MANIFEST})")
+    return json.loads(path.read_text())
+
+
+def plans_of(manifest: dict) -> list[IA3Input]:
+    return [IA3Input.from_dict(d) for d in manifest.get("ia3_inputs", [])]

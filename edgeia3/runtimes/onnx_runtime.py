@@ -1,0 +1,245 @@
+"""ONNX runtime: an edgeia3 ONNX export served by onnxruntime-genai.
+
+The model is opened once (``og.Model``) and every adapter file once
+(``og.Adapters``); ``use_adapter`` only changes which name the next
+generator activates, so switching costs microseconds and reloads nothing.
+
+Two paths over the same export:
+- generation (``generate_ids``): onnxruntime-genai, greedy, KV cache;
+- full logits (``logits``) and mixed-adapter batches (``forward_mixed``): a
+  plain ``onnxruntime.InferenceSession`` on model.onnx (created on first use),
+  adapters activated with ``RunOptions.add_active_adapter`` - genai exposes
+  only last-position logits, and mixed batches need per-row IA3 inputs
+  ([batch, 1, N]), which the graph accepts but genai cannot feed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import EdgeIA3Error
+from ..prompts import read_template, render_chat
+from . import register_runtime
+
+MANIFEST = "edgeia3.json"
+
+
+class OnnxRuntime:
+    name = "onnxruntime-genai"
+
+    def __init__(self, path: str | Path, provider: str | None = None):
+        import onnxruntime_genai as og
+
+        self.path = Path(path)
+        self.manifest = json.loads((self.path / MANIFEST).read_text())
+        self.genai_config = json.loads((self.path / "genai_config.json").read_text())
+        config = og.Config(str(self.path))
+        if provider is not None:  # e.g. run a CUDA-targeted export on CPU
+            config.clear_providers()
+            if provider != "cpu":
+                config.append_provider(provider)
+        self._provider = provider or "cpu"
+        t0 = time.perf_counter()
+        self.model = og.Model(config)
+        self._og_adapters = og.Adapters(self.model)
+        self._files: dict[str, Path] = {}
+        for name, entry in self.manifest.get("adapters", {}).items():
+            if "file" in entry:
+                self._files[name] = self.path / entry["file"]
+                self._og_adapters.load(str(self._files[name]), name)
+        self.open_seconds = time.perf_counter() - t0
+        self._active: str | None = None
+        self._template = read_template(self.path)
+        self._tokenizer: Any = None  # created on first use (see the tokenizer property)
+        self._hf_tokenizer = False
+        self._session = None  # plain onnxruntime session for full logits / mixed batches
+        self._ort_adapters: dict[str, Any] = {}
+        self._vectors: dict[str, dict[str, np.ndarray]] = {}
+
+    # -- protocol ------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._files)
+
+    def use_adapter(self, name: str | None) -> None:
+        if name is not None and name not in self._files:
+            merged = (self.manifest.get("merged") or {}).get("name")
+            hint = f" (adapter '{merged}' is merged into this export: use no adapter)" if merged == name else ""
+            raise EdgeIA3Error(f"unknown adapter '{name}' (in this export: {', '.join(self._files) or 'none'}){hint}")
+        self._active = name
+
+    def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
+        if not isinstance(prompt, str):
+            prompt = render_chat(self._template, prompt)
+        tok = self.tokenizer
+        if self._hf_tokenizer:
+            return tok(prompt, add_special_tokens=False)["input_ids"]
+        return [int(t) for t in tok.encode(prompt)]
+
+    def detokenize(self, ids: list[int]) -> str:
+        tok = self.tokenizer
+        if self._hf_tokenizer:
+            return tok.decode(ids, skip_special_tokens=True)
+        return tok.decode(np.asarray(ids, dtype=np.int32))
+
+    @property
+    def tokenizer(self) -> Any:
+        """onnxruntime-genai's tokenizer; transformers' (same files) for tokenizer types it cannot parse."""
+        if self._tokenizer is None:
+            import onnxruntime_genai as og
+
+            try:
+                self._tokenizer = og.Tokenizer(self.model)
+            except RuntimeError:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+                self._hf_tokenizer = True
+        return self._tokenizer
+
+    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64) -> Iterator[int]:
+        import onnxruntime_genai as og
+
+        context = int(self.genai_config["model"]["context_length"])
+        if len(prompt_ids) >= context:
+            raise EdgeIA3Error(f"prompt has {len(prompt_ids)} tokens; the model's context is {context}")
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=min(context, len(prompt_ids) + max_tokens))
+        gen = og.Generator(self.model, params)
+        if self._active is not None:
+            gen.set_active_adapter(self._og_adapters, self._active)
+        gen.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
+        eos = set(self._eos_ids())
+        for _ in range(max_tokens):
+            if gen.is_done():
+                return
+            gen.generate_next_token()
+            tok = int(gen.get_next_tokens()[0])
+            if tok in eos:
+                return
+            yield tok
+
+    def genai_last_logits(self, prompt_ids: list[int]) -> np.ndarray:
+        """Last-position logits [vocab] through onnxruntime-genai (what generation sees)."""
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=len(prompt_ids) + 1)
+        gen = og.Generator(self.model, params)
+        if self._active is not None:
+            gen.set_active_adapter(self._og_adapters, self._active)
+        gen.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
+        return np.array(gen.get_logits(), dtype=np.float32).reshape(-1)[-self._vocab():]
+
+    def _vocab(self) -> int:
+        return int(self.genai_config["model"]["vocab_size"])
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        return self.forward_mixed([token_ids], [self._active])[0]
+
+    # -- mixed-adapter batches --------------------------------------------------------------------
+    def forward_mixed(self, token_ids_per_row: list[list[int]], adapter_per_row: list[str | None]) -> list[np.ndarray]:
+        """Logits [len_i, vocab] per row, each row with its own adapter (None: base), in ONE run.
+
+        Rows are right-padded to the longest; every IA3 input gets one vector
+        per row ([batch, 1, N]). A single row with an adapter goes through
+        ``RunOptions.add_active_adapter`` (the adapter file), like genai does.
+        """
+        import onnxruntime as ort
+
+        if len(token_ids_per_row) != len(adapter_per_row) or not token_ids_per_row:
+            raise EdgeIA3Error("forward_mixed needs one adapter name (or None) per row")
+        for name in adapter_per_row:
+            if name is not None and name not in self._files:
+                raise EdgeIA3Error(f"unknown adapter '{name}' (in this export: {', '.join(self._files) or 'none'})")
+        sess = self._ort_session()
+        lengths = [len(r) for r in token_ids_per_row]
+        batch, width = len(lengths), max(lengths)
+        feeds = self._base_feeds(token_ids_per_row, width)
+        opts = ort.RunOptions()
+        if batch == 1 and adapter_per_row[0] is not None:
+            opts.add_active_adapter(self._ort_adapter(adapter_per_row[0]))
+        elif any(a is not None for a in adapter_per_row):
+            for inp in self.manifest.get("ia3_inputs", []):
+                rows = [self._vector(a, inp) for a in adapter_per_row]
+                feeds[inp["name"]] = np.stack(rows).astype(self._ia3_dtype)
+        logits = sess.run(["logits"], feeds, opts)[0]
+        return [logits[b, :n].astype(np.float32) for b, n in enumerate(lengths)]
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _eos_ids(self) -> list[int]:
+        eos = self.genai_config["model"].get("eos_token_id")
+        return eos if isinstance(eos, list) else [eos]
+
+    def _ort_session(self):
+        import onnxruntime as ort
+
+        if self._session is None:
+            providers = ["CUDAExecutionProvider"] if self._provider == "cuda" else ["CPUExecutionProvider"]
+            model_file = self.path / self.manifest.get("model_file", "model.onnx")
+            so = ort.SessionOptions()
+            so.log_severity_level = 3  # IA3 inputs are overridable initializers by design; no warning per input
+            self._session = ort.InferenceSession(str(model_file), so, providers=providers)
+            types = {i.name: i.type for i in (*self._session.get_inputs(),
+                                              *self._session.get_overridable_initializers())}
+            self._input_types = types
+            names = [p["name"] for p in self.manifest.get("ia3_inputs", [])]
+            self._ia3_dtype = np.float16 if names and "float16" in types[names[0]] else np.float32
+        return self._session
+
+    def _ort_adapter(self, name: str):
+        import onnxruntime as ort
+
+        if name not in self._ort_adapters:
+            a = ort.LoraAdapter()
+            a.Load(str(self._files[name]))
+            self._ort_adapters[name] = a
+        return self._ort_adapters[name]
+
+    def _vector(self, name: str | None, inp: dict) -> np.ndarray:
+        if name is None:
+            return np.ones((1, inp["size"]), dtype=np.float32)
+        if name not in self._vectors:
+            from converters.onnx.adapter_file import read_onnx_adapter_tensors
+
+            self._vectors[name] = read_onnx_adapter_tensors(self._files[name])
+        return self._vectors[name][inp["name"]].reshape(1, -1)
+
+    def _base_feeds(self, rows: list[list[int]], width: int) -> dict[str, np.ndarray]:
+        dec = self.genai_config["model"]["decoder"]
+        types = self._input_types
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = r
+            mask[b, : len(r)] = 1
+        feeds = {"input_ids": ids.astype(_np_type(types["input_ids"])),
+                 "attention_mask": mask.astype(_np_type(types["attention_mask"]))}
+        kv_shape = (len(rows), dec["num_key_value_heads"], 0, dec["head_size"])
+        names = dec["inputs"]
+        for i in range(dec["num_hidden_layers"]):
+            for pattern in (names["past_key_names"], names["past_value_names"]):
+                name = pattern % i
+                feeds[name] = np.zeros(kv_shape, dtype=_np_type(types[name]))
+        return feeds
+
+
+def _np_type(ort_type: str):
+    return {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+            "tensor(float16)": np.float16}[ort_type]
+
+
+def _is_onnx_export(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).exists() and (path / "genai_config.json").exists()
+
+
+def _open(path: Path, provider: str | None = None, **_: Any) -> OnnxRuntime:
+    return OnnxRuntime(path, provider=provider)
+
+
+register_runtime(_is_onnx_export, _open)
