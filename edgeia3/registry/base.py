@@ -35,7 +35,11 @@ class Site:
     fused_rows: SliceFn | None = None  # rows of a fused module's output
     gguf_tensor: str | None = None  # GGUF weight name, "{i}" = layer
     gguf_permute: str | None = None  # RoPE row permutation in llama.cpp: "q" or "k"
-    onnx_node: str | None = None  # ONNX builder node name, "{i}" = layer
+    onnx_node: str | None = None  # onnxruntime-genai builder MatMul node name, "{i}" = layer
+    # The builder node that fuses this site with siblings (q, k, v -> qkv_proj) and
+    # this site's [start, stop) rows in its output; used unless fusion is disabled.
+    onnx_fused_node: str | None = None
+    onnx_fused_rows: SliceFn | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,10 @@ class Family:
     conv1d: bool = False  # weights stored [in, out] (GPT-2 Conv1D)
     gated_mlp: bool = True  # down(act(gate x) * up x): down's input == up's rows
     gguf_arch: str | None = None
+    # edgeia3's transformers -> GGUF writer handles this family (llama-style hparams/tensors)
+    gguf_writer: bool = False
+    # llama.cpp pre-tokenizer names to try for its BPE tokenizers, checked against HF's
+    gguf_pre_tokenizers: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
 
     def site(self, name: str) -> Site:

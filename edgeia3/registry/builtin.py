@@ -45,17 +45,25 @@ def _gate_up_rows(which: str):
 
 
 def _llama_like_sites(rope_permute: bool) -> tuple[Site, ...]:
-    """Separate q/k/v/o and gate/up/down Linear modules (llama, qwen, gemma)."""
+    """Separate q/k/v/o and gate/up/down Linear modules (llama, qwen, gemma).
+
+    ONNX names are those of onnxruntime-genai's model builder, which fuses
+    q, k and v into one qkv_proj MatMul unless told not to.
+    """
+    attn, mlp, qkv = "/model/layers.{i}/attn/", "/model/layers.{i}/mlp/", "/model/layers.{i}/attn/qkv_proj/MatMul"
     return (
         Site("q", "self_attn.q_proj", OUT, gguf_tensor="blk.{i}.attn_q",
-             gguf_permute="q" if rope_permute else None),
+             gguf_permute="q" if rope_permute else None, onnx_node=attn + "q_proj/MatMul",
+             onnx_fused_node=qkv, onnx_fused_rows=_qkv_rows("q")),
         Site("k", "self_attn.k_proj", OUT, gguf_tensor="blk.{i}.attn_k",
-             gguf_permute="k" if rope_permute else None),
-        Site("v", "self_attn.v_proj", OUT, gguf_tensor="blk.{i}.attn_v"),
-        Site("o", "self_attn.o_proj", OUT, gguf_tensor="blk.{i}.attn_output"),
-        Site("gate", "mlp.gate_proj", OUT, gguf_tensor="blk.{i}.ffn_gate"),
-        Site("up", "mlp.up_proj", OUT, gguf_tensor="blk.{i}.ffn_up"),
-        Site("down", "mlp.down_proj", IN, gguf_tensor="blk.{i}.ffn_down"),
+             gguf_permute="k" if rope_permute else None, onnx_node=attn + "k_proj/MatMul",
+             onnx_fused_node=qkv, onnx_fused_rows=_qkv_rows("k")),
+        Site("v", "self_attn.v_proj", OUT, gguf_tensor="blk.{i}.attn_v", onnx_node=attn + "v_proj/MatMul",
+             onnx_fused_node=qkv, onnx_fused_rows=_qkv_rows("v")),
+        Site("o", "self_attn.o_proj", OUT, gguf_tensor="blk.{i}.attn_output", onnx_node=attn + "o_proj/MatMul"),
+        Site("gate", "mlp.gate_proj", OUT, gguf_tensor="blk.{i}.ffn_gate", onnx_node=mlp + "gate_proj/MatMul"),
+        Site("up", "mlp.up_proj", OUT, gguf_tensor="blk.{i}.ffn_up", onnx_node=mlp + "up_proj/MatMul"),
+        Site("down", "mlp.down_proj", IN, gguf_tensor="blk.{i}.ffn_down", onnx_node=mlp + "down_proj/MatMul"),
     )
 
 
@@ -64,9 +72,11 @@ _LLAMA_COMMON = dict(layers="model.layers", embed="model.embed_tokens.weight",
 
 # llama.cpp's converter permutes q/k rows for llama-style RoPE only.
 register(Family("llama", ("llama", "mistral"), sites=_llama_like_sites(True),
-                default_targets=("k", "v", "down"), gguf_arch="llama", **_LLAMA_COMMON))
+                default_targets=("k", "v", "down"), gguf_arch="llama", gguf_writer=True,
+                gguf_pre_tokenizers=("smollm", "llama-bpe", "default"), **_LLAMA_COMMON))
 register(Family("qwen2", ("qwen2",), sites=_llama_like_sites(False),
-                default_targets=("q", "v", "down"), gguf_arch="qwen2", **_LLAMA_COMMON))
+                default_targets=("q", "v", "down"), gguf_arch="qwen2", gguf_writer=True,
+                gguf_pre_tokenizers=("qwen2",), **_LLAMA_COMMON))
 register(Family("qwen3", ("qwen3",), sites=_llama_like_sites(False),
                 default_targets=("q", "v", "down"), gguf_arch="qwen3", **_LLAMA_COMMON))
 register(Family("gemma2", ("gemma2",), sites=_llama_like_sites(False),

@@ -1,0 +1,133 @@
+"""The IA3 adapter GGUF (``NAME.ia3.gguf``): write from and read back to the
+canonical adapter. The format is documented in docs/GGUF_IA3_FORMAT.md.
+
+Like llama.cpp's LoRA adapters it is a GGUF with ``general.type=adapter``;
+``adapter.type=ia3`` and the ``adapter.ia3.*`` keys describe it. Vectors are
+stored in the base GGUF's row order, so a runtime applies them without
+knowing anything about the original transformers layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edgeia3.adapter import IA3Adapter
+from edgeia3.atomic import atomic_file
+from edgeia3.errors import EdgeIA3Error
+from edgeia3.fingerprint import BaseIdentity
+from edgeia3.registry import get_family
+
+from .plan import IN_SUFFIX, OUT_SUFFIX, to_gguf_vectors
+
+FORMAT_VERSION = 1
+
+
+def readable(path: Path) -> None:
+    """An ordinary file's permissions (atomic_file's temp files start private)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+SUFFIX = ".ia3.gguf"
+K = "adapter.ia3."
+
+
+def write_ia3_gguf(adapter: IA3Adapter, path: str | Path, base, name: str = "") -> Path:
+    """Write ``adapter`` (validated against ``base``, a GGUFBase) as an IA3 adapter GGUF."""
+    import gguf
+
+    adapter.check_finite()
+    fam = adapter.family_spec
+    vectors = to_gguf_vectors(adapter, base.config, base.heads)
+    identity = adapter.base or base.identity  # a PEFT adapter without one gets its GGUF base's
+    up = next((s for s in fam.sites if s.name == "up"), None)
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), base.index.arch)
+        w.add_type("adapter")
+        w.add_string("adapter.type", "ia3")
+        w.add_name(name or path.name.removesuffix(SUFFIX))
+        w.add_uint32(K + "format_version", FORMAT_VERSION)
+        w.add_string(K + "family", fam.name)
+        w.add_array(K + "sites", adapter.sites)
+        w.add_uint32(K + "block_count", base.config.num_hidden_layers)
+        w.add_uint32(K + "head_count", base.heads["q"])
+        w.add_uint32(K + "head_count_kv", base.heads["k"])
+        permuted = sorted({s.gguf_tensor.split(".")[-1] for s in fam.sites if s.gguf_permute})
+        if permuted:
+            w.add_array(K + "rope_permuted", permuted)
+        if fam.gated_mlp and up is not None:
+            w.add_string(K + "input_fold_target", up.gguf_tensor)
+            rows = up.fused_rows(base.config) if up.fused_rows else (0, base.config.intermediate_size)
+            w.add_array(K + "input_fold_rows", [int(rows[0]), int(rows[1])])
+        w.add_string(K + "base.fingerprint", identity.fingerprint)
+        w.add_string(K + "base.content", identity.content)
+        w.add_string(K + "base.name", identity.name)
+        w.add_string(K + "trained_quant", adapter.quant)
+        w.add_string(K + "fused_layout", json.dumps(adapter.fused_layout))
+        w.add_string(K + "extra", json.dumps(adapter.extra))
+        for key, vec in vectors.items():
+            w.add_tensor(key, np.ascontiguousarray(vec, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        readable(tmp)
+    return path
+
+
+def read_ia3_gguf(path: str | Path) -> IA3Adapter:
+    """Read an IA3 adapter GGUF back into the canonical adapter (un-permuted)."""
+    import gguf
+
+    from .plan import from_gguf_vectors
+
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeIA3Error(f"adapter not found: {path}")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError) as e:
+        raise EdgeIA3Error(f"{path} is not a valid GGUF file: {e}") from e
+    f = reader.fields
+
+    def get(key: str, default=None):
+        return f[key].contents() if key in f else default
+
+    if get("general.type") != "adapter" or get("adapter.type") != "ia3":
+        raise EdgeIA3Error(f"{path} is not an IA3 adapter GGUF (general.type={get('general.type')!r}, "
+                           f"adapter.type={get('adapter.type')!r})")
+    try:
+        version = int(get(K + "format_version", 0))
+        if version > FORMAT_VERSION:
+            raise EdgeIA3Error(f"{path}: IA3 adapter GGUF version {version} is newer than this edgeia3 reads")
+        fam = get_family(get(K + "family"))
+        vectors = {}
+        for t in reader.tensors:
+            if not t.name.endswith((OUT_SUFFIX, IN_SUFFIX)) or t.tensor_type != gguf.GGMLQuantizationType.F32:
+                raise EdgeIA3Error(f"{path}: unexpected tensor {t.name} ({t.tensor_type.name})")
+            vectors[t.name] = np.array(t.data, dtype=np.float32).reshape(-1)
+        fp = get(K + "base.fingerprint", "")
+        base = BaseIdentity(fp, get(K + "base.content", ""), get(K + "base.name", "")) if fp else None
+        adapter = from_gguf_vectors(
+            vectors, fam, list(get(K + "sites", [])), int(get(K + "block_count")),
+            json.loads(get(K + "fused_layout", "{}")),
+            {"q": int(get(K + "head_count")), "k": int(get(K + "head_count_kv"))},
+            base=base, quant=get(K + "trained_quant", "none"), extra=json.loads(get(K + "extra", "{}")),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise EdgeIA3Error(f"{path}: corrupt IA3 adapter GGUF metadata ({e})") from e
+    adapter.check_finite()
+    return adapter
+
+
+def read_gguf_vectors(path: str | Path) -> dict[str, np.ndarray]:
+    """The stored vectors as-is (GGUF row order), for runtimes that apply them directly."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return {t.name: np.array(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors}

@@ -1,0 +1,138 @@
+"""A GGUF file as a base model: its family, identity, and adapter validation.
+
+The checks mirror edgeia3.validate (which needs a loaded transformers model)
+against the GGUF's own tensor shapes, so a GGUF base is never dequantized or
+loaded into torch just to check an adapter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgeia3.adapter import IA3Adapter, fused_layout_for
+from edgeia3.errors import EdgeIA3Error
+from edgeia3.fingerprint import EMBED_ROWS, BaseIdentity, _content, _structural
+from edgeia3.registry import Family, Scaling, family_for_gguf_arch
+
+from .ggml_index import GGUFIndex
+from .plan import gguf_config
+
+
+class GGUFBase:
+    """A GGUF base model file: index, family, identities, HF-like config."""
+
+    def __init__(self, path: str | Path, name: str = ""):
+        self.path = Path(path)
+        self.index = GGUFIndex(self.path)
+        if self.index.kv.get("general.type") == "adapter":
+            raise EdgeIA3Error(f"{self.path} is an adapter GGUF, not a base model")
+        self.family: Family = family_for_gguf_arch(self.index.arch)
+        self.config = gguf_config(self.index, self.family)
+        self.name = name or self.path.name
+        self.identity = self._identity()
+
+    def _identity(self) -> BaseIdentity:
+        """Same value as edgeia3.fingerprint.identity_of_gguf, from the libggml index."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+        idx, fam = self.index, self.family
+        shapes = {}
+        for i in range(self.config.num_hidden_layers):
+            for s in fam.sites:
+                ne = idx.tensor(s.gguf_tensor.format(i=i) + ".weight").ne
+                shapes[f"{fam.layers}.{i}.{s.module}"] = (ne[1], ne[0])
+        mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        embd = idx.tensor("token_embd.weight")
+        qt = GGMLQuantizationType(embd.type)
+        block, size = GGML_QUANT_SIZES[qt]
+        row_bytes = embd.ne[0] // block * size
+        raw = np.array(mm[embd.offset: embd.offset + EMBED_ROWS * row_bytes]).reshape(EMBED_ROWS, row_bytes)
+        float_dtype = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}.get(qt)
+        rows = raw.view(float_dtype) if float_dtype else quants.dequantize(raw, qt)
+        norm_t = idx.tensor("output_norm.weight")
+        norm = np.array(mm[norm_t.offset: norm_t.offset + norm_t.nbytes]).view(np.float32)
+        del mm
+        config = {"model_type": fam.model_types[0], "num_hidden_layers": self.config.num_hidden_layers,
+                  "hidden_size": self.config.hidden_size, "vocab_size": int(embd.ne[1])}
+        return BaseIdentity(_structural(fam, config, shapes), _content(norm, rows), self.name)
+
+    @property
+    def identities(self) -> list[BaseIdentity]:
+        """This file's own identity, plus the transformers base edgeia3 converted it from
+        (recorded at export; quantizing the embedding changes the content hash)."""
+        kv = self.index.kv
+        out = [self.identity]
+        if kv.get("edgeia3.source.fingerprint"):
+            out.append(BaseIdentity(kv["edgeia3.source.fingerprint"], kv["edgeia3.source.content"],
+                                    kv.get("edgeia3.source.name", "")))
+        return out
+
+    @property
+    def heads(self) -> dict[str, int]:
+        return {"q": self.config.num_attention_heads, "k": self.config.num_key_value_heads}
+
+    def load_adapter(self, path: str | Path, check_identity: bool = True) -> IA3Adapter:
+        """Read any adapter form (edgeia3, PEFT dir, ``.ia3.gguf``) and validate it here."""
+        path = Path(path)
+        if path.suffix == ".gguf":
+            from .adapter_file import read_ia3_gguf
+
+            adapter = read_ia3_gguf(path)
+        else:
+            adapter = IA3Adapter.load(path, base_config=self.config)
+        if not adapter.fused_layout:
+            adapter.fused_layout = fused_layout_for(self.family, self.config)
+        self.validate(adapter, check_identity)
+        return adapter
+
+    def validate(self, adapter: IA3Adapter, check_identity: bool = True) -> None:
+        fam = self.family
+        if adapter.family != fam.name:
+            raise EdgeIA3Error(f"adapter is for the '{adapter.family}' family but the GGUF base is '{fam.name}'")
+        if check_identity and adapter.base is not None and not any(adapter.base.matches(i) for i in self.identities):
+            what = ("architecture/shapes" if all(adapter.base.fingerprint != i.fingerprint for i in self.identities)
+                    else "weights")
+            raise EdgeIA3Error(
+                f"adapter was made for another base: its {what} differ (adapter base '{adapter.base.name}' "
+                f"{adapter.base.fingerprint}/{adapter.base.content}, GGUF '{self.name}' "
+                f"{self.identity.fingerprint}/{self.identity.content})"
+            )
+        adapter.check_finite()
+        n = self.config.num_hidden_layers
+        for v in adapter.vectors:
+            if not 0 <= v.layer < n:
+                raise EdgeIA3Error(f"adapter vector {v.key}: the base has only {n} layers")
+            site = fam.site(v.site)
+            ne = self.index.tensor(site.gguf_tensor.format(i=v.layer) + ".weight").ne
+            if v.scaling is Scaling.INPUT:
+                if site.fused_rows is not None:
+                    raise EdgeIA3Error(f"site {v.site} lives in a fused module and cannot be input-scaled")
+                want = ne[0]
+            elif site.fused_rows is not None:
+                a, b = site.fused_rows(self.config)
+                want = b - a
+            else:
+                want = ne[1]
+            if v.values.size != want:
+                raise EdgeIA3Error(f"adapter vector {v.key} has {v.values.size} values, the GGUF base expects "
+                                   f"{want} (shape mismatch: adapter for another model?)")
+        layout = fused_layout_for(fam, self.config)
+        for site, rows in adapter.fused_layout.items():
+            if layout.get(site) != [int(x) for x in rows]:
+                raise EdgeIA3Error(f"fused layout of site {site} {rows} differs from the base's {layout.get(site)}")
+
+
+def resolve_gguf_base(spec: str | Path) -> Path:
+    """'default' (the embedded SmolLM2 Q4_1) or a path to a .gguf file."""
+    from edgeia3.base import DEFAULT_BASE, default_gguf
+
+    if str(spec) == DEFAULT_BASE:
+        return default_gguf()
+    p = Path(spec)
+    if p.is_dir() and (p / "model.gguf").is_file():
+        return p / "model.gguf"  # a GGUF export directory
+    if not p.is_file() or p.suffix != ".gguf":
+        raise EdgeIA3Error(f"a GGUF merge needs a .gguf base (or 'default'), got {spec}")
+    return p

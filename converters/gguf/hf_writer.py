@@ -1,0 +1,154 @@
+"""transformers directory -> GGUF (f32 or f16) with gguf-py, for llama.cpp.
+
+Tensor names come from gguf-py's own HF->GGUF name map (the one llama.cpp's
+converter uses); the RoPE row permutation of q/k and which families are
+supported come from the registry (``Site.gguf_permute``, ``Family.gguf_writer``).
+The identity of the transformers base is recorded (``edgeia3.source.*``) so
+adapters made for it are accepted by the GGUF even after its embedding is
+quantized. Quantization is llama.cpp's job (quantize.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeia3.atomic import atomic_file
+from edgeia3.errors import EdgeIA3Error
+from edgeia3.fingerprint import BaseIdentity, identity_of_dir
+from edgeia3.registry import Family, families, family_for_config
+
+from .plan import rope_permute
+from .vocab import choose_pre_tokenizer, write_vocab
+
+DTYPES = ("f32", "f16")
+
+
+@dataclass
+class WrittenGGUF:
+    path: Path
+    family: Family
+    source: BaseIdentity
+    tokenizer: str  # what was written for the tokenizer
+    pre_verified: bool
+
+
+def _arch_enum(arch: str) -> Any:
+    import gguf
+
+    for k, v in gguf.MODEL_ARCH_NAMES.items():
+        if v == arch:
+            return k
+    raise EdgeIA3Error(f"gguf-py does not know architecture '{arch}'")
+
+
+def _hparams(config: dict, family: Family, dtype: str):
+    """A function adding the llama-style architecture metadata to a GGUFWriter."""
+    import gguf
+
+    heads = config["num_attention_heads"]
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // heads
+    rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0),
+                                             "rope_type": (config.get("rope_scaling") or {}).get("rope_type", "default")}
+    if rope.get("rope_type", "default") != "default":
+        raise EdgeIA3Error(f"RoPE scaling '{rope.get('rope_type')}' is not supported by edgeia3's GGUF writer")
+    if config.get("use_sliding_window"):
+        raise EdgeIA3Error("sliding-window attention is not supported by edgeia3's GGUF writer")
+
+    def add(w: Any) -> None:
+        w.add_name(config.get("_name_or_path") or config.get("_model_name_or_path") or family.name)
+        w.add_context_length(int(config.get("max_position_embeddings", 2048)))
+        w.add_embedding_length(hidden)
+        w.add_block_count(config["num_hidden_layers"])
+        w.add_feed_forward_length(config["intermediate_size"])
+        w.add_head_count(heads)
+        w.add_head_count_kv(config.get("num_key_value_heads") or heads)
+        w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+        w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+        w.add_rope_dimension_count(head_dim)
+        if head_dim != hidden // heads:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+        w.add_vocab_size(config["vocab_size"])
+        w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+
+    return add
+
+
+def _hf_tensors(hf_dir: Path):
+    """(name, float32 numpy array) for every tensor of the safetensors checkpoint."""
+    from safetensors import safe_open
+
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise EdgeIA3Error(f"{hf_dir} has no .safetensors weights")
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                yield k, st.get_tensor(k).float().numpy()
+
+
+def write_hf_gguf(hf_dir: str | Path, out: str | Path, dtype: str = "f32") -> WrittenGGUF:
+    """Write the transformers model at ``hf_dir`` as a GGUF file ``out`` (f32 or f16)."""
+    import gguf
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    if dtype not in DTYPES:
+        raise EdgeIA3Error(f"GGUF writer dtype must be one of {', '.join(DTYPES)}")
+    try:
+        config = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EdgeIA3Error(f"{hf_dir}: cannot read config.json: {e}") from e
+    family = family_for_config(config)
+    if not family.gguf_writer:
+        ok = ", ".join(sorted(f.name for f in families().values() if f.gguf_writer))
+        raise EdgeIA3Error(f"edgeia3 writes GGUF from transformers only for {ok}; convert '{family.name}' with "
+                           "llama.cpp's convert_hf_to_gguf.py and pass the .gguf as --base")
+    source = identity_of_dir(hf_dir, family, hf_dir.name)
+    n_layers = config["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(_arch_enum(family.gguf_arch), n_layers)
+    heads = {"q": config["num_attention_heads"], "k": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    permute = {f"{family.layers}.{i}.{s.module}": heads[s.gguf_permute]
+               for i in range(n_layers) for s in family.sites if s.gguf_permute}
+    add_hparams = _hparams(config, family, dtype)
+    pre, verified = choose_pre_tokenizer(hf_dir, family.gguf_pre_tokenizers, family.gguf_arch,
+                                         config["vocab_size"], add_hparams)
+
+    with atomic_file(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), family.gguf_arch)
+        add_hparams(w)
+        note = write_vocab(w, hf_dir, config["vocab_size"], pre=pre)
+        w.add_string("edgeia3.source.fingerprint", source.fingerprint)
+        w.add_string("edgeia3.source.content", source.content)
+        w.add_string("edgeia3.source.name", source.name)
+        for hf_name, data in _hf_tensors(hf_dir):
+            if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+                continue  # llama.cpp reuses token_embd as the output matrix
+            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise EdgeIA3Error(f"{hf_dir}: no GGUF name for tensor {hf_name} ({family.gguf_arch})")
+            module = hf_name.rsplit(".", 1)[0]
+            if module in permute:  # llama-style RoPE pairs rows differently from HF
+                data = rope_permute_rows(data, permute[module])
+            if data.ndim > 1 and dtype == "f16":
+                data = data.astype(np.float16)
+            w.add_tensor(name, np.ascontiguousarray(data))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    if pre and not verified:
+        note += " (unverified: llama.cpp tokenizes differently from transformers)"
+    return WrittenGGUF(out, family, source, note, verified)
+
+
+def rope_permute_rows(w: np.ndarray, groups: int) -> np.ndarray:
+    """Permute the rows (axis 0) of a weight or bias like rope_permute does for vectors."""
+    if w.ndim == 1:
+        return rope_permute(w, groups)
+    return w.reshape(groups, 2, w.shape[0] // groups // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

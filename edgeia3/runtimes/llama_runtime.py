@@ -1,0 +1,267 @@
+"""llama.cpp runtime (through llama-cpp-python) with IA3 adapter swap and no reload.
+
+llama.cpp maps the model file shared and read-only, and with repacking off
+(``use_extra_bufts=False``) CPU weights point straight into that mapping. The
+runtime loads a private working copy of the GGUF and rewrites the block scale
+fields of the live weights through a writable numpy memmap of the same file:
+``use_adapter`` restores the pristine fields and applies the new adapter's
+(the same computation as the exact file merge, so the weights are
+bit-identical to a merged file), then clears the KV cache.
+
+Where writes do not reach the live weights (weights offloaded to a GPU, no
+mmap) the runtime patches the working copy and reloads it instead;
+``swap_mode`` says which path is in use and ``swap_reason`` why.
+
+``use_extra_bufts=False`` is also what keeps llama.cpp from crashing on CPUs
+with AMX (the AMX extra buffer type segfaults in ggml_backend_amx_mul_mat).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import EdgeIA3Error
+from ..prompts import render_chat
+from . import register_runtime
+
+MANIFEST = "edgeia3.json"
+IN_PLACE, RELOAD = "in-place", "reload"
+
+
+def _llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as e:  # optional dependency
+        raise EdgeIA3Error("the llama.cpp runtime needs llama-cpp-python: pip install 'edgeia3[gguf]'") from e
+    from converters.gguf.ggml_index import quiet_llama_logs
+
+    quiet_llama_logs()  # keep load chatter and warnings off stderr
+    return llama_cpp
+
+
+class LlamaCppRuntime:
+    name = "llama.cpp"
+
+    def __init__(self, model: str | Path, adapters: dict[str, str | Path] | None = None, *,
+                 merged: str | None = None, n_ctx: int = 2048, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, swap: str = "auto", workdir: str | Path | None = None):
+        from converters.gguf.base_gguf import GGUFBase
+        from converters.gguf.blocks import row_fields
+        from converters.gguf.merge import adapter_plan
+
+        if swap not in ("auto", IN_PLACE, RELOAD):
+            raise EdgeIA3Error(f"swap must be auto, {IN_PLACE} or {RELOAD}")
+        self.source = Path(model)
+        self.base = GGUFBase(self.source)
+        self.merged = merged  # adapter already folded into the file (a merged export)
+        self.adapter_paths = {n: Path(p) for n, p in (adapters or {}).items()}
+        plans = {n: adapter_plan(self.base.load_adapter(p), self.base) for n, p in self.adapter_paths.items()}
+        self.n_ctx = min(n_ctx, self.base.index.arch_int("context_length", n_ctx))
+        self.n_gpu_layers = n_gpu_layers
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self._active: str | None = merged
+        self._ll = _llama_cpp()
+        self._model = self._ctx = self._batch = None
+
+        # A private working copy: the pristine file stays untouched whatever we patch.
+        self._workdir = Path(tempfile.mkdtemp(prefix="edgeia3-llama-", dir=workdir))
+        # Removed on close(), garbage collection or interpreter exit, whichever comes first.
+        weakref.finalize(self, shutil.rmtree, str(self._workdir), True)
+        self.work = self._workdir / "model.gguf"
+        shutil.copyfile(self.source, self.work)
+        self._mm = np.memmap(self.work, dtype=np.uint8, mode="r+")
+        touched = {t for plan in plans.values() for t in plan} | {"output_norm.weight"}
+        self._fields = {t: row_fields(self._mm, self.base.index.tensor(t)) for t in touched}
+        self._pristine = {t: np.array(f.view) for t, f in self._fields.items()}
+        # Each adapter's scale fields, computed once exactly as the file merge computes them
+        # (RowFields.scaled), so a switch is only memory copies and bit-identical to a merged file.
+        self._stored = {n: {t: self._fields[t].scaled(self._pristine[t], l) for t, l in plan.items()}
+                        for n, plan in plans.items()}
+        self._load()
+        self.chat_template = self.base.index.kv.get("tokenizer.chat_template")
+        self.swap_mode, self.swap_reason = self._choose_swap_mode(swap)
+        self.last_switch_seconds: float | None = None
+
+    # -- loading ---------------------------------------------------------------
+    def _load(self) -> None:
+        from llama_cpp import _internals
+
+        ll = self._ll
+        mp = ll.llama_model_default_params()
+        mp.n_gpu_layers = self.n_gpu_layers
+        mp.load_mode = ll.LLAMA_LOAD_MODE_MMAP if ll.llama_supports_mmap() else ll.LLAMA_LOAD_MODE_NONE
+        mp.use_extra_bufts = False  # no repacking: the AMX crash fix, and the block layout stays the file's
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = cp.n_batch = self.n_ctx
+        cp.n_ubatch = min(512, self.n_ctx)
+        cp.n_threads = cp.n_threads_batch = self.n_threads
+        try:
+            self._model = _internals.LlamaModel(path_model=str(self.work), params=mp, verbose=False)
+            self._ctx = _internals.LlamaContext(model=self._model, params=cp, verbose=False)
+        except ValueError as e:
+            raise EdgeIA3Error(f"llama.cpp cannot load {self.source}: {e}") from e
+        self._batch = _internals.LlamaBatch(n_tokens=self.n_ctx, embd=0, n_seq_max=1, verbose=False)
+        self.n_vocab = self._model.n_vocab()
+
+    def _unload(self) -> None:
+        for obj in (self._batch, self._ctx, self._model):
+            if obj is not None:
+                obj.close()
+        self._model = self._ctx = self._batch = None
+
+    def _choose_swap_mode(self, swap: str) -> tuple[str, str]:
+        if swap == RELOAD:
+            return RELOAD, "requested"
+        if self.n_gpu_layers:
+            return RELOAD, "weights offloaded to a GPU are copies; patching the file cannot reach them"
+        # Check that writes to the file reach the live weights: double the final norm, look.
+        probe = [int(self.base.index.kv.get("tokenizer.ggml.bos_token_id", 0) or 0), 1]
+        before = self.logits(probe)
+        norm = self.base.index.tensor("output_norm.weight")
+        fields = self._fields[norm.name]
+        fields.view[...] = fields.scaled(self._pristine[norm.name], np.full(norm.ne[0], 2.0, np.float32))
+        after = self.logits(probe)
+        fields.view[...] = self._pristine[norm.name]
+        if np.array_equal(before, after):
+            if swap == IN_PLACE:
+                raise EdgeIA3Error("in-place adapter swap is not possible here: llama.cpp does not use the "
+                                   "memory-mapped weights (no mmap support?)")
+            return RELOAD, "llama.cpp does not run on the memory-mapped file (no mmap?)"
+        return IN_PLACE, "live weights are the memory-mapped working copy"
+
+    # -- adapters --------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        return ([self.merged] if self.merged else []) + list(self._stored)
+
+    @property
+    def active(self) -> str | None:
+        return self._active
+
+    def use_adapter(self, name: str | None) -> None:
+        """Activate adapter ``name`` (None: the base) without reloading the model."""
+        if self.merged is not None:
+            if name != self.merged:
+                raise EdgeIA3Error(f"this export has adapter '{self.merged}' merged into its weights; "
+                                   "it cannot switch (export without --merge to swap adapters)")
+            return
+        if name is not None and name not in self._stored:
+            raise EdgeIA3Error(f"unknown adapter '{name}' (loaded: {', '.join(self._stored) or 'none'})")
+        t0 = time.perf_counter()
+        old = self._stored.get(self._active, {}) if self._active else {}
+        new = self._stored[name] if name else {}
+        for t in set(old) - set(new):  # back to pristine where the new adapter does not write
+            self._fields[t].view[...] = self._pristine[t]
+        for t, stored in new.items():
+            self._fields[t].view[...] = stored
+        if self.swap_mode == RELOAD:
+            self._mm.flush()
+            self._unload()
+            self._load()
+        self._clear_kv()
+        self._active = name
+        self.last_switch_seconds = time.perf_counter() - t0
+
+    # -- inference -------------------------------------------------------------
+    def _clear_kv(self) -> None:
+        self._ctx.kv_cache_clear()
+
+    def _decode(self, ids: list[int], n_past: int, all_logits: bool) -> None:
+        if n_past + len(ids) > self.n_ctx:
+            raise EdgeIA3Error(f"sequence of {n_past + len(ids)} tokens exceeds the context ({self.n_ctx})")
+        self._batch.set_batch(ids, n_past=n_past, logits_all=all_logits)
+        self._ctx.decode(self._batch)
+
+    def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
+        if not isinstance(prompt, str):
+            prompt = render_chat(self.chat_template, prompt)
+        return self._model.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._model.detokenize(list(ids), special=False).decode("utf-8", errors="replace")
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """Next-token logits at every position: [len, vocab] float32."""
+        self._clear_kv()
+        out = np.empty((len(token_ids), self.n_vocab), dtype=np.float32)
+        for start in range(0, len(token_ids), self.n_ctx):
+            chunk = list(token_ids[start:start + self.n_ctx])
+            self._decode(chunk, start, all_logits=True)
+            ptr = self._ctx.get_logits()
+            out[start:start + len(chunk)] = np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab))
+        self._clear_kv()
+        return out
+
+    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64) -> Iterator[int]:
+        self._clear_kv()
+        ids, n_past = list(prompt_ids), 0
+        vocab = self._model.vocab
+        for _ in range(max_tokens):
+            self._decode(ids, n_past, all_logits=False)
+            n_past += len(ids)
+            logits = np.ctypeslib.as_array(self._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
+            nxt = int(np.argmax(logits))
+            if self._ll.llama_vocab_is_eog(vocab, nxt):
+                return
+            yield nxt
+            ids = [nxt]
+
+    # -- lifetime --------------------------------------------------------------
+    def close(self) -> None:
+        if getattr(self, "_workdir", None) is None:
+            return
+        self._unload()
+        self._mm = None
+        shutil.rmtree(self._workdir, ignore_errors=True)
+        self._workdir = None
+
+    def __enter__(self) -> "LlamaCppRuntime":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: best effort
+            pass
+
+
+# -- opening -------------------------------------------------------------------
+def _is_gguf_artifact(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix == ".gguf"
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("kind") == "gguf"
+    except (OSError, ValueError, AttributeError):
+        return False  # no manifest, or another artifact's
+
+
+def open_gguf(path: str | Path, adapters: dict[str, str | Path] | None = None, **kwargs: Any) -> LlamaCppRuntime:
+    """Open a GGUF export directory (its adapters come from the manifest) or a bare .gguf."""
+    path = Path(path)
+    if path.is_file():
+        return LlamaCppRuntime(path, adapters, **kwargs)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EdgeIA3Error(f"{path}: unreadable {MANIFEST}: {e}") from e
+    found = {n: path / a["file"] for n, a in manifest.get("adapters", {}).items()}
+    merged = manifest.get("merged")
+    if merged:
+        found = {}  # the weights already hold the merged adapter; others would stack on it
+    found.update(adapters or {})
+    return LlamaCppRuntime(path / manifest.get("model", "model.gguf"), found, merged=merged, **kwargs)
+
+
+register_runtime(_is_gguf_artifact, open_gguf)
