@@ -154,6 +154,16 @@ class LoadedBase:
 
         return identity_of_model(self.model, self.family, self.source.name)
 
+    @property
+    def identities(self) -> list:
+        return [self.identity]
+
+    def module_shape(self, layer: int, site: Any) -> tuple[int, int]:
+        """Logical [out, in] of the module holding ``site`` in ``layer``."""
+        from .fingerprint import module_shape
+
+        return module_shape(self.model.get_submodule(self.family.module_path(layer, site)), self.family.conv1d)
+
 
 def _nf4_config():
     import torch

@@ -170,9 +170,11 @@ def run(
     from .run import run as run_fn
 
     _quiet_libraries()
-    text = run_fn(model, prompt, adapter=adapter, max_tokens=max_tokens, chat=not raw,
-                  adapters=parse_named(attach, "--with"))
-    console.print(text, highlight=False, markup=False)
+    res = run_fn(model, prompt, adapter=adapter, max_tokens=max_tokens, chat=not raw,
+                 adapters=parse_named(attach, "--with"))
+    err_console.print(f"[dim]{res.runtime}, adapter {res.adapter or '(none: base)'}: {res.how}[/]",
+                      highlight=False)
+    console.print(res.text, highlight=False, markup=False)
 
 
 @export_app.command("onnx")

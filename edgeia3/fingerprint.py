@@ -123,38 +123,3 @@ def identity_of_dir(path: str | Path, family: Family, name: str = "") -> BaseIde
 
 
 
-
-def identity_of_gguf(path: str | Path, name: str = "") -> BaseIdentity:
-    """Identity of a GGUF model, via the registry's GGUF tensor names.
-
-    Equals the identity of the transformers model loaded from that GGUF
-    (structure and the unquantized norm / dequantized embedding rows agree).
-    """
-    import gguf
-
-    from .registry import family_for_gguf_arch
-
-    reader = gguf.GGUFReader(str(path))
-    arch = reader.fields["general.architecture"].contents()
-    family = family_for_gguf_arch(arch)
-    tensors = {t.name: t for t in reader.tensors}
-    n_layers = int(reader.fields[f"{arch}.block_count"].contents())
-
-    def tensor(name: str) -> Any:
-        if name not in tensors:
-            raise EdgeIA3Error(f"{path}: tensor {name} missing for architecture {arch}")
-        return tensors[name]
-
-    shapes = {}
-    for i in range(n_layers):
-        for s in family.sites:
-            t = tensor(s.gguf_tensor.format(i=i) + ".weight")
-            ne = [int(x) for x in t.shape]  # ggml order: [in, out]
-            shapes[f"{family.layers}.{i}.{s.module}"] = (ne[1], ne[0])
-    embd = tensor("token_embd.weight")
-    rows = gguf.quants.dequantize(embd.data[:EMBED_ROWS], embd.tensor_type)
-    norm = np.asarray(tensor("output_norm.weight").data, dtype=np.float32)
-    config = {"model_type": family.model_types[0], "num_hidden_layers": n_layers,
-              "hidden_size": int(reader.fields[f"{arch}.embedding_length"].contents()),
-              "vocab_size": int(embd.shape[1])}
-    return BaseIdentity(_structural(family, config, shapes), _content(norm, rows), name)

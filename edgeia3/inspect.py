@@ -118,17 +118,21 @@ def describe_gguf(path: Path) -> dict[str, Any]:
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     arch = field("general.architecture")
-    family = fingerprint = None
+    family = fingerprint = sites = None
     if field("general.type") in (None, "model"):
-        from .fingerprint import identity_of_gguf
-        from .registry import family_for_gguf_arch
+        from converters.gguf.base_gguf import GGUFBase
 
         try:
-            family = family_for_gguf_arch(arch).name
-            ident = identity_of_gguf(path)
-            fingerprint = f"{ident.fingerprint}/{ident.content}"
+            gb = GGUFBase(path)
+            family, fingerprint = gb.family.name, f"{gb.identity.fingerprint}/{gb.identity.content}"
         except EdgeIA3Error as e:
             family = f"unsupported ({e})"
+    elif field("adapter.type") == "ia3":
+        from converters.gguf.adapter_file import read_ia3_gguf
+
+        ad = read_ia3_gguf(path)
+        family, sites = ad.family, ", ".join(ad.sites)
+        fingerprint = f"{ad.base.fingerprint}/{ad.base.content} (its base)" if ad.base else None
     return {
         "kind": f"GGUF {field('general.type') or 'model'}",
         "architecture": arch,
@@ -136,6 +140,7 @@ def describe_gguf(path: Path) -> dict[str, Any]:
         "name": field("general.name"),
         "layers": field(f"{arch}.block_count"),
         "adapter type": field("adapter.type"),
+        "IA3 sites": sites,
         "tensors": len(reader.tensors),
         "tensor types": ", ".join(f"{k}x{v}" for k, v in sorted(types.items())),
         "parameters": int(sum(int(t.n_elements) for t in reader.tensors)),

@@ -69,7 +69,7 @@ def measure_speed(rt: Runtime, ids: list[int], opts: ReportOptions) -> dict:
         t0 = time.perf_counter()
         first = last = t0
         n = 0
-        for n, _ in enumerate(rt.generate_ids(ids, opts.decode_tokens), start=1):
+        for n, _ in enumerate(rt.generate_ids(ids, opts.decode_tokens, ignore_eos=True), start=1):
             last = time.perf_counter()
             if n == 1:
                 first = last

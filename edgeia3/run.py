@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from .runtimes import Runtime, generate, open_runtime
 
 
+@dataclass
+class RunResult:
+    text: str
+    runtime: str  # torch | onnxruntime-genai | llama.cpp
+    adapter: str | None
+    how: str  # how the adapter is applied (side inputs, in-place swap, reload, ...)
+
+
+def describe_swap(rt: Runtime) -> str:
+    """How this runtime applies adapters, in words (runtimes may say more)."""
+    mode, reason = getattr(rt, "swap_mode", None), getattr(rt, "swap_reason", None)
+    if mode:
+        return f"{mode} swap ({reason})" if reason else f"{mode} swap"
+    return getattr(rt, "adapter_mechanism", "adapter switched without reloading the base")
+
+
 def run(model: str | Path, prompt: str, adapter: str | None = None, max_tokens: int = 64,
-        chat: bool = True, adapters: dict[str, str] | None = None) -> str:
+        chat: bool = True, adapters: dict[str, str] | None = None) -> RunResult:
     """Answer one prompt on ``model`` with ``adapter`` active (None: the base).
 
     ``adapters`` maps names to adapter paths for runtimes that take them at
@@ -17,4 +34,5 @@ def run(model: str | Path, prompt: str, adapter: str | None = None, max_tokens: 
     rt: Runtime = open_runtime(model, adapters=adapters)
     rt.use_adapter(adapter)
     message = [{"role": "user", "content": prompt}] if chat else prompt
-    return generate(rt, message, max_tokens=max_tokens)
+    text = generate(rt, message, max_tokens=max_tokens)
+    return RunResult(text, rt.name, adapter, describe_swap(rt))

@@ -1,21 +1,37 @@
-"""Check an adapter against a loaded base: one clear error per problem."""
+"""Check an adapter against a base: one clear error per problem.
+
+The checks run against anything that can describe its shape - a loaded
+transformers model (``LoadedBase``) or a GGUF file (``converters.gguf.GGUFBase``) -
+so a GGUF base is never loaded into torch just to validate an adapter.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .adapter import IA3Adapter, fused_layout_for
 from .base import LoadedBase
 from .errors import EdgeIA3Error
-from .fingerprint import module_shape, num_layers
-from .registry import Scaling
+from .fingerprint import BaseIdentity
+from .registry import Family, Scaling, Site
 
 
-def expected_length(base: LoadedBase, layer: int, site_name: str, scaling: Scaling) -> int:
-    fam = base.family
-    site = fam.site(site_name)
-    out, inp = module_shape(base.model.get_submodule(fam.module_path(layer, site)), fam.conv1d)
+class BaseShape(Protocol):
+    """What validation needs to know about a base."""
+
+    family: Family
+    config: Any  # has num_hidden_layers and what the registry's fused_rows read
+
+    @property
+    def identities(self) -> list[BaseIdentity]: ...  # any of them may match the adapter's
+
+    def module_shape(self, layer: int, site: Site) -> tuple[int, int]: ...  # logical [out, in]
+
+
+def expected_length(base: BaseShape, layer: int, site_name: str, scaling: Scaling) -> int:
+    site = base.family.site(site_name)
+    out, inp = base.module_shape(layer, site)
     if scaling is Scaling.INPUT:
         if site.fused_rows is not None:
             raise EdgeIA3Error(f"site {site_name} lives in a fused module and cannot be input-scaled")
@@ -26,22 +42,21 @@ def expected_length(base: LoadedBase, layer: int, site_name: str, scaling: Scali
     return out
 
 
-def validate_adapter(adapter: IA3Adapter, base: LoadedBase, check_identity: bool = True) -> None:
+def validate_adapter(adapter: IA3Adapter, base: BaseShape, check_identity: bool = True) -> None:
     """Raise EdgeIA3Error unless ``adapter`` fits ``base`` exactly."""
-    if adapter.family != base.family.name:
-        raise EdgeIA3Error(
-            f"adapter is for the '{adapter.family}' family but the base is '{base.family.name}'"
-        )
-    if check_identity and adapter.base is not None and not adapter.base.matches(base.identity):
-        what = "architecture/shapes" if adapter.base.fingerprint != base.identity.fingerprint else "weights"
+    fam = base.family
+    if adapter.family != fam.name:
+        raise EdgeIA3Error(f"adapter is for the '{adapter.family}' family but the base is '{fam.name}'")
+    ids = base.identities
+    if check_identity and adapter.base is not None and not any(adapter.base.matches(i) for i in ids):
+        what = "architecture/shapes" if all(adapter.base.fingerprint != i.fingerprint for i in ids) else "weights"
         raise EdgeIA3Error(
             f"adapter was made for another base: its {what} differ "
             f"(adapter base '{adapter.base.name}' fingerprint {adapter.base.fingerprint}/"
-            f"{adapter.base.content}, this base '{base.identity.name}' "
-            f"{base.identity.fingerprint}/{base.identity.content})"
+            f"{adapter.base.content}, this base '{ids[0].name}' {ids[0].fingerprint}/{ids[0].content})"
         )
     adapter.check_finite()
-    n = num_layers(base.config)
+    n = int(base.config.num_hidden_layers)
     for v in adapter.vectors:
         if not 0 <= v.layer < n:
             raise EdgeIA3Error(f"adapter vector {v.key}: the base has only {n} layers")
@@ -51,9 +66,9 @@ def validate_adapter(adapter: IA3Adapter, base: LoadedBase, check_identity: bool
                 f"adapter vector {v.key} has {v.values.size} values, the base expects {want} "
                 "(shape mismatch: adapter for another model?)"
             )
-    layout = fused_layout_for(base.family, base.config)
+    layout = fused_layout_for(fam, base.config)
     for site, rows in adapter.fused_layout.items():
-        if layout.get(site) != list(rows):
+        if layout.get(site) != [int(x) for x in rows]:
             raise EdgeIA3Error(f"fused layout of site {site} {rows} differs from the base's {layout.get(site)}")
 
 
@@ -63,11 +78,4 @@ def load_adapter_for(path: str | Path, base: LoadedBase, check_identity: bool = 
     if not adapter.fused_layout:
         adapter.fused_layout = fused_layout_for(base.family, base.config)
     validate_adapter(adapter, base, check_identity)
-    return adapter
-
-
-def stamp_base(adapter: IA3Adapter, base: LoadedBase) -> Any:
-    """Record ``base``'s identity in an adapter that has none (e.g. from PEFT)."""
-    if adapter.base is None:
-        adapter.base = base.identity
     return adapter

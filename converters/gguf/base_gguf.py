@@ -14,7 +14,8 @@ import numpy as np
 from edgeia3.adapter import IA3Adapter, fused_layout_for
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.fingerprint import EMBED_ROWS, BaseIdentity, _content, _structural
-from edgeia3.registry import Family, Scaling, family_for_gguf_arch
+from edgeia3.registry import Family, Site, family_for_gguf_arch
+from edgeia3.validate import validate_adapter
 
 from .ggml_index import GGUFIndex
 from .plan import gguf_config
@@ -34,7 +35,8 @@ class GGUFBase:
         self.identity = self._identity()
 
     def _identity(self) -> BaseIdentity:
-        """Same value as edgeia3.fingerprint.identity_of_gguf, from the libggml index."""
+        """Identity from the libggml index; equals the identity of the transformers model
+        loaded from this GGUF (same structure, same unquantized norm / dequantized rows)."""
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
         idx, fam = self.index, self.family
@@ -87,41 +89,13 @@ class GGUFBase:
         self.validate(adapter, check_identity)
         return adapter
 
+    def module_shape(self, layer: int, site: Site) -> tuple[int, int]:
+        """Logical [out, in] of ``site``'s tensor (ggml's ne is [in, out])."""
+        ne = self.index.tensor(site.gguf_tensor.format(i=layer) + ".weight").ne
+        return int(ne[1]), int(ne[0])
+
     def validate(self, adapter: IA3Adapter, check_identity: bool = True) -> None:
-        fam = self.family
-        if adapter.family != fam.name:
-            raise EdgeIA3Error(f"adapter is for the '{adapter.family}' family but the GGUF base is '{fam.name}'")
-        if check_identity and adapter.base is not None and not any(adapter.base.matches(i) for i in self.identities):
-            what = ("architecture/shapes" if all(adapter.base.fingerprint != i.fingerprint for i in self.identities)
-                    else "weights")
-            raise EdgeIA3Error(
-                f"adapter was made for another base: its {what} differ (adapter base '{adapter.base.name}' "
-                f"{adapter.base.fingerprint}/{adapter.base.content}, GGUF '{self.name}' "
-                f"{self.identity.fingerprint}/{self.identity.content})"
-            )
-        adapter.check_finite()
-        n = self.config.num_hidden_layers
-        for v in adapter.vectors:
-            if not 0 <= v.layer < n:
-                raise EdgeIA3Error(f"adapter vector {v.key}: the base has only {n} layers")
-            site = fam.site(v.site)
-            ne = self.index.tensor(site.gguf_tensor.format(i=v.layer) + ".weight").ne
-            if v.scaling is Scaling.INPUT:
-                if site.fused_rows is not None:
-                    raise EdgeIA3Error(f"site {v.site} lives in a fused module and cannot be input-scaled")
-                want = ne[0]
-            elif site.fused_rows is not None:
-                a, b = site.fused_rows(self.config)
-                want = b - a
-            else:
-                want = ne[1]
-            if v.values.size != want:
-                raise EdgeIA3Error(f"adapter vector {v.key} has {v.values.size} values, the GGUF base expects "
-                                   f"{want} (shape mismatch: adapter for another model?)")
-        layout = fused_layout_for(fam, self.config)
-        for site, rows in adapter.fused_layout.items():
-            if layout.get(site) != [int(x) for x in rows]:
-                raise EdgeIA3Error(f"fused layout of site {site} {rows} differs from the base's {layout.get(site)}")
+        validate_adapter(adapter, self, check_identity)
 
 
 def resolve_gguf_base(spec: str | Path) -> Path:

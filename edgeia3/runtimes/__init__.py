@@ -31,9 +31,11 @@ class Runtime(Protocol):
         """Token ids of a plain-text prompt, or of chat messages rendered with
         the artifact's chat template (edgeia3.prompts.render_chat)."""
 
-    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64) -> Iterator[int]:
-        """Greedy decoding, yielding each new token id as soon as it exists
-        (stops at end-of-sequence). Streaming makes TTFT and tok/s measurable."""
+    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64,
+                     ignore_eos: bool = False) -> Iterator[int]:
+        """Greedy decoding, yielding each new token id as soon as it exists; stops
+        at end-of-sequence unless ``ignore_eos`` (used to time a fixed number of
+        tokens). Streaming makes TTFT and tok/s measurable."""
 
     def detokenize(self, ids: list[int]) -> str: ...
 

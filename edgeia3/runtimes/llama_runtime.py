@@ -201,7 +201,8 @@ class LlamaCppRuntime:
         self._clear_kv()
         return out
 
-    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64) -> Iterator[int]:
+    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64,
+                     ignore_eos: bool = False) -> Iterator[int]:
         self._clear_kv()
         ids, n_past = list(prompt_ids), 0
         vocab = self._model.vocab
@@ -210,7 +211,7 @@ class LlamaCppRuntime:
             n_past += len(ids)
             logits = np.ctypeslib.as_array(self._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
             nxt = int(np.argmax(logits))
-            if self._ll.llama_vocab_is_eog(vocab, nxt):
+            if not ignore_eos and self._ll.llama_vocab_is_eog(vocab, nxt):
                 return
             yield nxt
             ids = [nxt]

@@ -31,6 +31,7 @@ MANIFEST = "edgeia3.json"
 
 class OnnxRuntime:
     name = "onnxruntime-genai"
+    adapter_mechanism = "IA3 side-tensors fed as graph inputs by onnxruntime-genai Adapters (no reload)"
 
     def __init__(self, path: str | Path, provider: str | None = None):
         import onnxruntime_genai as og
@@ -102,19 +103,23 @@ class OnnxRuntime:
                 self._hf_tokenizer = True
         return self._tokenizer
 
-    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64) -> Iterator[int]:
+    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64,
+                     ignore_eos: bool = False) -> Iterator[int]:
         import onnxruntime_genai as og
 
         context = int(self.genai_config["model"]["context_length"])
         if len(prompt_ids) >= context:
             raise EdgeIA3Error(f"prompt has {len(prompt_ids)} tokens; the model's context is {context}")
         params = og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, max_length=min(context, len(prompt_ids) + max_tokens))
+        max_length = min(context, len(prompt_ids) + max_tokens)
+        # min_length keeps genai from stopping at its own EOS when asked to ignore it
+        params.set_search_options(do_sample=False, max_length=max_length,
+                                  min_length=max_length if ignore_eos else 0)
         gen = og.Generator(self.model, params)
         if self._active is not None:
             gen.set_active_adapter(self._og_adapters, self._active)
         gen.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
-        eos = set(self._eos_ids())
+        eos = set() if ignore_eos else set(self._eos_ids())
         for _ in range(max_tokens):
             if gen.is_done():
                 return

@@ -23,6 +23,7 @@ from . import register_runtime
 
 class TorchRuntime:
     name = "torch"
+    adapter_mechanism = "PEFT IA3 adapters on one loaded base (set_adapter, no reload)"
 
     def __init__(self, base: LoadedBase, adapters: dict[str, IA3Adapter] | None = None):
         import tempfile
@@ -75,8 +76,9 @@ class TorchRuntime:
         with torch.no_grad(), self._context():
             return self.model(input_ids=ids).logits[0].float().numpy()
 
-    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64) -> Iterator[int]:
-        eos = set(_eos_ids(self.model.generation_config, self.tokenizer))
+    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64,
+                     ignore_eos: bool = False) -> Iterator[int]:
+        eos = set() if ignore_eos else set(_eos_ids(self.model.generation_config, self.tokenizer))
         ids = torch.tensor([prompt_ids])
         past = None
         with torch.no_grad(), self._context():
