@@ -8,6 +8,8 @@ non-finite loss all stop the run with a message.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import random
@@ -81,6 +83,30 @@ def wrap_with_ia3(base: LoadedBase, sites: list[str]) -> Any:
                     mask[a:b] = 0
                     p.register_hook(lambda g, m=mask: g * m)
     return model
+
+
+class _EvalTwin:
+    """A full-precision twin of an NF4 base for evaluation.
+
+    bitsandbytes on CPU dequantizes every 4-bit weight on every forward, which
+    makes greedy generation minutes slower; its fast eval path is the repack that
+    breaks training (FACTS.md). The twin holds the *dequantized NF4* weights, so
+    with the current IA3 vectors copied in it computes the same function as the
+    4-bit model (exactness tested in test_merge_parity), at fp32 speed.
+    """
+
+    def __init__(self, lb: LoadedBase, sites: list[str]):
+        from .merge import dequantize_model
+
+        twin = dequantize_model(copy.deepcopy(lb.model))
+        self.model = wrap_with_ia3(dataclasses.replace(lb, model=twin, quant="none"), sites)
+
+    def sync(self, trained: Any) -> Any:
+        src = _ia3_params(trained)
+        with torch.no_grad():
+            for name, p in _ia3_params(self.model).items():
+                p.copy_(src[name])
+        return self.model
 
 
 def adapter_from_peft(model: Any, base: LoadedBase, sites: list[str], quant: str) -> IA3Adapter:
@@ -169,6 +195,8 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     if eval_set and cfg.max_eval:
         eval_set = eval_set[: cfg.max_eval]
 
+    # Built before wrap_with_ia3, which injects IA3 layers into lb.model in place.
+    twin = _EvalTwin(lb, sites) if quant == "nf4" and eval_set and acc.is_main_process else None
     model = wrap_with_ia3(lb, sites)
     params = _ia3_params(model)
     optim = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
@@ -179,7 +207,13 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     warmup = max(1, int(cfg.warmup_ratio * total))
     want_acc = cfg.eval_accuracy
 
-    before = evaluate(acc.unwrap_model(model), lb.tokenizer, eval_set, want_acc) if eval_set and acc.is_main_process else None
+    def run_eval() -> dict | None:
+        if not eval_set or not acc.is_main_process:
+            return None
+        trained = acc.unwrap_model(model)
+        return evaluate(twin.sync(trained) if twin else trained, lb.tokenizer, eval_set, want_acc)
+
+    before = run_eval()
     rng = random.Random(cfg.seed)
     pad = lb.tokenizer.pad_token_id if lb.tokenizer.pad_token_id is not None else lb.tokenizer.eos_token_id
     guard = _Guard(params)
@@ -213,8 +247,8 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
                     guard.check_moved(step)
                 progress.update(step, step_loss, tokens / (time.perf_counter() - t0))
     seconds = time.perf_counter() - t0
+    after = run_eval()
     model = acc.unwrap_model(model)
-    after = evaluate(model, lb.tokenizer, eval_set, want_acc) if eval_set and acc.is_main_process else None
     adapter = adapter_from_peft(model, lb, sites, quant)
     adapter.extra = {"trained_on": str(data), "steps": step}
     result = TrainResult(Path(out), step, seconds, tokens / seconds, losses, before, after, adapter,

@@ -41,16 +41,18 @@ def system_prompt(task: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("demo-out"))
+    ap.add_argument("--eval-rows", type=int, default=20, help="eval rows per task (training eval, report)")
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
     import transformers
 
-    from edgeia3 import load_adapter_for, load_base
+    from edgeia3.export import export_gguf, export_onnx
     from edgeia3.merge import merge
-    from edgeia3.runtimes import generate
-    from edgeia3.runtimes.torch_runtime import TorchRuntime
+    from edgeia3.report import ReportOptions, report
+    from edgeia3.run import describe_swap
+    from edgeia3.runtimes import generate, open_runtime
     from edgeia3.train import TrainConfig, train
 
     transformers.utils.logging.set_verbosity_error()
@@ -62,23 +64,42 @@ def main() -> None:
         step(f"train IA3 '{task}' on the NF4 base", out / "adapters" / task,
              lambda: train("default", data / "train.jsonl", out / "adapters" / task,
                            eval_data=data / "eval.jsonl", quant="nf4",
-                           config=TrainConfig(epochs=epochs, max_eval=50)))
+                           config=TrainConfig(epochs=epochs, max_eval=args.eval_rows)))
         report = json.loads((out / "adapters" / task / "training.json").read_text())
         before, after = report["eval_before"], report["eval_after"]
         console.print(f"  {task}: exact match {before['accuracy']:.0%} -> {after['accuracy']:.0%} "
                       f"({report['steps']} steps, {report['wall_seconds']:.0f} s)")
 
     first = next(iter(TASKS))
-    step(f"merge '{first}' into the dequantized NF4 weights", out / f"merged-{first}",
-         lambda: merge("default", out / "adapters" / first, out / f"merged-{first}"))
+    adapters = {t: str(out / "adapters" / t) for t in TASKS}
+    step(f"merge '{first}' into the dequantized NF4 weights (transformers)", out / f"merged-{first}",
+         lambda: merge("default", adapters[first], out / f"merged-{first}"))
 
-    console.rule("[bold]answer one prompt per task, switching adapters without reloading")
-    base = load_base("default")
-    rt = TorchRuntime(base, {t: load_adapter_for(out / "adapters" / t, base) for t in TASKS})
-    for task, (prompt, _) in TASKS.items():
-        rt.use_adapter(task)
-        msgs = [{"role": "system", "content": system_prompt(task)}, {"role": "user", "content": prompt}]
-        console.print(f"  [bold]{task}[/] torch   : {prompt!r} -> {generate(rt, msgs, 24)!r}")
+    exports = {
+        "onnx-int4-side": lambda d: export_onnx("default", d, "int4", adapters=adapters),
+        f"onnx-int4-merged-{first}": lambda d: export_onnx("default", d, "int4", adapters=adapters, merge=first),
+        "gguf-q4_1-side": lambda d: export_gguf("default", d, adapters=adapters),
+        f"gguf-q4_1-merged-{first}": lambda d: export_gguf("default", d, adapters=adapters, merge=first),
+    }
+    for name, fn in exports.items():
+        step(f"export {name}", out / name, lambda fn=fn, name=name: console.print(f"  {fn(out / name)}"))
+
+    console.rule("[bold]one prompt per task on each runtime, switching adapters without reloading")
+    for name in ("onnx-int4-side", "gguf-q4_1-side"):
+        rt = open_runtime(out / name)
+        for task, (prompt, _) in TASKS.items():
+            rt.use_adapter(task)
+            msgs = [{"role": "system", "content": system_prompt(task)}, {"role": "user", "content": prompt}]
+            console.print(f"  {rt.name:>17} [bold]{task:>9}[/]: {prompt!r} -> {generate(rt, msgs, 24)!r}")
+        console.print(f"  [dim]{rt.name}: {describe_swap(rt)}[/]")
+        getattr(rt, "close", lambda: None)()
+
+    evals = {t: str(ROOT / "tasks" / t / "eval.jsonl") for t in TASKS}
+    step("report: sizes, latency, drift vs PyTorch, accuracy", out / "report",
+         lambda: report([out / n for n in exports], out / "report", evals,
+                        ReportOptions(runs=3, eval_rows=args.eval_rows)))
+    console.print(f"\nreport: [bold]{out / 'report' / 'report.md'}[/]")
+    console.print((out / "report" / "report.md").read_text().split("## How to read this")[0])
 
 
 if __name__ == "__main__":

@@ -46,9 +46,28 @@ def test_training_moves_vectors_and_lowers_loss(quant, tiny_dir, task, tmp_path)
     assert report["tokens_per_second"] > 0 and 0 <= report["eval_after"]["accuracy"] <= 1
 
 
-def test_nf4_eval_before_training_does_not_freeze_it(tiny_dir, task, tmp_path):
-    """The eval pass before training (eval mode, no grad) used to repack bnb weights and kill
-    every IA3 gradient. With load_base's guard the vectors keep learning after it."""
+def test_nf4_eval_pass_does_not_freeze_training(tiny_dir):
+    """An eval-mode, no-grad forward of the 4-bit model between training steps used to repack
+    the bnb weights and kill every IA3 gradient; with load_base's protection it does not."""
+    lb = load_base(tiny_dir("llama", intermediate_size=128), quant="nf4")
+    model = wrap_with_ia3(lb, ["k", "v", "down"])
+    params = {n: p for n, p in model.named_parameters() if "ia3_l" in n}
+    guard = _Guard(params)
+    opt = torch.optim.AdamW(params.values(), lr=1e-2)
+    for step in range(3):
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=input_ids())  # the evaluation pass
+        model.train()
+        model(input_ids=input_ids(), labels=input_ids()).loss.backward()
+        guard.check_grads(step)  # raises if any IA3 gradient is missing
+        opt.step()
+        opt.zero_grad()
+    guard.check_moved(3)
+
+
+def test_nf4_training_with_eval_keeps_learning(tiny_dir, task, tmp_path):
+    """train() evaluates before and after (on the dequantized-NF4 twin) and the vectors learn."""
     base = tiny_dir("llama", tokenizer=True)
     cfg = TrainConfig(max_steps=10, batch_size=8, lr=3e-2)
     res = train(str(base), task[0], tmp_path / "ad", eval_data=task[1], quant="nf4", config=cfg, quiet=True)
