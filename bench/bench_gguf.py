@@ -12,8 +12,6 @@ sites (k, v, down): timing does not depend on their values.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
 
 from converters.gguf.adapter_file import write_ia3_gguf  # noqa: E402
 from converters.gguf.base_gguf import GGUFBase  # noqa: E402
@@ -32,16 +32,6 @@ from edgeia3.base import default_gguf  # noqa: E402
 from edgeia3.runtimes.llama_runtime import RELOAD, LlamaCppRuntime  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def random_adapter(base: GGUFBase, seed: int) -> IA3Adapter:
@@ -80,7 +70,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
     print("command:", " ".join([Path(sys.executable).name] + sys.argv))
-    print(f"machine: {cpu_model()}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}")
+    print(f"machine: {machine()}")
     src = default_gguf()
     base = GGUFBase(src)
     model_mb = src.stat().st_size / 1e6

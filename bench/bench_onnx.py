@@ -11,8 +11,6 @@ side-mode vs merged vs the stock builder export without IA3 (goals: side >=
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -22,18 +20,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def random_adapters(work: Path, names: list[str]) -> dict[str, Path]:
@@ -116,7 +106,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="edgeia3-bench-onnx-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}")
+    print(f"machine: {machine()}")
     import onnxruntime
     import onnxruntime_genai
 

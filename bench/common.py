@@ -11,16 +11,11 @@ from typing import Callable
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
+    """CPU model, cores, Python (the same facts edgeia3 reports record)."""
+    from edgeia3.report import machine as facts
+
+    m = facts()
+    return f"{m['cpu']}, {m['cores']} cores, Python {m['python']}, {platform.system()} {platform.release()}"
 
 
 def header(title: str) -> None:

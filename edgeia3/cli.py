@@ -187,13 +187,16 @@ def export_onnx(
     merge: Optional[str] = typer.Option(None, help="fold adapter NAME into the weights"),
     provider: str = typer.Option("cpu", help="cpu or cuda"),
     mobile: bool = typer.Option(False, help="also convert to ORT format and check mobile op coverage"),
+    fuse_qkv: bool = typer.Option(True, help="keep the builder's fused q/k/v projection (one IA3 input per layer)"),
+    accuracy_level: Optional[int] = typer.Option(None, help="int4/int8 compute: 4 = int8 activations (builder "
+                                                 "default), 1 = fp32"),
 ) -> None:
     """Export to ONNX (onnxruntime-genai) with IA3 side-tensors or a merged adapter."""
     from .export import export_onnx as fn
 
     _quiet_libraries()
     res = fn(base=base, out=out, precision=precision, adapters=parse_named(adapter, "--adapter"),
-             merge=merge, provider=provider, mobile=mobile)
+             merge=merge, provider=provider, mobile=mobile, fuse_qkv=fuse_qkv, accuracy_level=accuracy_level)
     console.print(str(res))
 
 

@@ -65,10 +65,10 @@ def main() -> None:
              lambda: train("default", data / "train.jsonl", out / "adapters" / task,
                            eval_data=data / "eval.jsonl", quant="nf4",
                            config=TrainConfig(epochs=epochs, max_eval=args.eval_rows)))
-        report = json.loads((out / "adapters" / task / "training.json").read_text())
-        before, after = report["eval_before"], report["eval_after"]
+        tr = json.loads((out / "adapters" / task / "training.json").read_text())
+        before, after = tr["eval_before"], tr["eval_after"]
         console.print(f"  {task}: exact match {before['accuracy']:.0%} -> {after['accuracy']:.0%} "
-                      f"({report['steps']} steps, {report['wall_seconds']:.0f} s)")
+                      f"({tr['steps']} steps, {tr['wall_seconds']:.0f} s)")
 
     first = next(iter(TASKS))
     adapters = {t: str(out / "adapters" / t) for t in TASKS}
