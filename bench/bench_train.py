@@ -43,12 +43,14 @@ def main() -> None:
             rows[quant] = {"base": "NF4 (bitsandbytes)" if quant == "nf4" else "fp32",
                            "steps": r["steps"], "wall s": r["wall_seconds"],
                            "s/step": round(r["wall_seconds"] / r["steps"], 2),
-                           "tokens/s": r["tokens_per_second"], "peak RSS MB": r["peak_rss_mb"],
+                           "tokens/s": r["tokens_per_second"], "base weights MB": r["base_weights_mb"],
+                           "RSS at loop start MB": r["rss_at_loop_start_mb"], "peak RSS MB": r["peak_rss_mb"],
                            "final loss": r["loss_curve"][-1]}
     print(table(list(rows.values())))
     nf4, fp = rows["nf4"], rows["none"]
-    print(f"\nNF4 / fp32 tokens/s: {nf4['tokens/s'] / fp['tokens/s']:.2f}x; "
-          f"peak RSS: {nf4['peak RSS MB'] / fp['peak RSS MB']:.2f}x")
+    print(f"\nNF4 / fp32: tokens/s {nf4['tokens/s'] / fp['tokens/s']:.2f}x; base weights "
+          f"{nf4['base weights MB'] / fp['base weights MB']:.2f}x; peak RSS {nf4['peak RSS MB'] / fp['peak RSS MB']:.2f}x")
+    print("(peak RSS includes loading: NF4 quantizes from the fp32 checkpoint while loading)")
 
 
 if __name__ == "__main__":

@@ -59,17 +59,11 @@ class ExportInfo:
         return _READERS[self.kind][1](self)
 
 
-def _dir_bytes(path: Path, skip: tuple[str, ...] = ()) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name not in skip
-               and "adapters" not in f.relative_to(path).parts)
-
-
 def _onnx_info(path: Path, m: dict) -> ExportInfo:
     ads = {n: a for n, a in m.get("adapters", {}).items() if a.get("file")}
     merged = (m.get("merged") or {}).get("name")
-    return ExportInfo(path, "onnx", m["precision"], m["base"]["spec"],
-                      _dir_bytes(path, ("edgeia3.json", "tokenizer.json", "tokenizer_config.json",
-                                        "chat_template.jinja")),
+    weights = sum(f.stat().st_size for f in path.glob(m.get("model_file", "model.onnx") + "*"))  # + .data
+    return ExportInfo(path, "onnx", m["precision"], m["base"]["spec"], weights,
                       {n: path / a["file"] for n, a in ads.items()}, {n: a["bytes"] for n, a in ads.items()},
                       merged, m)
 
@@ -83,8 +77,8 @@ def _onnx_adapters(info: ExportInfo) -> dict[str, Any]:
     m = info.manifest
     out = {n: read_onnx_adapter(p, plans_of(m), m["family"], m["adapters"][n]["sites"])
            for n, p in info.adapter_files.items()}
-    if info.merged:  # folded into the weights: the manifest points at its source
-        out[info.merged] = IA3Adapter.load(m["adapters"][info.merged]["source"])
+    if info.merged:  # folded into the weights; the export keeps its canonical vectors
+        out[info.merged] = IA3Adapter.load(info.path / m["adapters"][info.merged]["canonical"])
     return out
 
 

@@ -181,9 +181,10 @@ def report_export(info: ExportInfo, opts: ReportOptions, eval_sets: dict[str, li
     result: dict[str, Any] = {"path": str(info.path), "label": info.label, "kind": info.kind,
                               "precision": info.precision, "merged": info.merged,
                               "model_bytes": info.model_bytes, "adapters": {}}
-    rt.use_adapter(None)
+    if not info.merged:  # a merged export has no separate base to go back to
+        rt.use_adapter(None)
     result["speed_base"] = measure_speed(rt, speed_ids, opts)
-    result["switch_s"] = measure_switch(rt, rt.adapters, opts)
+    result["switch_s"] = None if info.merged else measure_switch(rt, rt.adapters, opts)
     # A reload = what a switch costs without in-place swapping: open again, first token.
     reloads = []
     for _ in range(max(2, opts.runs // 2)):
@@ -197,7 +198,8 @@ def report_export(info: ExportInfo, opts: ReportOptions, eval_sets: dict[str, li
     # Each adapter: active through use_adapter, or baked in when the export is merged.
     names = [info.merged] if info.merged else rt.adapters
     for name in names:
-        rt.use_adapter(None if info.merged else name)
+        if not info.merged:
+            rt.use_adapter(name)
         ref.use_adapter(name)
         entry = {"size": sizes.get(name), "drift": drift(rt, ref, drift_ids, opts.greedy_tokens),
                  "speed": measure_speed(rt, speed_ids, opts)}

@@ -57,6 +57,7 @@ class TrainResult:
     eval_after: dict | None
     adapter: IA3Adapter = field(repr=False)
     main_process: bool = True  # False on the other ranks of a multi-process run
+    memory: dict = field(default_factory=dict)  # MB: base weights, RSS when the loop starts
 
 
 def _ia3_params(model: Any) -> dict[str, torch.nn.Parameter]:
@@ -195,6 +196,7 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     if eval_set and cfg.max_eval:
         eval_set = eval_set[: cfg.max_eval]
 
+    weights_mb = lb.model.get_memory_footprint() / 2**20
     # Built before wrap_with_ia3, which injects IA3 layers into lb.model in place.
     twin = _EvalTwin(lb, sites) if quant == "nf4" and eval_set and acc.is_main_process else None
     model = wrap_with_ia3(lb, sites)
@@ -214,6 +216,9 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
         return evaluate(twin.sync(trained) if twin else trained, lb.tokenizer, eval_set, want_acc)
 
     before = run_eval()
+    import psutil
+
+    rss_start_mb = psutil.Process().memory_info().rss / 2**20
     rng = random.Random(cfg.seed)
     pad = lb.tokenizer.pad_token_id if lb.tokenizer.pad_token_id is not None else lb.tokenizer.eos_token_id
     guard = _Guard(params)
@@ -252,7 +257,8 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     adapter = adapter_from_peft(model, lb, sites, quant)
     adapter.extra = {"trained_on": str(data), "steps": step}
     result = TrainResult(Path(out), step, seconds, tokens / seconds, losses, before, after, adapter,
-                         acc.is_main_process)
+                         acc.is_main_process, {"base_weights_mb": round(weights_mb, 1),
+                                               "rss_at_loop_start_mb": round(rss_start_mb, 1)})
     if acc.is_main_process:
         _save(result, lb, cfg, quant, acc.num_processes, str(acc.state.backend or "none"))
     acc.wait_for_everyone()
@@ -277,6 +283,7 @@ def _save(res: TrainResult, lb: LoadedBase, cfg: TrainConfig, quant: str, proces
         "wall_seconds": round(res.seconds, 2),
         "tokens_per_second": round(res.tokens_per_s, 1),
         "peak_rss_mb": round(peak_mb, 1),
+        **res.memory,
         "loss_curve": [round(x, 5) for x in res.loss_curve],
         "eval_before": res.eval_before,
         "eval_after": res.eval_after,

@@ -77,9 +77,11 @@ def main() -> None:
 
     exports = {
         "onnx-int4-side": lambda d: export_onnx("default", d, "int4", adapters=adapters),
-        f"onnx-int4-merged-{first}": lambda d: export_onnx("default", d, "int4", adapters=adapters, merge=first),
+        f"onnx-int4-merged-{first}": lambda d: export_onnx("default", d, "int4", adapters={first: adapters[first]},
+                                                           merge=first),
         "gguf-q4_1-side": lambda d: export_gguf("default", d, adapters=adapters),
-        f"gguf-q4_1-merged-{first}": lambda d: export_gguf("default", d, adapters=adapters, merge=first),
+        f"gguf-q4_1-merged-{first}": lambda d: export_gguf("default", d, adapters={first: adapters[first]},
+                                                           merge=first),
     }
     for name, fn in exports.items():
         step(f"export {name}", out / name, lambda fn=fn, name=name: console.print(f"  {fn(out / name)}"))

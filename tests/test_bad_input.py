@@ -8,27 +8,11 @@ import json
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from typer.testing import CliRunner
 
-from edgeia3 import IA3Adapter, load_adapter_for, load_base
-from edgeia3.cli import app
-from tiny_models import make_tiny_model, random_peft_adapter
+from edgeia3 import load_adapter_for, load_base
+from tiny_models import random_peft_adapter
+from cli_checks import assert_refused, merge_cli as run_merge  # noqa: E402
 
-runner = CliRunner()
-
-
-def run_merge(base, adapter, out):
-    return runner.invoke(app, ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)])
-
-
-def assert_refused(result, out, *needles):
-    assert result.exit_code == 2, result.output
-    text = result.output.lower()
-    assert "error:" in text
-    for n in needles:
-        assert n.lower() in text, result.output
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
 
 
 @pytest.fixture()

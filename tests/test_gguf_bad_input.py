@@ -8,7 +8,6 @@ import gguf
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from typer.testing import CliRunner
 
 from converters.gguf.base_gguf import GGUFBase
 from converters.gguf.hf_writer import write_hf_gguf
@@ -17,22 +16,8 @@ from edgeia3.adapter import IA3Adapter, IA3Vector
 from edgeia3.cli import app
 from edgeia3.registry import Scaling
 from tiny_models import random_peft_adapter
+from cli_checks import assert_refused, merge_cli as merge, runner  # noqa: E402
 
-runner = CliRunner()
-
-
-def merge(base, adapter, out):
-    return runner.invoke(app, ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)])
-
-
-def assert_refused(result, out, *needles):
-    assert result.exit_code == 2, result.output
-    text = " ".join(result.output.lower().split())
-    assert "error:" in text
-    for n in needles:
-        assert n.lower() in text, result.output
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 from peft import PeftModel
 
 from edgeia3 import IA3Adapter, load_adapter_for, load_base, merge_loaded, write_peft_dir

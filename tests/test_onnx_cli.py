@@ -5,13 +5,12 @@ from __future__ import annotations
 import copy
 
 import pytest
-from typer.testing import CliRunner
 
 from edgeia3 import load_base
 from edgeia3.cli import app
 from tiny_models import random_peft_adapter
+from cli_checks import assert_refused, runner  # noqa: E402
 
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +23,6 @@ def llama(tiny_dir, tmp_path_factory):
 
 def export_cli(base, out, *extra):
     return runner.invoke(app, ["export", "onnx", "--base", str(base), "--out", str(out), *extra])
-
-
-def assert_refused(result, out, *needles):
-    assert result.exit_code == 2, result.output
-    text = " ".join(result.output.lower().split())
-    assert "error:" in text
-    for n in needles:
-        assert n.lower() in text, result.output
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
 
 
 def test_export_then_run_with_adapter(llama, tmp_path):

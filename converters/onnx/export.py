@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from edgeia3.adapter import IA3Adapter
 from edgeia3.atomic import atomic_dir
@@ -45,6 +44,7 @@ PROVIDERS = ("cpu", "cuda")
 MANIFEST = "edgeia3.json"
 MODEL_FILE = "model.onnx"
 ADAPTER_DIR = "adapters"
+CANONICAL_SUFFIX = "ia3.safetensors"  # the merged adapter's own vectors (edgeia3 canonical file)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -163,6 +163,10 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
                     notes.append(f"adapter '{name}' was trained on an NF4 base; side mode applies it to weights "
                                  f"built from the full-precision base (use --merge {name} to fold it into the "
                                  "dequantized NF4 weights it was trained with)")
+            else:  # folded into the weights: keep the canonical vectors for provenance and reports
+                rel = f"{ADAPTER_DIR}/{name}.{CANONICAL_SUFFIX}"
+                ad.save(tmp / rel)
+                entry["canonical"] = rel
             manifest["adapters"][name] = entry
         manifest["model_bytes"] = _dir_bytes(tmp, exclude=("tokenizer.json",))
         if mobile:

@@ -1,0 +1,98 @@
+"""edgeia3 report on tiny exports: the JSON's fields and values are plausible."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+
+import pytest
+
+from edgeia3 import load_base
+from edgeia3.export import export_gguf, export_onnx
+from edgeia3.report import ReportOptions, report
+from tiny_models import random_peft_adapter, write_label_task
+
+OPTS = ReportOptions(runs=2, decode_tokens=8, greedy_tokens=5, eval_rows=6)
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    base_dir = tiny_dir("llama", tokenizer=True)
+    base = load_base(base_dir)
+    adapters = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        random_peft_adapter(copy.deepcopy(base.model), "llama", tmp / name, seed=seed)
+        adapters[name] = str(tmp / name)
+    dirs = {
+        "onnx_side": export_onnx(str(base_dir), tmp / "onnx_side", "fp32", adapters=adapters).out,
+        "onnx_merged": export_onnx(str(base_dir), tmp / "onnx_merged", "fp32", adapters={"a": adapters["a"]},
+                                   merge="a").out,
+    }
+    return tmp, dirs, write_label_task(tmp / "eval.jsonl", 6)
+
+
+def test_report_fields_and_values(exports):
+    tmp, dirs, eval_file = exports
+    out = tmp / "rep"
+    doc = report(list(dirs.values()), out, {"a": str(eval_file)}, OPTS)
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "sizes.png",
+                                                    "switch_vs_reload.png", "tokens_per_s.png"]
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(doc))
+    assert doc["machine"]["cores"] >= 1 and doc["machine"]["versions"]["onnxruntime"]
+    by_path = {e["path"]: e for e in doc["exports"]}
+    side, merged = (by_path[str(dirs[k])] for k in ("onnx_side", "onnx_merged"))
+
+    # sizes are the files' sizes; LoRA r=8 on 2 layers x (k, v, down) of the tiny model
+    for name in ("a", "b"):
+        assert side["adapters"][name]["size"]["bytes"] == \
+            (dirs["onnx_side"] / "adapters" / f"{name}.onnx_adapter").stat().st_size
+    assert side["model_bytes"] == sum(f.stat().st_size for f in dirs["onnx_side"].iterdir()
+                                      if f.name.startswith("model.onnx"))
+    size = side["adapters"]["a"]["size"]
+    assert size["params"] == 2 * (32 + 32 + 96)  # k, v: 2 kv heads x 16; down: intermediate 96
+    assert size["lora_r8_bytes"] == 2 * 8 * ((64 + 32) * 2 + (96 + 64)) * 4
+
+    # fp32 exports compute what PyTorch computes: merged and side agree with it and each other
+    for e, name in ((side, "a"), (side, "b"), (merged, "a")):
+        d = e["adapters"][name]["drift"]
+        assert d["max_abs_logit_diff"] < 1e-3, (e["label"], d)
+        assert d["argmax_agreement"] == 1.0 and d["greedy_token_agreement"] == 1.0
+    assert list(merged["adapters"]) == ["a"] and merged["merged"] == "a"
+    assert side["adapters"]["a"]["accuracy"]["runtime"] == side["adapters"]["a"]["accuracy"]["torch"]
+
+    # latencies are positive and ordered as they must be
+    for e in doc["exports"]:
+        assert e["load_s"] > 0 and e["reload_s"]["median"] > 0
+        assert e["speed_base"]["decode_tok_s"]["median"] > 0
+        assert e["speed_base"]["ttft_s"]["min"] <= e["speed_base"]["ttft_s"]["median"]
+    assert side["switch_s"]["median"] < side["reload_s"]["median"]
+    md = (out / "report.md").read_text()
+    assert "## Drift vs PyTorch" in md and "onnx fp32 merged 'a'" in md
+
+
+@pytest.mark.integration
+def test_report_on_embedded_gguf(smollm2, tmp_path):
+    """GGUF side adapters vs the exact merge, on SmolLM2 Q4_1: the in-place swap makes the
+    live weights bit-identical to the merged file, so both drift identically from PyTorch."""
+    from edgeia3 import identity_adapter
+
+    ad = identity_adapter(smollm2.family, smollm2.model, base=smollm2.identity)
+    rng = np.random.default_rng(0)
+    for v in ad.vectors:
+        v.values = (1 + 0.2 * rng.standard_normal(v.values.size)).astype(np.float32)
+    path = ad.save(tmp_path / "a.safetensors")
+    side = export_gguf("default", tmp_path / "side", adapters={"a": str(path)}).out
+    merged = export_gguf("default", tmp_path / "merged", adapters={"a": str(path)}, merge="a").out
+    doc = report([side, merged], tmp_path / "rep", options=OPTS)
+    s, m = doc["exports"]
+    assert s["model_bytes"] == (side / "model.gguf").stat().st_size
+    assert s["adapters"]["a"]["size"]["bytes"] == (side / "adapters" / "a.ia3.gguf").stat().st_size
+    assert s["adapters"]["a"]["size"]["params"] == 57_600
+    assert s["adapters"]["a"]["size"]["lora_r8_bytes"] == 30 * 8 * ((576 + 192) * 2 + (1536 + 576)) * 4
+    assert s["adapters"]["a"]["drift"] == m["adapters"]["a"]["drift"]
+    # llama.cpp computes on the same (dequantized Q4_1) weights as the reference: small drift
+    assert s["adapters"]["a"]["drift"]["argmax_agreement"] > 0.8
+    assert s["switch_s"]["median"] < s["reload_s"]["median"]
