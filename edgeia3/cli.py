@@ -52,6 +52,7 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/peft
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # gguf-py's writer logs every file at INFO
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 

@@ -164,13 +164,30 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "versions": versions}
 
 
+def reference_base(spec: str, adapters: dict[str, Any]) -> tuple[Any, str]:
+    """The PyTorch base the drift is measured against: what the adapters were trained on.
+
+    Adapters trained on an NF4 base are compared with the dequantized NF4 weights
+    (the model they were trained with); others with the full-precision base.
+    """
+    import dataclasses
+
+    from .base import load_base
+    from .merge import dequantize_model
+
+    if any(ad.quant == "nf4" for ad in adapters.values()):
+        nf4 = load_base(spec, quant="nf4")
+        base = dataclasses.replace(nf4, model=dequantize_model(nf4.model), quant="none")
+        return base, "dequantized NF4 base + adapter, unmerged (what the adapters were trained on)"
+    return load_base(spec), "fp32 base + adapter, unmerged"
+
+
 def report_export(info: ExportInfo, opts: ReportOptions, eval_sets: dict[str, list[dict]]) -> dict:
     """All measurements for one export directory."""
-    from .base import load_base
     from .runtimes.torch_runtime import TorchRuntime
 
     adapters = info.adapters()  # canonical adapters read back from the export's own files
-    base = load_base(info.base_spec)
+    base, reference = reference_base(info.base_spec, adapters)
     sizes = {name: {"bytes": info.adapter_bytes.get(name), "vector_bytes": ad.nbytes,
                     "params": ad.num_params, "lora_r8_bytes": lora_equivalent_bytes(ad, base)}
              for name, ad in adapters.items()}
@@ -179,6 +196,7 @@ def report_export(info: ExportInfo, opts: ReportOptions, eval_sets: dict[str, li
     speed_ids = ref.prompt_ids(SPEED_PROMPT)
     drift_ids = [ref.prompt_ids(p) for p in PROMPTS]
     result: dict[str, Any] = {"path": str(info.path), "label": info.label, "kind": info.kind,
+                              "reference": reference,
                               "precision": info.precision, "merged": info.merged,
                               "model_bytes": info.model_bytes, "adapters": {}}
     if not info.merged:  # a merged export has no separate base to go back to

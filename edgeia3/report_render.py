@@ -9,12 +9,19 @@ def _mb(n: int | None) -> str:
     return "-" if n is None else (f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB")
 
 
+def _t(seconds: float) -> str:
+    """A duration in the unit that keeps 2-3 significant digits."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
 def _ms(s: dict | float | None) -> str:
     if s is None:
         return "-"
     if isinstance(s, dict):
-        return f"{s['median'] * 1e3:.2f} ms ({s['min'] * 1e3:.2f}–{s['max'] * 1e3:.2f})"
-    return f"{s * 1e3:.0f} ms"
+        return f"{_t(s['median'])} ({_t(s['min'])}–{_t(s['max'])})"
+    return _t(s)
 
 
 def _tps(s: dict | None) -> str:
@@ -41,7 +48,8 @@ def render_markdown(doc: dict, charts: list[str]) -> str:
         sb = e["speed_base"]
         lines.append(f"| {e['label']} | {_ms(e['load_s'])} | {_ms(e['reload_s'])} | {_ms(e['switch_s'])} | "
                      f"{_ms(sb['ttft_s'])} | {_tps(sb['decode_tok_s'])} |")
-    lines += ["", "## Drift vs PyTorch (fp32 base + adapter, unmerged)", "",
+    refs = sorted({e["reference"] for e in doc["exports"]})
+    lines += ["", "## Drift vs PyTorch", "", "Reference: " + "; ".join(refs) + ".", "",
               "| export | adapter | max abs Δlogit | mean abs Δlogit | KL(ref‖rt) | argmax agree | "
               "greedy tokens agree | decode tok/s | accuracy (runtime / torch) |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -59,9 +67,10 @@ def render_markdown(doc: dict, charts: list[str]) -> str:
               "column is what a rank-8 LoRA on the same modules would weigh.",
               "- **Latency**: *adapter switch* is `use_adapter()` on the loaded model; *reload* is what "
               "switching costs when the runtime has to open the model again.",
-              "- **Drift**: differences against PyTorch running the fp32 base with the adapter unmerged. "
-              "Quantized exports (int4, Q4) drift by their quantization error; side-tensor and merged "
-              "exports of the same precision should agree closely with each other.", ""]
+              "- **Drift**: differences against PyTorch running the base the adapters were trained on "
+              "(dequantized NF4 for NF4-trained adapters) with the adapter unmerged. Quantized exports "
+              "(int4, Q4) drift by their quantization error; *greedy tokens agree* is the share of "
+              "positions where 20 greedy tokens match; *accuracy* compares task answers directly.", ""]
     lines += [f"![{c}]({c})" for c in charts]
     return "\n".join(lines) + "\n"
 
@@ -117,10 +126,13 @@ def write_charts(doc: dict, out: Path) -> list[str]:
                 med.append(s["median"])
                 lo.append(s["median"] - s["min"])
                 hi.append(s["max"] - s["median"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4.5))
-    ax.bar(range(len(labels)), med, yerr=[lo, hi], capsize=4, color="#55a868")
-    ax.set_xticks(range(len(labels)), labels, fontsize=8)
-    ax.set_ylabel("decode tokens / s (median, min–max)")
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(labels) + 1.5))
+    ax.barh(range(len(labels)), med, xerr=[lo, hi], capsize=4, color="#55a868")
+    ax.set_yticks(range(len(labels)), [lab.replace("\n", ": ") for lab in labels], fontsize=9)
+    for y, v in enumerate(med):
+        ax.text(max(med) * 0.02, y, f"{v:.0f} tok/s", va="center", fontsize=8, color="white", weight="bold")
+    ax.invert_yaxis()
+    ax.set_xlabel("decode tokens / s (median; whiskers: min–max)")
     ax.set_title("Greedy decode speed")
     fig.tight_layout()
     fig.savefig(out / "tokens_per_s.png", dpi=110)
@@ -137,15 +149,15 @@ def write_charts(doc: dict, out: Path) -> list[str]:
         ax.bar([i - 0.2 for i in x], sw, width=0.4, label="switch adapter (in place)", color="#dd8452")
         ax.bar([i + 0.2 for i in x], rl, width=0.4, label="reload model", color="#4c72b0")
         for i, (a, b) in enumerate(zip(sw, rl)):
-            ax.text(i - 0.2, a, f"{a:.2f}", ha="center", va="bottom", fontsize=8)
-            ax.text(i + 0.2, b, f"{b:.0f}", ha="center", va="bottom", fontsize=8)
-            ax.text(i, max(a, b) * 3, f"{b / a:,.0f}x", ha="center", fontsize=9, weight="bold")
+            ax.text(i - 0.2, a, _t(a / 1e3), ha="center", va="bottom", fontsize=8)
+            ax.text(i + 0.2, b, _t(b / 1e3), ha="center", va="bottom", fontsize=8)
+            ax.text(i, b * 4, f"switch is {b / a:,.0f}x faster", ha="center", fontsize=9, weight="bold")
         ax.set_yscale("log")
-        ax.set_ylim(top=max(rl) * 20)
-        ax.set_xticks(list(x), labels, fontsize=8)
+        ax.set_ylim(top=max(rl) * 30)
+        ax.set_xticks(list(x), labels, fontsize=9)
         ax.set_ylabel("milliseconds (log scale)")
         ax.set_title("Adapter switch vs model reload")
-        ax.legend(loc="upper left")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
         fig.tight_layout()
         fig.savefig(out / "switch_vs_reload.png", dpi=110)
         plt.close(fig)

@@ -55,9 +55,13 @@ def main() -> None:
     from edgeia3.runtimes import generate, open_runtime
     from edgeia3.train import TrainConfig, train
 
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside transformers/peft
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("gguf").setLevel(logging.WARNING)
 
     for task, (_, epochs) in TASKS.items():
         data = ROOT / "tasks" / task
