@@ -75,8 +75,11 @@ def _onnx_adapters(info: ExportInfo) -> dict[str, Any]:
     from .adapter import IA3Adapter
 
     m = info.manifest
-    out = {n: read_onnx_adapter(p, plans_of(m), m["family"], m["adapters"][n]["sites"])
-           for n, p in info.adapter_files.items()}
+    out = {}
+    for n, p in info.adapter_files.items():
+        ad = read_onnx_adapter(p, plans_of(m), m["family"], m["adapters"][n]["sites"])
+        ad.quant = m["adapters"][n].get("trained_on", "none")  # the file holds only tensors
+        out[n] = ad
     if info.merged:  # folded into the weights; the export keeps its canonical vectors
         out[info.merged] = IA3Adapter.load(info.path / m["adapters"][info.merged]["canonical"])
     return out

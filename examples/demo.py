@@ -16,7 +16,7 @@ from rich.console import Console
 
 ROOT = Path(__file__).resolve().parent
 TASKS = {  # task -> (demo prompt, training epochs for the short demo run)
-    "sentiment": ("The battery life of this phone was not bad at all.", 1.0),
+    "sentiment": ("I loved this phone, the battery lasts for days.", 1.0),
     "intent": ("Could you switch off the lights in the bedroom?", 1.0),
 }
 console = Console()
