@@ -21,6 +21,8 @@ def describe(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise EdgeIA3Error(f"no such file or directory: {path}")
     if path.is_dir():
+        if (path / "edgeia3.json").exists():
+            return describe_export(path)
         if (path / CANONICAL_FILE).exists() or (path / "adapter_config.json").exists():
             return describe_adapter(path)
         if (path / "config.json").exists():
@@ -35,6 +37,29 @@ def describe(path: str | Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         return describe_adapter(path)
     raise EdgeIA3Error(f"{path}: unknown file type (expected .gguf, .onnx, .safetensors or a directory)")
+
+
+def describe_export(path: Path) -> dict[str, Any]:
+    """An edgeia3 ONNX or GGUF export directory, from its manifest."""
+    from .export import read_export
+
+    info = read_export(path)
+    m = info.manifest
+    base = m.get("base", {})
+    ident = base.get("identity") or base
+    out: dict[str, Any] = {
+        "kind": f"edgeia3 {info.kind} export ({info.label})",
+        "family": m.get("family"),
+        "base": base.get("name") or base.get("spec"),
+        "fingerprint": f"{ident.get('fingerprint')}/{ident.get('content')}",
+        "model bytes": info.model_bytes,
+        "bytes (all files)": _dir_bytes(path),
+    }
+    for name, a in m.get("adapters", {}).items():
+        merged = " (merged into the weights)" if name == info.merged else ""
+        out[f"adapter '{name}'"] = (f"sites {', '.join(a.get('sites', []))}, {a.get('params', 0):,} parameters"
+                                    + (f", {a['bytes']:,} bytes" if a.get("bytes") else "") + merged)
+    return out
 
 
 def describe_adapter(path: Path) -> dict[str, Any]:

@@ -96,3 +96,18 @@ def test_report_on_embedded_gguf(smollm2, tmp_path):
     # llama.cpp computes on the same (dequantized Q4_1) weights as the reference: small drift
     assert s["adapters"]["a"]["drift"]["argmax_agreement"] > 0.8
     assert s["switch_s"]["median"] < s["switch_first_token_s"]["median"] < s["reload_s"]["median"]
+
+
+def test_inspect_describes_exports(exports):
+    from cli_checks import invoke
+
+    _, dirs, _ = exports
+    def flat(out: str) -> str:  # rich wraps table cells: drop borders and line breaks
+        return " ".join(out.replace("│", " ").split())
+
+    res = invoke("inspect", dirs["onnx_side"])
+    text = flat(res.output)
+    assert res.exit_code == 0, res.output
+    assert "edgeia3 onnx export" in text and "adapter 'a'" in text and "sites k, v, down, 320 parameters" in text
+    res = invoke("inspect", dirs["onnx_merged"])
+    assert res.exit_code == 0 and "merged into the weights" in flat(res.output)
