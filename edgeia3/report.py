@@ -205,8 +205,7 @@ def report_export(info: ExportInfo, opts: ReportOptions, eval_sets: dict[str, li
                               "reference": reference,
                               "precision": info.precision, "merged": info.merged,
                               "model_bytes": info.model_bytes, "adapters": {}}
-    if not info.merged:  # a merged export has no separate base to go back to
-        rt.use_adapter(None)
+    rt.use_adapter(None)  # the base, or for a merged export the merged model
     result["speed_base"] = measure_speed(rt, speed_ids, opts)
     result["switch_s"] = None if info.merged else measure_switch(rt, rt.adapters, opts)
     result["switch_first_token_s"] = None if info.merged else measure_switch(rt, rt.adapters, opts, drift_ids[0])
@@ -223,8 +222,7 @@ def report_export(info: ExportInfo, opts: ReportOptions, eval_sets: dict[str, li
     # Each adapter: active through use_adapter, or baked in when the export is merged.
     names = [info.merged] if info.merged else rt.adapters
     for name in names:
-        if not info.merged:
-            rt.use_adapter(name)
+        rt.use_adapter(name)
         ref.use_adapter(name)
         entry = {"size": sizes.get(name), "drift": drift(rt, ref, drift_ids, opts.greedy_tokens),
                  "speed": measure_speed(rt, speed_ids, opts)}

@@ -114,4 +114,6 @@ def test_merged_export_and_cli_run(peft_pair, tmp_path):
     res = runner.invoke(app, ["run", "--model", str(out), "--adapter", "A", "--prompt", "Hi", "--max-tokens", "5"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["run", "--model", str(out), "--prompt", "Hi", "--max-tokens", "5"])
+    assert res.exit_code == 0, res.output  # no adapter = the merged model, as for ONNX
+    res = runner.invoke(app, ["run", "--model", str(out), "--adapter", "B", "--prompt", "Hi"])
     assert res.exit_code == 2 and "merged" in res.output

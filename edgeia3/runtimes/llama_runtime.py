@@ -149,8 +149,8 @@ class LlamaCppRuntime:
 
     def use_adapter(self, name: str | None) -> None:
         """Activate adapter ``name`` (None: the base) without reloading the model."""
-        if self.merged is not None:
-            if name != self.merged:
+        if self.merged is not None:  # no adapter or the merged one: both are the merged model
+            if name not in (None, self.merged):
                 raise EdgeIA3Error(f"this export has adapter '{self.merged}' merged into its weights; "
                                    "it cannot switch (export without --merge to swap adapters)")
             return

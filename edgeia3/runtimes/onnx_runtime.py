@@ -68,9 +68,11 @@ class OnnxRuntime:
         return list(self._files)
 
     def use_adapter(self, name: str | None) -> None:
+        merged = (self.manifest.get("merged") or {}).get("name")
+        if name is not None and name == merged:
+            name = None  # already in the weights: no side tensors to feed
         if name is not None and name not in self._files:
-            merged = (self.manifest.get("merged") or {}).get("name")
-            hint = f" (adapter '{merged}' is merged into this export: use no adapter)" if merged == name else ""
+            hint = f" (this export has adapter '{merged}' merged into its weights)" if merged else ""
             raise EdgeIA3Error(f"unknown adapter '{name}' (in this export: {', '.join(self._files) or 'none'}){hint}")
         self._active = name
 
