@@ -97,6 +97,8 @@ class OnnxRuntime:
             import onnxruntime_genai as og
 
             try:
+                if not self._genai_can_parse_tokenizer():
+                    raise RuntimeError("tokenizer model type not supported by onnxruntime-genai")
                 self._tokenizer = og.Tokenizer(self.model)
             except RuntimeError:
                 from transformers import AutoTokenizer
@@ -104,6 +106,15 @@ class OnnxRuntime:
                 self._tokenizer = AutoTokenizer.from_pretrained(self.path)
                 self._hf_tokenizer = True
         return self._tokenizer
+
+    def _genai_can_parse_tokenizer(self) -> bool:
+        """Ask before trying: og.Tokenizer on an unsupported tokenizer.json (e.g. WordLevel)
+        sometimes raises and sometimes crashes the process (seen in CI)."""
+        try:
+            model_type = json.loads((self.path / "tokenizer.json").read_text())["model"]["type"]
+        except (OSError, KeyError, ValueError):
+            return True  # no tokenizer.json to judge by: let genai decide
+        return model_type in ("BPE", "Unigram", "WordPiece")
 
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64,
                      ignore_eos: bool = False) -> Iterator[int]:
