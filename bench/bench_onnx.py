@@ -92,10 +92,6 @@ def switch_vs_reload(side_dir: Path, runs: int) -> tuple[float, float]:
     return statistics.median(switch), statistics.median(reload)
 
 
-def model_bytes(d: Path) -> int:
-    return sum(f.stat().st_size for f in d.iterdir() if f.name.startswith("model.onnx"))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64)
@@ -151,6 +147,8 @@ def main() -> None:
           f"{rl / sw:,.0f}x (goal >= 1000x: {'met' if rl / sw >= 1000 else 'NOT met'})")
 
     ad_bytes = side.adapters["a"].stat().st_size
+    from converters.onnx.export import model_bytes
+
     mb = model_bytes(stock.out)
     print(f"\nadapter file {ad_bytes / 1e3:.1f} kB vs model {mb / 1e6:.1f} MB: {ad_bytes / mb * 100:.3f}% "
           f"({mb / ad_bytes:,.0f}x smaller)")

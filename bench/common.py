@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import sys
-import time
-from typing import Callable
 
 
 def machine() -> str:
@@ -23,18 +20,6 @@ def header(title: str) -> None:
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"machine: {machine()}")
     print()
-
-
-def timed(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> dict:
-    """Median / min / max seconds of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
 
 def table(rows: list[dict]) -> str:

@@ -62,8 +62,7 @@ class ExportInfo:
 def _onnx_info(path: Path, m: dict) -> ExportInfo:
     ads = {n: a for n, a in m.get("adapters", {}).items() if a.get("file")}
     merged = (m.get("merged") or {}).get("name")
-    weights = sum(f.stat().st_size for f in path.glob(m.get("model_file", "model.onnx") + "*"))  # + .data
-    return ExportInfo(path, "onnx", m["precision"], m["base"]["spec"], weights,
+    return ExportInfo(path, "onnx", m["precision"], m["base"]["spec"], m["model_bytes"],
                       {n: path / a["file"] for n, a in ads.items()}, {n: a["bytes"] for n, a in ads.items()},
                       merged, m)
 

@@ -105,8 +105,9 @@ def _check_family(family: Family) -> None:
         )
 
 
-def _dir_bytes(path: Path, exclude: tuple[str, ...] = ()) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name not in exclude)
+def model_bytes(model_dir: Path, model_file: str = MODEL_FILE) -> int:
+    """Bytes of the graph and its external weights (model.onnx, model.onnx.data)."""
+    return sum(f.stat().st_size for f in model_dir.glob(model_file + "*"))
 
 
 def _save_hf(model: Any, tokenizer: Any, where: Path) -> Path:
@@ -168,7 +169,7 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
                 ad.save(tmp / rel)
                 entry["canonical"] = rel
             manifest["adapters"][name] = entry
-        manifest["model_bytes"] = _dir_bytes(tmp, exclude=("tokenizer.json",))
+        manifest["model_bytes"] = model_bytes(tmp)
         if mobile:
             from .mobile import make_mobile
 
