@@ -45,7 +45,9 @@ class IA3Adapter:
     family: str
     vectors: list[IA3Vector]
     base: BaseIdentity | None = None
-    quant: str = "none"  # quantization of the base it was trained on: none | nf4
+    quant: str = "none"  # quantization of the base it was trained on: none | nf4 | gguf
+    # The exact weights it was trained on, for quant "gguf": {"sha256", "quant", "name", "types"}
+    trained_on: dict[str, Any] = field(default_factory=dict)
     dtype: str = "float32"
     # For sites inside a fused module: site -> [start, stop, module_rows].
     fused_layout: dict[str, list[int]] = field(default_factory=dict)
@@ -109,6 +111,7 @@ class IA3Adapter:
             "base": json.dumps(self.base.to_dict() if self.base else None),
             "scaling": json.dumps({v.key: v.scaling.value for v in self.vectors}),
             "fused_layout": json.dumps(self.fused_layout),
+            "trained_on": json.dumps(self.trained_on),
             "extra": json.dumps(self.extra),
         }
         with atomic_file(path) as tmp:
@@ -159,6 +162,7 @@ def _read_canonical(path: Path) -> IA3Adapter:
             quant=meta.get("quant", "none"),
             dtype=meta.get("dtype", "float32"),
             fused_layout=json.loads(meta.get("fused_layout", "{}")),
+            trained_on=json.loads(meta.get("trained_on", "{}")),
             extra=json.loads(meta.get("extra", "{}")),
         )
     except (KeyError, ValueError) as e:

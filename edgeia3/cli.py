@@ -64,7 +64,9 @@ def train(
     out: Path = typer.Option(..., help="output adapter directory"),
     base: str = typer.Option("default", help="'default' (embedded SmolLM2), a model dir, a .gguf or a hub id"),
     eval_data: Optional[Path] = typer.Option(None, "--eval", help="eval JSONL (loss, exact-match accuracy)"),
-    quant: str = typer.Option("nf4", help="nf4 (4-bit bitsandbytes base) or none (full precision)"),
+    quant: str = typer.Option(
+        "auto", help="auto (a GGUF base: its own quantized tensors; a transformers base: q4_0), gguf, "
+        "a llama.cpp type (q4_0, q8_0, q4_k_m, ...: quantized once, deployed as is), nf4 or none"),
     epochs: float = typer.Option(1.0, help="passes over the training data"),
     max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
     batch_size: int = typer.Option(8, help="rows per step (per process)"),
@@ -74,6 +76,7 @@ def train(
     targets: Optional[str] = typer.Option(None, help="comma-separated IA3 sites, e.g. k,v,down (default: registry)"),
     max_eval: Optional[int] = typer.Option(None, help="use only the first N eval rows"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    force: bool = typer.Option(False, "--force", help="replace --out if it already exists (atomically, once done)"),
 ) -> None:
     """Train an IA3 adapter on a frozen (4-bit by default) base."""
     from .train import TrainConfig, train as train_fn
@@ -81,7 +84,8 @@ def train(
     _quiet_libraries()
     cfg = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, max_length=max_length,
                       seed=seed, targets=targets.split(",") if targets else None, max_eval=max_eval)
-    res = train_fn(base=base, data=data, out=out, eval_data=eval_data, quant=quant, config=cfg, quiet=quiet)
+    res = train_fn(base=base, data=data, out=out, eval_data=eval_data, quant=quant, config=cfg, quiet=quiet,
+                   force=force)
     if not quiet and res.main_process:
         console.print(f"trained {res.adapter.num_params:,} IA3 parameters in {res.steps} steps, "
                       f"{res.seconds:.0f} s ({res.tokens_per_s:.0f} tok/s); loss "
@@ -99,13 +103,14 @@ def merge(
     adapter: Path = typer.Option(..., help="IA3 adapter: edgeia3 dir/file or a PEFT IA3 dir"),
     out: Path = typer.Option(..., help="output transformers model directory"),
     into: str = typer.Option("auto", help="auto (follow the adapter's training quantization), full or nf4"),
+    force: bool = typer.Option(False, "--force", help="replace --out if it already exists (atomically, once done)"),
 ) -> None:
     """Fold an IA3 adapter into the base weights and save a transformers model."""
     from .merge import merge as merge_fn
 
     _quiet_libraries()
     with console.status("merging..."):
-        res = merge_fn(base=base, adapter=adapter, out=out, into=into)
+        res = merge_fn(base=base, adapter=adapter, out=out, into=into, force=force)
     console.print(
         f"merged {res.adapter.num_params:,} IA3 parameters ({', '.join(res.adapter.sites)}) into "
         f"{res.into} -> [bold]{res.out}[/] in {res.seconds:.1f} s"
@@ -136,13 +141,18 @@ def report(
     eval_data: Optional[list[str]] = typer.Option(None, "--eval", help="ADAPTER=data.jsonl: task accuracy"),
     runs: int = typer.Option(5, help="timed runs per latency figure (after one warm-up)"),
     eval_rows: int = typer.Option(50, help="eval rows per adapter for accuracy"),
+    force: bool = typer.Option(False, "--force", help="replace --out if it already exists (atomically, once done)"),
 ) -> None:
     """Measure sizes, latencies and drift of exports against PyTorch; write a report."""
+    from .atomic import atomic_dir, check_out
     from .report import ReportOptions, report as report_fn
 
+    check_out(out, force)  # before measuring: refuse a non-empty --out unless --force
     _quiet_libraries()
-    with console.status("measuring..."):
-        report_fn(exports, out, parse_named(eval_data, "--eval"), ReportOptions(runs=runs, eval_rows=eval_rows))
+    # report() writes its directory (atomically) into our empty temp one; ours then
+    # replaces --out, so --force swaps the old report out only once the new one is complete.
+    with console.status("measuring..."), atomic_dir(out, force=force) as tmp:
+        report_fn(exports, tmp, parse_named(eval_data, "--eval"), ReportOptions(runs=runs, eval_rows=eval_rows))
     console.print(f"wrote {out / 'report.md'}, {out / 'report.json'} and charts")
 
 
@@ -191,13 +201,15 @@ def export_onnx(
     fuse_qkv: bool = typer.Option(True, help="keep the builder's fused q/k/v projection (one IA3 input per layer)"),
     accuracy_level: Optional[int] = typer.Option(None, help="int4/int8 compute: 4 = int8 activations (builder "
                                                  "default), 1 = fp32"),
+    force: bool = typer.Option(False, "--force", help="replace --out if it already exists (atomically, once done)"),
 ) -> None:
     """Export to ONNX (onnxruntime-genai) with IA3 side-tensors or a merged adapter."""
     from .export import export_onnx as fn
 
     _quiet_libraries()
     res = fn(base=base, out=out, precision=precision, adapters=parse_named(adapter, "--adapter"),
-             merge=merge, provider=provider, mobile=mobile, fuse_qkv=fuse_qkv, accuracy_level=accuracy_level)
+             merge=merge, provider=provider, mobile=mobile, fuse_qkv=fuse_qkv, accuracy_level=accuracy_level,
+             force=force)
     console.print(str(res))
 
 
@@ -209,12 +221,13 @@ def export_gguf(
     quant: str = typer.Option("q4_0", help="q4_0, q4_1, q5_k_m, q4_k_m, q8_0 or f16 (a .gguf base is kept as is)"),
     adapter: Optional[list[str]] = typer.Option(None, help="NAME=ADAPTER_DIR, repeatable"),
     merge: Optional[str] = typer.Option(None, help="fold adapter NAME into the quantized weights"),
+    force: bool = typer.Option(False, "--force", help="replace --out if it already exists (atomically, once done)"),
 ) -> None:
     """Export to GGUF (llama.cpp) with IA3 adapter files or an exact merge."""
     from .export import export_gguf as fn
 
     _quiet_libraries()
-    res = fn(base=base, out=out, quant=quant, adapters=parse_named(adapter, "--adapter"), merge=merge)
+    res = fn(base=base, out=out, quant=quant, adapters=parse_named(adapter, "--adapter"), merge=merge, force=force)
     console.print(str(res))
 
 

@@ -14,25 +14,29 @@ from typing import Any
 def export_onnx(base: str, out: str | Path, precision: str = "int4",
                 adapters: dict[str, str] | None = None, merge: str | None = None,
                 provider: str = "cpu", mobile: bool = False, fuse_qkv: bool = True,
-                accuracy_level: int | None = None) -> Any:
+                accuracy_level: int | None = None, force: bool = False) -> Any:
     """ONNX export for onnxruntime-genai, adapters as side-tensors or merged.
 
     ``accuracy_level``: MatMulNBits compute precision (builder default 4 = int8
     activations; 1 = fp32, slower, makes int4 side and merged agree to ~1e-4).
+    An existing non-empty ``out`` is refused unless ``force``.
     """
     from converters.onnx.export import export
 
     return export(base=base, out=out, precision=precision, adapters=adapters or {},
                   merge=merge, provider=provider, mobile=mobile, fuse_qkv=fuse_qkv,
-                  accuracy_level=accuracy_level)
+                  accuracy_level=accuracy_level, force=force)
 
 
 def export_gguf(base: str, out: str | Path, quant: str = "q4_0",
-                adapters: dict[str, str] | None = None, merge: str | None = None) -> Any:
-    """GGUF export for llama.cpp, with IA3 adapter GGUFs or one merged in exactly."""
+                adapters: dict[str, str] | None = None, merge: str | None = None, force: bool = False) -> Any:
+    """GGUF export for llama.cpp, with IA3 adapter GGUFs or one merged in exactly.
+
+    An existing non-empty ``out`` is refused unless ``force``.
+    """
     from converters.gguf.export import export
 
-    return export(base=base, out=out, quant=quant, adapters=adapters or {}, merge=merge)
+    return export(base=base, out=out, quant=quant, adapters=adapters or {}, merge=merge, force=force)
 
 
 @dataclass

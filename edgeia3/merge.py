@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .adapter import IA3Adapter
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_file, check_out
 from .base import DEFAULT_BASE, LoadedBase, load_base
 from .errors import EdgeIA3Error
 from .registry import Family, Scaling
@@ -74,20 +74,19 @@ def merge_loaded(base: LoadedBase, adapter: IA3Adapter) -> Any:
 
 
 def merge(base: str = DEFAULT_BASE, adapter: str | Path = "", out: str | Path = "",
-          into: str = "auto") -> MergeResult:
+          into: str = "auto", force: bool = False) -> MergeResult:
     """Load ``base``, fold ``adapter`` in and save a transformers directory at ``out``
     (or, when ``out`` ends in ``.gguf``, patch the base GGUF's quantized blocks).
 
     ``into``: ``auto`` follows the adapter's training quantization, ``full``
     uses the full-precision weights, ``nf4`` the dequantized NF4 weights.
+    An existing ``out`` (a non-empty directory, or a file) is refused unless ``force``.
     """
     if into not in INTO_CHOICES:
         raise EdgeIA3Error(f"--into must be one of {', '.join(INTO_CHOICES)}")
     if Path(out).suffix == ".gguf":
-        # Merge straight into an already-quantized GGUF by rescaling block scales.
-        from converters.gguf.merge import merge_gguf
-
-        return merge_gguf(base=base, adapter=adapter, out=out)
+        return _merge_into_gguf(base, adapter, Path(out), force)
+    check_out(out, force)
     t0 = time.perf_counter()
     if into == "auto":
         # Peek at the adapter's metadata before choosing how to load the base.
@@ -98,7 +97,7 @@ def merge(base: str = DEFAULT_BASE, adapter: str | Path = "", out: str | Path = 
     model = merge_loaded(lb, ad)
     what = ("dequantized NF4 weights (exact w.r.t. the 4-bit model it was trained on)"
             if into == "nf4" else "full-precision weights")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, force=force) as tmp:
         model.save_pretrained(tmp)
         if lb.tokenizer is not None:
             lb.tokenizer.save_pretrained(tmp)
@@ -111,6 +110,21 @@ def merge(base: str = DEFAULT_BASE, adapter: str | Path = "", out: str | Path = 
             "merged_into": into,
         }, indent=2) + "\n")
     return MergeResult(Path(out), what, ad, time.perf_counter() - t0)
+
+
+def _merge_into_gguf(base: str, adapter: str | Path, out: Path, force: bool) -> MergeResult:
+    """Merge straight into an already-quantized GGUF by rescaling block scales."""
+    from converters.gguf.base_gguf import resolve_gguf_base
+    from converters.gguf.merge import merge_gguf
+
+    if out.exists() and out.resolve() == resolve_gguf_base(base).resolve():
+        raise EdgeIA3Error("--out must differ from the base GGUF (the base stays pristine)")
+    check_out(out, force, kind="file")
+    # merge_gguf writes (atomically) over the empty temp file; ours then replaces ``out``.
+    with atomic_file(out, force=force) as tmp:
+        res = merge_gguf(base=base, adapter=adapter, out=tmp)
+    res.out = out
+    return res
 
 
 def _adapter_quant(path: str | Path) -> str:

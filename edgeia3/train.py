@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import math
+import numbers
 import random
 import resource
 import time
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from .adapter import IA3Adapter, IA3Vector, fused_layout_for
-from .atomic import atomic_dir
+from .atomic import atomic_dir, check_out
 from .base import DEFAULT_BASE, LoadedBase, load_base
 from .data import IGNORE, Example, load_examples
 from .errors import EdgeIA3Error
@@ -44,6 +45,40 @@ class TrainConfig:
     targets: list[str] | None = None  # site names; default: the registry's
     eval_accuracy: bool | None = None  # None: when the eval answers are short labels
     max_eval: int | None = None  # cap eval rows (speed)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """One EdgeIA3Error for the first out-of-range value, named as the CLI spells it."""
+        def bad(option: str, rule: str, value: Any) -> None:
+            raise EdgeIA3Error(f"{option} must be {rule} (got {value})")
+
+        def real(x: Any) -> bool:
+            return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+        def whole(x: Any) -> bool:
+            return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+        # lr=inf is allowed on purpose: the non-finite-loss guard is tested with it.
+        if not real(self.lr) or not self.lr > 0:
+            bad("--lr", "> 0", self.lr)
+        if not real(self.epochs) or not 0 < self.epochs < math.inf:
+            bad("--epochs", "a finite number > 0", self.epochs)
+        if self.max_steps is not None and (not whole(self.max_steps) or self.max_steps < 1):
+            bad("--max-steps", ">= 1", self.max_steps)
+        if not whole(self.batch_size) or self.batch_size < 1:
+            bad("--batch-size", ">= 1", self.batch_size)
+        if not whole(self.max_length) or self.max_length < 8:
+            bad("--max-length", ">= 8", self.max_length)
+        if self.max_eval is not None and (not whole(self.max_eval) or self.max_eval < 1):
+            bad("--max-eval", ">= 1", self.max_eval)
+        if not real(self.grad_clip) or not self.grad_clip > 0:
+            bad("grad_clip", "> 0", self.grad_clip)
+        if not real(self.warmup_ratio) or not 0 <= self.warmup_ratio <= 1:
+            bad("warmup_ratio", "between 0 and 1", self.warmup_ratio)
+        if self.targets and not all(isinstance(t, str) and t.strip() for t in self.targets):
+            bad("--targets", "comma-separated site names", ",".join(map(str, self.targets)))
 
 
 @dataclass
@@ -87,19 +122,24 @@ def wrap_with_ia3(base: LoadedBase, sites: list[str]) -> Any:
 
 
 class _EvalTwin:
-    """A full-precision twin of an NF4 base for evaluation.
+    """A full-precision twin of a 4-bit (NF4 or GGUF-block) base for evaluation.
 
-    bitsandbytes on CPU dequantizes every 4-bit weight on every forward, which
-    makes greedy generation minutes slower; its fast eval path is the repack that
-    breaks training (FACTS.md). The twin holds the *dequantized NF4* weights, so
-    with the current IA3 vectors copied in it computes the same function as the
-    4-bit model (exactness tested in test_merge_parity), at fp32 speed.
+    4-bit layers dequantize every weight on every forward, which makes greedy
+    generation minutes slower (and bitsandbytes' fast CPU eval path is the repack
+    that breaks training, FACTS.md). The twin holds the *dequantized* 4-bit
+    weights, so with the current IA3 vectors copied in it computes the same
+    function as the 4-bit model (exactness tested), at fp32 speed.
     """
 
     def __init__(self, lb: LoadedBase, sites: list[str]):
         from .merge import dequantize_model
 
-        twin = dequantize_model(copy.deepcopy(lb.model))
+        if lb.quant == "gguf":
+            from converters.gguf.torch_weights import densify
+
+            twin = densify(copy.deepcopy(lb.model))
+        else:
+            twin = dequantize_model(copy.deepcopy(lb.model))
         self.model = wrap_with_ia3(dataclasses.replace(lb, model=twin, quant="none"), sites)
 
     def sync(self, trained: Any) -> Any:
@@ -126,7 +166,8 @@ def adapter_from_peft(model: Any, base: LoadedBase, sites: list[str], quant: str
                 continue
             part = values[layout[s.name][0]:layout[s.name][1]] if s.name in layout else values
             vectors.append(IA3Vector(layer, s.name, s.scaling, part.copy()))
-    return IA3Adapter(fam.name, vectors, base=base.identity, quant=quant, fused_layout=layout)
+    return IA3Adapter(fam.name, vectors, base=base.identity, quant=quant, fused_layout=layout,
+                      trained_on=dict(base.weights or {}))
 
 
 def _batches(examples: list[Example], batch_size: int, rng: random.Random, pad_id: int):
@@ -175,18 +216,24 @@ class _Guard:
 
 
 def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
-          eval_data: str | Path | None = None, quant: str = "nf4", config: TrainConfig | None = None,
-          quiet: bool = False) -> TrainResult:
-    """Train an IA3 adapter and write it (canonical + PEFT) with training.json to ``out``."""
+          eval_data: str | Path | None = None, quant: str = "auto", config: TrainConfig | None = None,
+          quiet: bool = False, force: bool = False) -> TrainResult:
+    """Train an IA3 adapter and write it (canonical + PEFT) with training.json to ``out``.
+
+    An existing non-empty ``out`` is refused before training unless ``force``.
+    """
     from accelerate import Accelerator
 
     from .progress import TrainProgress
 
     cfg = config or TrainConfig()
+    cfg.validate()
+    check_out(out, force)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     lb = load_base(base, quant=quant)
+    quant = lb.quant  # "auto" and llama.cpp type names resolve to gguf / nf4 / none
     fam = lb.family
     sites = list(cfg.targets or fam.default_targets)
     for s in sites:
@@ -198,7 +245,7 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
 
     weights_mb = lb.model.get_memory_footprint() / 2**20
     # Built before wrap_with_ia3, which injects IA3 layers into lb.model in place.
-    twin = _EvalTwin(lb, sites) if quant == "nf4" and eval_set and acc.is_main_process else None
+    twin = _EvalTwin(lb, sites) if quant in ("nf4", "gguf") and eval_set and acc.is_main_process else None
     model = wrap_with_ia3(lb, sites)
     params = _ia3_params(model)
     optim = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
@@ -260,18 +307,19 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
                          acc.is_main_process, {"base_weights_mb": round(weights_mb, 1),
                                                "rss_at_loop_start_mb": round(rss_start_mb, 1)})
     if acc.is_main_process:
-        _save(result, lb, cfg, quant, acc.num_processes, str(acc.state.backend or "none"))
+        _save(result, lb, cfg, quant, acc.num_processes, str(acc.state.backend or "none"), force)
     acc.wait_for_everyone()
     return result
 
 
 def _save(res: TrainResult, lb: LoadedBase, cfg: TrainConfig, quant: str, processes: int,
-          backend: str) -> None:
+          backend: str, force: bool = False) -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
         "base": lb.source.name,
         "base_identity": lb.identity.to_dict(),
         "quant": quant,
+        "trained_on": lb.weights,
         "family": lb.family.name,
         "sites": res.adapter.sites,
         "scaling": {s: lb.family.site(s).scaling.value for s in res.adapter.sites},
@@ -288,7 +336,7 @@ def _save(res: TrainResult, lb: LoadedBase, cfg: TrainConfig, quant: str, proces
         "eval_before": res.eval_before,
         "eval_after": res.eval_after,
     }
-    with atomic_dir(res.out) as tmp:
+    with atomic_dir(res.out, force=force) as tmp:
         write_peft_dir(res.adapter, tmp, base_model_name_or_path=lb.source.name)
         (tmp / "training.json").write_text(json.dumps(report, indent=2) + "\n")
 

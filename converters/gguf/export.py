@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeia3.atomic import atomic_dir
+from edgeia3.atomic import atomic_dir, check_out
 from edgeia3.errors import EdgeIA3Error
 
 from .adapter_file import SUFFIX, write_ia3_gguf
 from .base_gguf import GGUFBase
+from .ggml_index import GGUFIndex
 from .merge import adapter_plan, apply_plan
 from .quantize import EXPORT_QUANTS
 
@@ -59,7 +60,7 @@ class GGUFExport:
 
 
 def export(base: str, out: str | Path, quant: str = "q4_0", adapters: dict[str, str] | None = None,
-           merge: str | None = None) -> GGUFExport:
+           merge: str | None = None, force: bool = False) -> GGUFExport:
     t0 = time.perf_counter()
     adapters = dict(adapters or {})
     out = Path(out)
@@ -71,9 +72,10 @@ def export(base: str, out: str | Path, quant: str = "q4_0", adapters: dict[str, 
     for name in adapters:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise EdgeIA3Error(f"adapter name '{name}' must be letters, digits, '_', '-' or '.'")
+    check_out(out, force)  # before any work: refuse a non-empty --out unless --force
     gguf_src, hf_dir = _resolve(base)
     notes: list[str] = []
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, force=force) as tmp:
         model = tmp / MODEL_FILE
         if hf_dir is not None:
             file_quant = _from_transformers(hf_dir, model, quant, tmp, notes)
@@ -81,7 +83,7 @@ def export(base: str, out: str | Path, quant: str = "q4_0", adapters: dict[str, 
             import shutil
 
             shutil.copyfile(gguf_src, model)
-            file_quant = _file_type(model)
+            file_quant = GGUFIndex(model).file_type
             if quant != "q4_0":  # the CLI default; anything else was asked for explicitly
                 notes.append(f"--quant {quant} ignored: a GGUF base is used as is ({file_quant})")
         gb = GGUFBase(model, name=str(base))
@@ -152,14 +154,3 @@ def _from_transformers(hf_dir: Path, model: Path, quant: str, tmp: Path, notes: 
         notes.append(f"tokenizer: {written.tokenizer}")
     return quant
 
-
-def _file_type(path: Path) -> str:
-    from .ggml_index import GGUFIndex
-
-    ft = GGUFIndex(path).kv.get("general.file_type")
-    try:
-        import gguf
-
-        return gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_").lower() if ft is not None else "unknown"
-    except ValueError:
-        return f"file_type {ft}"

@@ -184,6 +184,17 @@ class GGUFIndex:
             return default
         return int(v)
 
+    @property
+    def file_type(self) -> str:
+        """llama.cpp's file type name, e.g. "q4_1", "q4_k_m", "f16"."""
+        import gguf
+
+        ft = self.kv.get("general.file_type")
+        try:
+            return gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_").lower() if ft is not None else "unknown"
+        except ValueError:
+            return f"file_type {ft}"
+
     def tensor(self, name: str) -> TensorInfo:
         if name not in self.tensors:
             raise EdgeIA3Error(f"{self.path}: tensor {name} missing for architecture {self.arch}")

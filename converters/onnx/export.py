@@ -27,7 +27,7 @@ from typing import Any
 
 
 from edgeia3.adapter import IA3Adapter
-from edgeia3.atomic import atomic_dir
+from edgeia3.atomic import atomic_dir, check_out
 from edgeia3.base import LoadedBase, load_base
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.fingerprint import num_layers
@@ -118,7 +118,8 @@ def _save_hf(model: Any, tokenizer: Any, where: Path) -> Path:
 
 def export(base: str = "default", out: str | Path = "", precision: str = "int4",
            adapters: dict[str, str | Path] | None = None, merge: str | None = None, provider: str = "cpu",
-           mobile: bool = False, fuse_qkv: bool = True, accuracy_level: int | None = None) -> OnnxExport:
+           mobile: bool = False, fuse_qkv: bool = True, accuracy_level: int | None = None,
+           force: bool = False) -> OnnxExport:
     """Export ``base`` (+ IA3 adapters) for onnxruntime-genai; see the module docstring.
 
     ``fuse_qkv=False`` asks the builder for separate q/k/v MatMuls (one IA3
@@ -132,6 +133,7 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
     adapters = dict(adapters or {})
     _check_args(precision, provider, adapters, merge)
     out = Path(out)
+    check_out(out, force)  # before any work: refuse a non-empty --out unless --force
     lb = load_base(base)
     _check_family(lb.family)
     if lb.tokenizer is None:
@@ -142,7 +144,7 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
     if accuracy_level is not None:
         extra["accuracy_level"] = str(accuracy_level)
     notes: list[str] = []
-    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="edgeia3-onnx-") as work:
+    with atomic_dir(out, force=force) as tmp, tempfile.TemporaryDirectory(prefix="edgeia3-onnx-") as work:
         if merge is not None:
             merged = _export_merged(lb, loaded[merge], tmp, Path(work), precision, provider, extra, notes)
             merged["name"] = merge

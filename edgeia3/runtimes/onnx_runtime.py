@@ -15,6 +15,7 @@ Two paths over the same export:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -37,22 +38,25 @@ class OnnxRuntime:
         import onnxruntime_genai as og
 
         self.path = Path(path)
-        self.manifest = json.loads((self.path / MANIFEST).read_text())
-        self.genai_config = json.loads((self.path / "genai_config.json").read_text())
-        config = og.Config(str(self.path))
-        if provider is not None:  # e.g. run a CUDA-targeted export on CPU
-            config.clear_providers()
-            if provider != "cpu":
-                config.append_provider(provider)
+        self.manifest = _read_json(self.path / MANIFEST, self.path)
+        self.genai_config = _read_json(self.path / "genai_config.json", self.path)
+        with _load_errors(self.path, "the export's genai_config.json"):
+            config = og.Config(str(self.path))
+            if provider is not None:  # e.g. run a CUDA-targeted export on CPU
+                config.clear_providers()
+                if provider != "cpu":
+                    config.append_provider(provider)
         self._provider = provider or "cpu"
         t0 = time.perf_counter()
-        self.model = og.Model(config)
-        self._og_adapters = og.Adapters(self.model)
+        with _load_errors(self.path, self.manifest.get("model_file", "model.onnx")):
+            self.model = og.Model(config)
+            self._og_adapters = og.Adapters(self.model)
         self._files: dict[str, Path] = {}
         for name, entry in self.manifest.get("adapters", {}).items():
             if "file" in entry:
                 self._files[name] = self.path / entry["file"]
-                self._og_adapters.load(str(self._files[name]), name)
+                with _load_errors(self.path, f"adapter '{name}' ({entry['file']})"):
+                    self._og_adapters.load(str(self._files[name]), name)
         self.open_seconds = time.perf_counter() - t0
         self._active: str | None = None
         self._template = read_template(self.path)
@@ -202,7 +206,8 @@ class OnnxRuntime:
             model_file = self.path / self.manifest.get("model_file", "model.onnx")
             so = ort.SessionOptions()
             so.log_severity_level = 3  # IA3 inputs are overridable initializers by design; no warning per input
-            self._session = ort.InferenceSession(str(model_file), so, providers=providers)
+            with _load_errors(self.path, model_file.name, "onnxruntime"):
+                self._session = ort.InferenceSession(str(model_file), so, providers=providers)
             types = {i.name: i.type for i in (*self._session.get_inputs(),
                                               *self._session.get_overridable_initializers())}
             self._input_types = types
@@ -215,7 +220,8 @@ class OnnxRuntime:
 
         if name not in self._ort_adapters:
             a = ort.LoraAdapter()
-            a.Load(str(self._files[name]))
+            with _load_errors(self.path, f"adapter '{name}' ({self._files[name].name})", "onnxruntime"):
+                a.Load(str(self._files[name]))
             self._ort_adapters[name] = a
         return self._ort_adapters[name]
 
@@ -245,6 +251,27 @@ class OnnxRuntime:
                 name = pattern % i
                 feeds[name] = np.zeros(kv_shape, dtype=_np_type(types[name]))
         return feeds
+
+
+@contextlib.contextmanager
+def _load_errors(export: Path, what: str, runtime: str = "onnxruntime-genai") -> Iterator[None]:
+    """A runtime's failure to load part of an export (a truncated model.onnx makes
+    onnxruntime raise a protobuf parse error) becomes one EdgeIA3Error naming the export."""
+    try:
+        yield
+    except EdgeIA3Error:
+        raise
+    except Exception as e:  # onnxruntime(-genai) raise RuntimeError and their own pybind11 types
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise EdgeIA3Error(f"{export}: {runtime} cannot load {what} (is the export complete? "
+                           f"re-export it): {detail}") from None
+
+
+def _read_json(path: Path, export: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise EdgeIA3Error(f"{export}: cannot read {path.name}: {e}") from None
 
 
 def _np_type(ort_type: str):
