@@ -140,30 +140,41 @@ def resolve_base(spec: str | os.PathLike) -> BaseSource:
     raise EdgeIA3Error(f"base not found: {spec} (expected 'default', a model dir, a .gguf or a hub id)")
 
 
-def quantized_gguf(hf_dir: str | Path, quant: str) -> Path:
-    """A transformers directory quantized by llama.cpp (``quant``), cached: one file per (dir, quant),
-    shared by training, ``export gguf`` and ``export onnx``."""
+def quantized_gguf(src: BaseSource, quant: str) -> Path:
+    """The base quantized by llama.cpp to ``quant``, cached: one file per (base, quant), shared by
+    training, ``export gguf`` and ``export onnx``. A GGUF base is re-quantized from its own
+    dequantized tensors (its transformers twin, written back by edgeia3's GGUF writer so the
+    file records the base's identity). q4_0 and q8_0 are "pure" (embedding and LM head too),
+    so the ONNX transcode of the file runs entirely on onnxruntime's fast integer kernels."""
     from converters.gguf.hf_writer import write_hf_gguf
     from converters.gguf.quantize import quantize
 
-    hf_dir = Path(hf_dir)
-    h = hashlib.sha256()
-    for f in sorted(hf_dir.glob("*.json")) + sorted(hf_dir.glob("*.safetensors")):
-        h.update(f.name.encode() + _file_digest(f).encode())
-    out = cache_home() / "quantized" / f"{hf_dir.name}-{h.hexdigest()[:16]}-{quant}.gguf"
+    pure = quant in ("q4_0", "q8_0")
+    if src.gguf is not None:
+        stem, digest = src.gguf.stem, _file_digest(src.gguf)
+    else:
+        hf_dir = Path(src.hf_path)
+        h = hashlib.sha256()
+        for f in sorted(hf_dir.glob("*.json")) + sorted(hf_dir.glob("*.safetensors")):
+            h.update(f.name.encode() + _file_digest(f).encode())
+        stem, digest = hf_dir.name, h.hexdigest()[:16]
+    out = cache_home() / "quantized" / f"{stem}-{digest}-{quant}.gguf"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".f32-") as tmp, atomic_file(out, force=True) as dst:
         f32 = Path(tmp) / "model.f32.gguf"
-        write_hf_gguf(hf_dir, f32, dtype="f32")
-        quantize(f32, dst, quant)
+        write_hf_gguf(Path(src.hf_path), f32, dtype="f32")
+        quantize(f32, dst, quant, pure=pure)
     return out
 
 
-def file_digest(path: str | Path) -> str:
-    """Short content hash of a file (names the exact weights an adapter was trained on)."""
-    return _file_digest(Path(path))
+def gguf_weights(path: Path, name: str, quant: str | None = None) -> dict:
+    """The ``trained_on`` / ``deployed`` description of a GGUF's blocks (see edgeia3.weights)."""
+    from converters.gguf.ggml_index import GGUFIndex
+
+    return {"kind": "gguf", "sha256": _file_digest(path), "quant": quant or GGUFIndex(path).file_type,
+            "name": name}
 
 
 @dataclass
@@ -231,9 +242,6 @@ def resolve_quant(quant: str, src: BaseSource, family: Family) -> str:
     if quant == "gguf" and src.gguf is None:
         raise EdgeIA3Error(f"--quant gguf trains on a GGUF file's own tensors, but {src.spec} is not a GGUF; "
                            f"give a .gguf base or quantize this one (--quant {'|'.join(LLAMA_QUANTS[:3])}|...)")
-    if quant in LLAMA_QUANTS and src.gguf is not None:
-        raise EdgeIA3Error(f"{src.spec} is already a quantized GGUF; train on its own tensors (--quant gguf) "
-                           "or give the transformers model to quantize it differently")
     return quant
 
 
@@ -270,7 +278,9 @@ def load_base(spec: str | os.PathLike = DEFAULT_BASE, quant: str = "none") -> Lo
     model.eval()
     if quant == "nf4":
         _disable_bnb_cpu_repack(model)
-    return LoadedBase(src, model, _tokenizer(src), family, quant)
+    # A GGUF base in full precision holds exactly the file's dequantized blocks.
+    weights = gguf_weights(src.gguf, src.gguf.name) if src.gguf is not None and quant == "none" else None
+    return LoadedBase(src, model, _tokenizer(src), family, quant, weights)
 
 
 def _tokenizer(src: BaseSource) -> Any:
@@ -290,15 +300,16 @@ def _load_on_gguf(src: BaseSource, family: Family, quant: str) -> LoadedBase:
     llama.cpp (``quantized_gguf``) and its embedding / LM head are replaced by the
     GGUF's dequantized ones, so torch computes what llama.cpp and ONNX will run.
     """
-    from converters.gguf.ggml_index import GGUFIndex
     from converters.gguf.torch_weights import attach_gguf_weights
 
     lb = load_base(src.spec, quant="none")
-    identity = lb.identity  # of the base as given (a transformers dir: its full-precision weights)
-    path = src.gguf if quant == "gguf" else quantized_gguf(src.hf_path, quant)
-    summary = attach_gguf_weights(lb.model, family, path, embeddings=src.gguf is None)
-    summary.update(sha256=file_digest(path), quant=quant if quant != "gguf" else GGUFIndex(path).file_type,
-                   name=Path(path).name if src.gguf is not None else f"{src.spec} quantized {quant}")
+    identity = lb.identity  # of the base as given (its full-precision / dequantized weights)
+    if quant == "gguf":
+        path, name, q = src.gguf, src.gguf.name, None
+    else:
+        path, name, q = quantized_gguf(src, quant), f"{src.name} quantized {quant}", quant
+    summary = attach_gguf_weights(lb.model, family, path, embeddings=quant != "gguf")
+    summary.update(gguf_weights(path, name, q), file=str(path))
     lb.quant, lb.weights = "gguf", summary
     lb.__dict__["identity"] = identity
     return lb

@@ -102,7 +102,7 @@ def merge(
     base: str = typer.Option("default", help="'default' (embedded SmolLM2), a model dir, a .gguf or a hub id"),
     adapter: Path = typer.Option(..., help="IA3 adapter: edgeia3 dir/file or a PEFT IA3 dir"),
     out: Path = typer.Option(..., help="output transformers model directory"),
-    into: str = typer.Option("auto", help="auto (follow the adapter's training quantization), full or nf4"),
+    into: str = typer.Option("auto", help="auto (follow the adapter's training quantization), full, nf4 or gguf (the dequantized GGUF blocks it was trained on)"),
     force: bool = typer.Option(False, "--force", help="replace --out if it already exists (atomically, once done)"),
 ) -> None:
     """Fold an IA3 adapter into the base weights and save a transformers model."""
@@ -201,6 +201,9 @@ def export_onnx(
     fuse_qkv: bool = typer.Option(True, help="keep the builder's fused q/k/v projection (one IA3 input per layer)"),
     accuracy_level: Optional[int] = typer.Option(None, help="int4/int8 compute: 4 = int8 activations (builder "
                                                  "default), 1 = fp32"),
+    weights: str = typer.Option("auto", help="int4/int8 weights: auto (a GGUF's own blocks when the base or the "
+                                "adapters' training has one), builder (its own int4) or a llama.cpp type (q4_0, ...)"),
+    strict: bool = typer.Option(False, help="refuse adapters trained on other weights than the export runs"),
     force: bool = typer.Option(False, "--force", help="replace --out if it already exists (atomically, once done)"),
 ) -> None:
     """Export to ONNX (onnxruntime-genai) with IA3 side-tensors or a merged adapter."""
@@ -209,7 +212,7 @@ def export_onnx(
     _quiet_libraries()
     res = fn(base=base, out=out, precision=precision, adapters=parse_named(adapter, "--adapter"),
              merge=merge, provider=provider, mobile=mobile, fuse_qkv=fuse_qkv, accuracy_level=accuracy_level,
-             force=force)
+             force=force, weights=weights, strict=strict)
     console.print(str(res))
 
 
@@ -218,16 +221,19 @@ def export_onnx(
 def export_gguf(
     base: str = typer.Option("default", help="'default', a model dir or a .gguf"),
     out: Path = typer.Option(..., help="output directory"),
-    quant: str = typer.Option("q4_0", help="q4_0, q4_1, q5_k_m, q4_k_m, q8_0 or f16 (a .gguf base is kept as is)"),
+    quant: Optional[str] = typer.Option(None, help="q4_0, q4_1, q5_k_m, q4_k_m, q8_0 or f16; default: what the "
+                                        "adapters were trained on (a .gguf base: the file as is; else q4_0)"),
     adapter: Optional[list[str]] = typer.Option(None, help="NAME=ADAPTER_DIR, repeatable"),
     merge: Optional[str] = typer.Option(None, help="fold adapter NAME into the quantized weights"),
+    strict: bool = typer.Option(False, help="refuse adapters trained on other weights than the export runs"),
     force: bool = typer.Option(False, "--force", help="replace --out if it already exists (atomically, once done)"),
 ) -> None:
     """Export to GGUF (llama.cpp) with IA3 adapter files or an exact merge."""
     from .export import export_gguf as fn
 
     _quiet_libraries()
-    res = fn(base=base, out=out, quant=quant, adapters=parse_named(adapter, "--adapter"), merge=merge, force=force)
+    res = fn(base=base, out=out, quant=quant, adapters=parse_named(adapter, "--adapter"), merge=merge, force=force,
+             strict=strict)
     console.print(str(res))
 
 

@@ -14,29 +14,36 @@ from typing import Any
 def export_onnx(base: str, out: str | Path, precision: str = "int4",
                 adapters: dict[str, str] | None = None, merge: str | None = None,
                 provider: str = "cpu", mobile: bool = False, fuse_qkv: bool = True,
-                accuracy_level: int | None = None, force: bool = False) -> Any:
+                accuracy_level: int | None = None, force: bool = False, weights: str = "auto",
+                strict: bool = False) -> Any:
     """ONNX export for onnxruntime-genai, adapters as side-tensors or merged.
 
     ``accuracy_level``: MatMulNBits compute precision (builder default 4 = int8
     activations; 1 = fp32, slower, makes int4 side and merged agree to ~1e-4).
-    An existing non-empty ``out`` is refused unless ``force``.
+    ``weights``: "auto" (a GGUF's own blocks when the base or the adapters' training
+    has one), "builder" or a llama.cpp type. ``strict``: refuse adapters trained on
+    other weights. An existing non-empty ``out`` is refused unless ``force``.
     """
     from converters.onnx.export import export
 
     return export(base=base, out=out, precision=precision, adapters=adapters or {},
                   merge=merge, provider=provider, mobile=mobile, fuse_qkv=fuse_qkv,
-                  accuracy_level=accuracy_level, force=force)
+                  accuracy_level=accuracy_level, force=force, weights=weights, strict=strict)
 
 
-def export_gguf(base: str, out: str | Path, quant: str = "q4_0",
-                adapters: dict[str, str] | None = None, merge: str | None = None, force: bool = False) -> Any:
+def export_gguf(base: str, out: str | Path, quant: str | None = None,
+                adapters: dict[str, str] | None = None, merge: str | None = None, force: bool = False,
+                strict: bool = False) -> Any:
     """GGUF export for llama.cpp, with IA3 adapter GGUFs or one merged in exactly.
 
-    An existing non-empty ``out`` is refused unless ``force``.
+    ``quant`` None: the quantization the adapters were trained on, else a GGUF base
+    as is / q4_0 for a transformers base. ``strict``: refuse adapters trained on
+    other weights. An existing non-empty ``out`` is refused unless ``force``.
     """
     from converters.gguf.export import export
 
-    return export(base=base, out=out, quant=quant, adapters=adapters or {}, merge=merge, force=force)
+    return export(base=base, out=out, quant=quant, adapters=adapters or {}, merge=merge, force=force,
+                  strict=strict)
 
 
 @dataclass
@@ -82,6 +89,7 @@ def _onnx_adapters(info: ExportInfo) -> dict[str, Any]:
     for n, p in info.adapter_files.items():
         ad = read_onnx_adapter(p, plans_of(m), m["family"], m["adapters"][n]["sites"])
         ad.quant = m["adapters"][n].get("trained_on", "none")  # the file holds only tensors
+        ad.trained_on = m["adapters"][n].get("trained_weights") or {}
         out[n] = ad
     if info.merged:  # folded into the weights; the export keeps its canonical vectors
         out[info.merged] = IA3Adapter.load(info.path / m["adapters"][info.merged]["canonical"])

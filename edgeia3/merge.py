@@ -24,7 +24,7 @@ from .errors import EdgeIA3Error
 from .registry import Family, Scaling
 from .validate import load_adapter_for
 
-INTO_CHOICES = ("auto", "full", "nf4")
+INTO_CHOICES = ("auto", "full", "nf4", "gguf")
 
 
 def fold_into_model(model: Any, adapter: IA3Adapter, family: Family) -> None:
@@ -66,10 +66,17 @@ class MergeResult:
     seconds: float
 
 
-def merge_loaded(base: LoadedBase, adapter: IA3Adapter) -> Any:
-    """Fold ``adapter`` into ``base`` (dequantizing an NF4 base first); returns the model."""
-    model = dequantize_model(base.model) if base.quant == "nf4" else base.model
-    fold_into_model(model, adapter, base.family)
+def merge_loaded(base: LoadedBase, adapter: IA3Adapter | None) -> Any:
+    """Fold ``adapter`` into ``base`` (dequantizing a 4-bit base first; None: only that)."""
+    model = base.model
+    if base.quant == "nf4":
+        model = dequantize_model(model)
+    elif base.quant == "gguf":
+        from converters.gguf.torch_weights import densify
+
+        model = densify(model)
+    if adapter is not None:
+        fold_into_model(model, adapter, base.family)
     return model
 
 
@@ -88,15 +95,20 @@ def merge(base: str = DEFAULT_BASE, adapter: str | Path = "", out: str | Path = 
         return _merge_into_gguf(base, adapter, Path(out), force)
     check_out(out, force)
     t0 = time.perf_counter()
+    # Peek at the adapter's metadata before choosing how to load the base.
+    quant, trained_on = _adapter_quant(adapter)
     if into == "auto":
-        # Peek at the adapter's metadata before choosing how to load the base.
-        quant = _adapter_quant(adapter)
-        into = "nf4" if quant == "nf4" else "full"
-    lb = load_base(base, quant="nf4" if into == "nf4" else "none")
+        into = quant if quant in ("nf4", "gguf") else "full"
+    load_as = {"nf4": "nf4", "full": "none"}.get(into)
+    if into == "gguf":  # the GGUF blocks it was trained on: the base file, or its llama.cpp quantization
+        named = trained_on.get("name", "").endswith(f"quantized {trained_on.get('quant')}")
+        load_as = trained_on["quant"] if named else "gguf"
+    lb = load_base(base, quant=load_as)
     ad = load_adapter_for(adapter, lb)
     model = merge_loaded(lb, ad)
-    what = ("dequantized NF4 weights (exact w.r.t. the 4-bit model it was trained on)"
-            if into == "nf4" else "full-precision weights")
+    what = {"nf4": "dequantized NF4 weights (exact w.r.t. the 4-bit model it was trained on)",
+            "gguf": f"dequantized {(lb.weights or {}).get('quant')} GGUF blocks (the weights it was trained on)",
+            }.get(into, "full-precision weights")
     with atomic_dir(out, force=force) as tmp:
         model.save_pretrained(tmp)
         if lb.tokenizer is not None:
@@ -127,8 +139,9 @@ def _merge_into_gguf(base: str, adapter: str | Path, out: Path, force: bool) -> 
     return res
 
 
-def _adapter_quant(path: str | Path) -> str:
+def _adapter_quant(path: str | Path) -> tuple[str, dict]:
     try:
-        return IA3Adapter.load(path).quant
+        ad = IA3Adapter.load(path)
+        return ad.quant, ad.trained_on
     except EdgeIA3Error:
-        return "none"  # a bare PEFT dir carries no quant info; load_adapter_for reports real errors
+        return "none", {}  # a bare PEFT dir carries no quant info; load_adapter_for reports real errors

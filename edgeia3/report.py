@@ -170,22 +170,31 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "versions": versions}
 
 
-def reference_base(spec: str, adapters: dict[str, Any]) -> tuple[Any, str]:
-    """The PyTorch base the drift is measured against: what the adapters were trained on.
+def trained_as(adapter: Any) -> str:
+    """The ``load_base`` quant that rebuilds the model an adapter was trained as."""
+    t = adapter.trained_on or {}
+    if adapter.quant == "gguf":
+        named = t.get("name", "").endswith(f"quantized {t.get('quant')}")
+        return t["quant"] if named else "gguf"
+    return "nf4" if adapter.quant == "nf4" else "none"
 
-    Adapters trained on an NF4 base are compared with the dequantized NF4 weights
-    (the model they were trained with); others with the full-precision base.
-    """
+
+_REFERENCE_LABELS = {"nf4": "dequantized NF4 base", "none": "fp32 base", "gguf": "the GGUF base's own blocks"}
+
+
+def reference_base(spec: str, quant: str) -> tuple[Any, str]:
+    """The PyTorch model an adapter is compared against: the one it was trained as
+    (``trained_as``), with 4-bit weights dequantized exactly for fp32 speed."""
     import dataclasses
 
     from .base import load_base
-    from .merge import dequantize_model
+    from .merge import merge_loaded
 
-    if any(ad.quant == "nf4" for ad in adapters.values()):
-        nf4 = load_base(spec, quant="nf4")
-        base = dataclasses.replace(nf4, model=dequantize_model(nf4.model), quant="none")
-        return base, "dequantized NF4 base + adapter, unmerged (what the adapters were trained on)"
-    return load_base(spec), "fp32 base + adapter, unmerged"
+    lb = load_base(spec, quant=quant)
+    label = _REFERENCE_LABELS.get(quant, f"the base quantized {quant} by llama.cpp")
+    if lb.quant in ("nf4", "gguf"):  # no adapter folded in: just dequantize
+        lb = dataclasses.replace(lb, model=merge_loaded(lb, None), quant="none")
+    return lb, f"{label} + adapter, unmerged (what it was trained on)"
 
 
 def report_export(info: ExportInfo, opts: ReportOptions, eval_sets: dict[str, list[dict]]) -> dict:
@@ -193,16 +202,25 @@ def report_export(info: ExportInfo, opts: ReportOptions, eval_sets: dict[str, li
     from .runtimes.torch_runtime import TorchRuntime
 
     adapters = info.adapters()  # canonical adapters read back from the export's own files
-    base, reference = reference_base(info.base_spec, adapters)
+    # One PyTorch reference per training setup: each adapter against the model it was trained as.
+    refs: dict[str, tuple[Any, Any, str]] = {}
+    for name, ad in adapters.items():
+        key = trained_as(ad)
+        if key not in refs:
+            lb, label = reference_base(info.base_spec, key)
+            refs[key] = (lb, TorchRuntime(lb, {n: a for n, a in adapters.items() if trained_as(a) == key}), label)
+    if not refs:
+        lb, label = reference_base(info.base_spec, "none")
+        refs["none"] = (lb, TorchRuntime(lb, {}), label)
+    base, first_ref, _ = next(iter(refs.values()))
     sizes = {name: {"bytes": info.adapter_bytes.get(name), "vector_bytes": ad.nbytes,
                     "params": ad.num_params, "lora_r8_bytes": lora_equivalent_bytes(ad, base)}
              for name, ad in adapters.items()}
-    ref = TorchRuntime(base, adapters)
     rt, load_s = _timed_open(info.path)
-    speed_ids = ref.prompt_ids(SPEED_PROMPT)
-    drift_ids = [ref.prompt_ids(p) for p in PROMPTS]
+    speed_ids = first_ref.prompt_ids(SPEED_PROMPT)
+    drift_ids = [first_ref.prompt_ids(p) for p in PROMPTS]
     result: dict[str, Any] = {"path": str(info.path), "label": info.label, "kind": info.kind,
-                              "reference": reference,
+                              "reference": "; ".join(sorted({label for _, _, label in refs.values()})),
                               "precision": info.precision, "merged": info.merged,
                               "model_bytes": info.model_bytes, "adapters": {}}
     rt.use_adapter(None)  # the base, or for a merged export the merged model
@@ -223,13 +241,16 @@ def report_export(info: ExportInfo, opts: ReportOptions, eval_sets: dict[str, li
     names = [info.merged] if info.merged else rt.adapters
     for name in names:
         rt.use_adapter(name)
+        ref_base, ref, label = refs[trained_as(adapters[name])]
         ref.use_adapter(name)
-        entry = {"size": sizes.get(name), "drift": drift(rt, ref, drift_ids, opts.greedy_tokens),
+        entry = {"size": sizes.get(name), "reference": label,
+                 "drift": drift(rt, ref, drift_ids, opts.greedy_tokens),
                  "speed": measure_speed(rt, speed_ids, opts)}
         if name in eval_sets:
             rows = eval_sets[name][: opts.eval_rows]
-            tok = lambda s: base.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-            entry["accuracy"] = {"runtime": accuracy(rt, tok, rows), "torch": accuracy(ref, tok, rows),
+            tok = lambda s: ref_base.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+            # "trained": the model the adapter was trained as (its own quantization), in PyTorch
+            entry["accuracy"] = {"runtime": accuracy(rt, tok, rows), "trained": accuracy(ref, tok, rows),
                                  "rows": len(rows)}
         result["adapters"][name] = entry
     _close(rt)

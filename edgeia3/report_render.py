@@ -51,13 +51,13 @@ def render_markdown(doc: dict, charts: list[str]) -> str:
     refs = sorted({e["reference"] for e in doc["exports"]})
     lines += ["", "## Drift vs PyTorch", "", "Reference: " + "; ".join(refs) + ".", "",
               "| export | adapter | max abs Δlogit | mean abs Δlogit | KL(ref‖rt) | argmax agree | "
-              "greedy tokens agree | decode tok/s | accuracy (runtime / torch) |",
+              "greedy tokens agree | decode tok/s | accuracy (runtime / trained) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for e in doc["exports"]:
         for name, a in e["adapters"].items():
             d = a["drift"]
             acc = a.get("accuracy")
-            acc_s = f"{acc['runtime']:.0%} / {acc['torch']:.0%} (n={acc['rows']})" if acc else "-"
+            acc_s = f"{acc['runtime']:.0%} / {acc['trained']:.0%} (n={acc['rows']})" if acc else "-"
             lines.append(f"| {e['label']} | {name} | {d['max_abs_logit_diff']:.3f} | "
                          f"{d['mean_abs_logit_diff']:.4f} | {d['kl_ref_to_runtime']:.5f} | "
                          f"{d['argmax_agreement']:.1%} | {d['greedy_token_agreement']:.1%} | "
@@ -69,8 +69,9 @@ def render_markdown(doc: dict, charts: list[str]) -> str:
               "only records the choice; it activates with the next generator), *switch + 1st token* adds "
               "the first token of a short prompt; *reload* (open the model again + first token) is what "
               "switching would cost without swapping in place.",
-              "- **Drift**: differences against PyTorch running the base the adapters were trained on "
-              "(dequantized NF4 for NF4-trained adapters) with the adapter unmerged. Quantized exports "
+              "- **Drift**: differences against PyTorch running, per adapter, the model it was trained as "
+              "(its own quantization: the GGUF's blocks, dequantized NF4, or full precision) with the "
+              "adapter unmerged; *accuracy* puts the runtime next to that trained model. Quantized exports "
               "(int4, Q4) drift by their quantization error; *greedy tokens agree* is the share of "
               "positions where 20 greedy tokens match; *accuracy* compares task answers directly.", ""]
     lines += [f"![{c}]({c})" for c in charts]

@@ -65,9 +65,9 @@ def main() -> None:
 
     for task, (_, epochs) in TASKS.items():
         data = ROOT / "tasks" / task
-        step(f"train IA3 '{task}' on the NF4 base", out / "adapters" / task,
+        step(f"train IA3 '{task}' on the GGUF's own Q4_1 blocks", out / "adapters" / task,
              lambda: train("default", data / "train.jsonl", out / "adapters" / task,
-                           eval_data=data / "eval.jsonl", quant="nf4",
+                           eval_data=data / "eval.jsonl",
                            config=TrainConfig(epochs=epochs, max_eval=args.eval_rows)))
         tr = json.loads((out / "adapters" / task / "training.json").read_text())
         before, after = tr["eval_before"], tr["eval_after"]
@@ -76,7 +76,7 @@ def main() -> None:
 
     first = next(iter(TASKS))
     adapters = {t: str(out / "adapters" / t) for t in TASKS}
-    step(f"merge '{first}' into the dequantized NF4 weights (transformers)", out / f"merged-{first}",
+    step(f"merge '{first}' into the dequantized GGUF weights it was trained on (transformers)", out / f"merged-{first}",
          lambda: merge("default", adapters[first], out / f"merged-{first}"))
 
     exports = {

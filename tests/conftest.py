@@ -16,13 +16,14 @@ def tiny_dir(tmp_path_factory):
     """Factory: path of a saved tiny random model per family (cached per session)."""
     cache: dict = {}
 
-    def get(family: str, seed: int = 0, tokenizer: bool = False, **overrides) -> Path:
+    def get(family: str, seed: int = 0, tokenizer: bool | str = False, **overrides) -> Path:
+        """``tokenizer``: True (character-level WordLevel) or "bpe" (GGUF-writable)."""
         key = (family, seed, tokenizer, tuple(sorted(overrides.items())))
         if key not in cache:
             out = tmp_path_factory.mktemp(f"tiny_{family}_{seed}")
             cache[key] = make_tiny_model(family, out, seed=seed, **overrides)
             if tokenizer:
-                make_tiny_tokenizer(out)
+                make_tiny_tokenizer(out, bpe=tokenizer == "bpe")
         return cache[key]
 
     return get

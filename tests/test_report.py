@@ -61,7 +61,7 @@ def test_report_fields_and_values(exports):
         assert d["max_abs_logit_diff"] < 1e-3, (e["label"], d)
         assert d["argmax_agreement"] == 1.0 and d["greedy_token_agreement"] == 1.0
     assert list(merged["adapters"]) == ["a"] and merged["merged"] == "a"
-    assert side["adapters"]["a"]["accuracy"]["runtime"] == side["adapters"]["a"]["accuracy"]["torch"]
+    assert side["adapters"]["a"]["accuracy"]["runtime"] == side["adapters"]["a"]["accuracy"]["trained"]
 
     # latencies are positive and ordered as they must be
     for e in doc["exports"]:

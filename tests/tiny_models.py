@@ -91,8 +91,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tiny_tokenizer(out: Path):
-    """A character-level fast tokenizer (< VOCAB ids) with a chat template, saved to ``out``."""
+def make_tiny_tokenizer(out: Path, bpe: bool = False):
+    """A character-level fast tokenizer (< VOCAB ids) with a chat template, saved to ``out``
+    (``bpe``: as a BPE model without merges, which edgeia3's GGUF writer accepts)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -100,7 +101,10 @@ def make_tiny_tokenizer(out: Path):
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     vocab = {t: i for i, t in enumerate(specials + chars)}
     assert len(vocab) <= VOCAB
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    if bpe:
+        vocab.update({f"<unused{i}>": i for i in range(len(vocab), VOCAB)})  # the model's full vocab
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<pad>") if bpe
+                    else models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
                                    additional_special_tokens=["<|im_start|>"])

@@ -68,6 +68,7 @@ def write_ia3_gguf(adapter: IA3Adapter, path: str | Path, base, name: str = "") 
         w.add_string(K + "base.content", identity.content)
         w.add_string(K + "base.name", identity.name)
         w.add_string(K + "trained_quant", adapter.quant)
+        w.add_string(K + "trained_on", json.dumps(adapter.trained_on))
         w.add_string(K + "fused_layout", json.dumps(adapter.fused_layout))
         w.add_string(K + "extra", json.dumps(adapter.extra))
         for key, vec in vectors.items():
@@ -117,7 +118,8 @@ def read_ia3_gguf(path: str | Path) -> IA3Adapter:
             vectors, fam, list(get(K + "sites", [])), int(get(K + "block_count")),
             json.loads(get(K + "fused_layout", "{}")),
             {"q": int(get(K + "head_count")), "k": int(get(K + "head_count_kv"))},
-            base=base, quant=get(K + "trained_quant", "none"), extra=json.loads(get(K + "extra", "{}")),
+            base=base, quant=get(K + "trained_quant", "none"),
+            trained_on=json.loads(get(K + "trained_on", "{}")), extra=json.loads(get(K + "extra", "{}")),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise EdgeIA3Error(f"{path}: corrupt IA3 adapter GGUF metadata ({e})") from e

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from edgeia3.atomic import atomic_dir, check_out
+from edgeia3.base import LLAMA_QUANTS, gguf_weights, quantized_gguf, resolve_base
 from edgeia3.errors import EdgeIA3Error
+from edgeia3.weights import check_deployment
 
 from .adapter_file import SUFFIX, write_ia3_gguf
 from .base_gguf import GGUFBase
@@ -30,10 +33,10 @@ from .ggml_index import GGUFIndex
 from .merge import adapter_plan, apply_plan
 from .quantize import EXPORT_QUANTS
 
+DIRECT = ("f32", "f16")  # written by edgeia3's writer without llama.cpp's quantizer
+
 MODEL_FILE = "model.gguf"
 MANIFEST = "edgeia3.json"
-NF4_NOTE = ("trained on an NF4 base: the GGUF uses its own quantization of the weights, "
-            "which differs from the one the adapter was trained with")
 
 
 @dataclass
@@ -59,14 +62,17 @@ class GGUFExport:
         return "\n".join(lines)
 
 
-def export(base: str, out: str | Path, quant: str = "q4_0", adapters: dict[str, str] | None = None,
-           merge: str | None = None, force: bool = False) -> GGUFExport:
+def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[str, str] | None = None,
+           merge: str | None = None, force: bool = False, strict: bool = False) -> GGUFExport:
+    """``quant`` None: the llama.cpp quantization the adapters were trained on, else the
+    GGUF base as is, else q4_0. Quantized files come from ``quantized_gguf``'s cache, so
+    they are byte for byte the files training ran on."""
     t0 = time.perf_counter()
     adapters = dict(adapters or {})
     out = Path(out)
-    quant = quant.lower()
-    if quant not in EXPORT_QUANTS and quant != "f32":
-        raise EdgeIA3Error(f"unknown --quant '{quant}' (choose from {', '.join(EXPORT_QUANTS)})")
+    quant = quant.lower() if quant else _trained_quant(adapters)
+    if quant is not None and quant not in EXPORT_QUANTS + LLAMA_QUANTS + DIRECT:
+        raise EdgeIA3Error(f"unknown --quant '{quant}' (choose from {', '.join(sorted(set(EXPORT_QUANTS + LLAMA_QUANTS)))})")
     if merge is not None and merge not in adapters:
         raise EdgeIA3Error(f"--merge {merge}: no adapter of that name (given: {', '.join(adapters) or 'none'})")
     for name in adapters:
@@ -74,18 +80,24 @@ def export(base: str, out: str | Path, quant: str = "q4_0", adapters: dict[str, 
             raise EdgeIA3Error(f"adapter name '{name}' must be letters, digits, '_', '-' or '.'")
     check_out(out, force)  # before any work: refuse a non-empty --out unless --force
     gguf_src, hf_dir = _resolve(base)
+    if gguf_src is not None and quant is not None and quant == GGUFIndex(gguf_src).file_type:
+        quant = None  # the file already is that quantization: use it as is
+    if hf_dir is not None and quant is None:
+        quant = "q4_0"
     notes: list[str] = []
     with atomic_dir(out, force=force) as tmp:
         model = tmp / MODEL_FILE
-        if hf_dir is not None:
-            file_quant = _from_transformers(hf_dir, model, quant, tmp, notes)
-        else:
-            import shutil
-
+        if quant in DIRECT and hf_dir is not None:
+            file_quant = _from_transformers(hf_dir, model, quant, notes)
+            name = f"{base} as {quant}"
+        elif quant is None:
             shutil.copyfile(gguf_src, model)
-            file_quant = GGUFIndex(model).file_type
-            if quant != "q4_0":  # the CLI default; anything else was asked for explicitly
-                notes.append(f"--quant {quant} ignored: a GGUF base is used as is ({file_quant})")
+            file_quant, name = GGUFIndex(model).file_type, gguf_src.name
+        else:  # one llama.cpp quantization of this base, shared with training (cached)
+            src = resolve_base(base)
+            shutil.copyfile(quantized_gguf(src, quant), model)
+            file_quant, name = quant, f"{src.name} quantized {quant}"
+        deployed = gguf_weights(model, name, file_quant)
         gb = GGUFBase(model, name=str(base))
         loaded = {name: gb.load_adapter(path) for name, path in adapters.items()}
         info: dict[str, dict] = {}
@@ -94,10 +106,9 @@ def export(base: str, out: str | Path, quant: str = "q4_0", adapters: dict[str, 
             rel = f"adapters/{name}{SUFFIX}"
             write_ia3_gguf(ad, tmp / rel, gb, name)
             info[name] = {"file": rel, "sites": ad.sites, "params": ad.num_params,
-                          "bytes": (tmp / rel).stat().st_size, "trained_quant": ad.quant}
-            if ad.quant == "nf4":
-                info[name]["note"] = NF4_NOTE
-                notes.append(f"adapter '{name}' {NF4_NOTE}")
+                          "bytes": (tmp / rel).stat().st_size, "trained_quant": ad.quant,
+                          "trained_weights": ad.trained_on,
+                          "same_weights": check_deployment(name, ad, deployed, strict, notes)}
         if merge is not None:
             # The copy in tmp is ours: patch its block scales in place.
             plan = adapter_plan(loaded[merge], gb)
@@ -113,6 +124,7 @@ def export(base: str, out: str | Path, quant: str = "q4_0", adapters: dict[str, 
                      "source_identity": gb.identities[-1].to_dict() if len(gb.identities) > 1 else None},
             "family": gb.family.name,
             "quant": file_quant,
+            "weights": deployed,
             "adapters": info,
             "merged": merge,
             "notes": notes,
@@ -139,17 +151,28 @@ def _resolve(base: str) -> tuple[Path | None, Path | None]:
     raise EdgeIA3Error(f"base not found: {base} (expected 'default', a transformers dir or a .gguf)")
 
 
-def _from_transformers(hf_dir: Path, model: Path, quant: str, tmp: Path, notes: list[str]) -> str:
-    from .hf_writer import write_hf_gguf
-    from .quantize import quantize
+def _trained_quant(adapters: dict[str, str]) -> str | None:
+    """The llama.cpp quantization the adapters were trained on (None: none of them was)."""
+    from edgeia3.adapter import IA3Adapter
 
-    if quant in ("f32", "f16"):
-        written = write_hf_gguf(hf_dir, model, dtype=quant)
-    else:
-        f32 = tmp / ".f32.gguf"
-        written = write_hf_gguf(hf_dir, f32, dtype="f32")
-        quantize(f32, model, quant)
-        f32.unlink()
+    quants = set()
+    for path in adapters.values():
+        try:
+            t = IA3Adapter.load(path).trained_on
+        except EdgeIA3Error:
+            continue  # a bare PEFT dir records nothing; loading it for real reports real errors
+        if t.get("name", "").endswith(f"quantized {t.get('quant')}"):
+            quants.add(t["quant"])
+    if len(quants) > 1:
+        raise EdgeIA3Error(f"the adapters were trained on different quantizations ({', '.join(sorted(quants))}); "
+                           "export them separately or pick one with --quant")
+    return quants.pop() if quants else None
+
+
+def _from_transformers(hf_dir: Path, model: Path, quant: str, notes: list[str]) -> str:
+    from .hf_writer import write_hf_gguf
+
+    written = write_hf_gguf(hf_dir, model, dtype=quant)
     if not written.pre_verified and "placeholder" not in written.tokenizer:
         notes.append(f"tokenizer: {written.tokenizer}")
     return quant

@@ -24,8 +24,10 @@ def ftype_of(quant: str) -> int:
     return getattr(llama_cpp, name)
 
 
-def quantize(src: str | Path, dst: str | Path, quant: str, threads: int | None = None) -> Path:
-    """llama_model_quantize(src -> dst) with llama.cpp's default mix for ``quant``."""
+def quantize(src: str | Path, dst: str | Path, quant: str, threads: int | None = None,
+             pure: bool = False) -> Path:
+    """llama_model_quantize(src -> dst) with llama.cpp's default mix for ``quant``
+    (``pure``: every tensor, embedding and output included, in ``quant``)."""
     import llama_cpp
 
     from .ggml_index import quiet_llama_logs
@@ -34,6 +36,7 @@ def quantize(src: str | Path, dst: str | Path, quant: str, threads: int | None =
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype_of(quant)
     params.nthread = threads or os.cpu_count() or 1
+    params.pure = pure
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise EdgeIA3Error(f"llama.cpp could not quantize {src} to {quant} (code {rc})")

@@ -28,16 +28,18 @@ from typing import Any
 
 from edgeia3.adapter import IA3Adapter
 from edgeia3.atomic import atomic_dir, check_out
-from edgeia3.base import LoadedBase, load_base
+from edgeia3.base import LLAMA_QUANTS, LoadedBase, gguf_weights, load_base, quantized_gguf
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.fingerprint import num_layers
 from edgeia3.prompts import TEMPLATE_FILE, read_template
 from edgeia3.registry import Family, Scaling
 from edgeia3.validate import expected_length, load_adapter_for
+from edgeia3.weights import check_deployment, same_weights
 
 from . import builder
 from .adapter_file import SUFFIX, write_onnx_adapter
 from .graph import IA3Input, activation_type, add_side_inputs, find_node, plan_inputs, scale_output_rows
+from .transcode import fusable_qkv, transcode
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 PROVIDERS = ("cpu", "cuda")
@@ -119,7 +121,7 @@ def _save_hf(model: Any, tokenizer: Any, where: Path) -> Path:
 def export(base: str = "default", out: str | Path = "", precision: str = "int4",
            adapters: dict[str, str | Path] | None = None, merge: str | None = None, provider: str = "cpu",
            mobile: bool = False, fuse_qkv: bool = True, accuracy_level: int | None = None,
-           force: bool = False) -> OnnxExport:
+           force: bool = False, weights: str = "auto", strict: bool = False) -> OnnxExport:
     """Export ``base`` (+ IA3 adapters) for onnxruntime-genai; see the module docstring.
 
     ``fuse_qkv=False`` asks the builder for separate q/k/v MatMuls (one IA3
@@ -128,6 +130,11 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
     builder's default (4 on CPU: activations quantized to int8 per block, fastest).
     With 4, side and merged exports differ by activation-rounding noise (the two
     graphs round x*l differently and int8 rounding flips); 1 computes in fp32.
+    ``weights`` (int4/int8): "auto" runs a GGUF's own blocks when there is one to
+    run - the GGUF base, or the llama.cpp quantization the adapters were trained
+    on - and the builder's own int4 otherwise; "builder" forces the builder's;
+    a llama.cpp type (q4_0, q4_k_m, ...) transcodes the base quantized to it.
+    ``strict``: refuse adapters trained on other weights than the export runs.
     """
     t0 = time.perf_counter()
     adapters = dict(adapters or {})
@@ -140,32 +147,48 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
         raise EdgeIA3Error(f"base {base} has no tokenizer; onnxruntime-genai exports need one")
     identity = lb.identity  # before any in-place merge changes the weights
     loaded = {name: load_adapter_for(p, lb) for name, p in adapters.items()}
+    notes: list[str] = []
+    gguf = _weights_gguf(lb, precision, weights, loaded)
+    if gguf is not None and fuse_qkv and not fusable_qkv(gguf, lb.family, num_layers(lb.config)):
+        fuse_qkv = False
+        notes.append("q, k and v have different GGUF types in some layers: exported as separate MatMulNBits")
+    deployed = _deployed(lb, precision, gguf)
+    for name, ad in loaded.items():
+        check_deployment(name, ad, deployed, strict, notes)
     extra = {} if fuse_qkv else {"fuse_qkv": "false"}
     if accuracy_level is not None:
         extra["accuracy_level"] = str(accuracy_level)
-    notes: list[str] = []
     with atomic_dir(out, force=force) as tmp, tempfile.TemporaryDirectory(prefix="edgeia3-onnx-") as work:
-        if merge is not None:
+        transcoded = None
+        if merge is not None and gguf is not None:  # the merged GGUF's blocks, transcoded
+            merged_gguf = _merged_gguf(gguf, loaded[merge], Path(work))
+            builder.build(lb.source.hf_path, tmp, precision, provider, extra)
+            transcoded = _transcode(tmp, merged_gguf, lb, accuracy_level)
+            merged = {"method": "block scales of the GGUF it runs (exact, no re-quantization)",
+                      "into": "quantized weights", "name": merge}
+            plans: list[IA3Input] = []
+        elif merge is not None:
             merged = _export_merged(lb, loaded[merge], tmp, Path(work), precision, provider, extra, notes)
             merged["name"] = merge
-            plans: list[IA3Input] = []
+            plans = []
         else:
             merged = None
             builder.build(lb.source.hf_path, tmp, precision, provider, extra)
             plans = _add_side_inputs(tmp, lb, loaded, notes)
+            if gguf is not None:
+                transcoded = _transcode(tmp, gguf, lb, accuracy_level)
         _ensure_chat_template(tmp, lb)
         manifest = _manifest(lb, identity, precision, provider, plans, merged, fuse_qkv)
         manifest["builder_options"] = extra
+        manifest["weights"] = deployed
+        manifest["transcoded"] = transcoded
         for name, ad in loaded.items():
-            entry = {"sites": ad.sites, "params": ad.num_params, "trained_on": ad.quant, "source": str(adapters[name])}
+            entry = {"sites": ad.sites, "params": ad.num_params, "trained_on": ad.quant, "source": str(adapters[name]),
+                     "trained_weights": ad.trained_on, "same_weights": same_weights(ad, deployed)}
             if merge is None:
                 dtype = _np_activation_dtype(tmp)
                 path = write_onnx_adapter(ad, plans, tmp / ADAPTER_DIR / f"{name}{SUFFIX}", dtype)
                 entry.update(file=f"{ADAPTER_DIR}/{name}{SUFFIX}", bytes=path.stat().st_size)
-                if ad.quant == "nf4":
-                    notes.append(f"adapter '{name}' was trained on an NF4 base; side mode applies it to weights "
-                                 f"built from the full-precision base (use --merge {name} to fold it into the "
-                                 "dequantized NF4 weights it was trained with)")
             else:  # folded into the weights: keep the canonical vectors for provenance and reports
                 rel = f"{ADAPTER_DIR}/{name}.{CANONICAL_SUFFIX}"
                 ad.save(tmp / rel)
@@ -180,6 +203,56 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return OnnxExport(out, manifest, time.perf_counter() - t0, notes)
+
+
+def _weights_gguf(lb: LoadedBase, precision: str, weights: str, loaded: dict[str, IA3Adapter]) -> Path | None:
+    """The GGUF whose blocks an int4/int8 export runs (None: the builder quantizes)."""
+    if weights not in ("auto", "builder") + LLAMA_QUANTS:
+        raise EdgeIA3Error(f"--weights must be auto, builder or a llama.cpp type ({', '.join(LLAMA_QUANTS)})")
+    if precision not in ("int4", "int8") or weights == "builder":
+        if weights in LLAMA_QUANTS:
+            raise EdgeIA3Error(f"--weights {weights} needs --precision int4 or int8 (got {precision})")
+        return None
+    if weights in LLAMA_QUANTS:
+        return quantized_gguf(lb.source, weights)
+    trained = sorted({ad.trained_on["quant"] for ad in loaded.values()
+                      if ad.trained_on.get("name", "").endswith(f"quantized {ad.trained_on.get('quant')}")})
+    if len(trained) > 1:
+        raise EdgeIA3Error(f"the adapters were trained on different quantizations ({', '.join(trained)}); "
+                           "export them separately or pick one with --weights")
+    if trained:
+        return quantized_gguf(lb.source, trained[0])
+    return lb.source.gguf
+
+
+def _deployed(lb: LoadedBase, precision: str, gguf: Path | None) -> dict:
+    """What the export runs, in edgeia3.weights' terms."""
+    if gguf is not None:
+        return gguf_weights(gguf, gguf.name if gguf == lb.source.gguf else _quantized_name(lb, gguf))
+    if precision == "fp32" and lb.weights:
+        return lb.weights  # the GGUF base's blocks, dequantized exactly
+    if precision in ("fp32", "fp16"):
+        return {"kind": "full", "dtype": precision}
+    return {"kind": "requantized", "how": f"onnxruntime-genai's own {precision} rounding of the base"}
+
+
+def _quantized_name(lb: LoadedBase, gguf: Path) -> str:
+    return f"{lb.source.name} quantized {gguf.stem.rsplit('-', 1)[-1]}"
+
+
+def _merged_gguf(gguf: Path, adapter: IA3Adapter, work: Path) -> Path:
+    """A copy of ``gguf`` with ``adapter`` folded into its block scales (the exact GGUF merge)."""
+    from converters.gguf.base_gguf import GGUFBase
+    from converters.gguf.merge import merge_into_file
+
+    out = work / "merged.gguf"
+    merge_into_file(gguf, adapter, out, GGUFBase(gguf))
+    return out
+
+
+def _transcode(model_dir: Path, gguf: Path, lb: LoadedBase, accuracy_level: int | None) -> dict:
+    model = _load_graph(model_dir)
+    return transcode(model_dir, gguf, lb.family, lb.config, activation_type(model), accuracy_level)
 
 
 def _sizes(lb: LoadedBase, sites: list[str]) -> dict[tuple[int, str], int]:

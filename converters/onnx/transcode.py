@@ -40,7 +40,7 @@ from edgeia3.registry import Family
 from .graph import find_node
 
 LM_HEAD_NODE = "/lm_head/MatMul"  # onnxruntime-genai builder names, the same for every family
-EMBED_GATHER = "/model/embed_tokens/GatherBlockQuantized"
+EMBED_NODES = ("/model/embed_tokens/GatherBlockQuantized", "/model/embed_tokens/Gather")
 
 
 @dataclass
@@ -226,7 +226,7 @@ class _Rewriter:
             if nb.zero_points is not None:
                 inputs.append(self.init(f"{base}.gguf_zp", nb.zero_points))
         g_out = y if nb.minimum is None else f"{y}/codes"
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = {"gather_axis": 0, "quantize_axis": 1}  # rows gathered, blocks along the row
         attrs.update(bits=nb.bits, block_size=nb.block)
         nodes.append(helper.make_node("GatherBlockQuantized", inputs, [g_out], name=base, domain="com.microsoft",
                                       **attrs))
@@ -263,8 +263,9 @@ class _Rewriter:
 
 
 def _embed_node(graph: onnx.GraphProto) -> onnx.NodeProto | None:
+    """The builder's token embedding lookup: quantized (tied to the LM head) or a plain Gather."""
     for n in graph.node:
-        if n.name == EMBED_GATHER:
+        if n.name in EMBED_NODES:
             return n
     return None
 
