@@ -243,7 +243,8 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     if eval_set and cfg.max_eval:
         eval_set = eval_set[: cfg.max_eval]
 
-    weights_mb = lb.model.get_memory_footprint() / 2**20
+    packed = sum(m.packed.nbytes for m in lb.model.modules() if hasattr(m, "packed"))  # GGUF blocks
+    weights_mb = (lb.model.get_memory_footprint() + packed) / 2**20
     # Built before wrap_with_ia3, which injects IA3 layers into lb.model in place.
     twin = _EvalTwin(lb, sites) if quant in ("nf4", "gguf") and eval_set and acc.is_main_process else None
     model = wrap_with_ia3(lb, sites)

@@ -39,7 +39,7 @@ from edgeia3.weights import check_deployment, same_weights
 from . import builder
 from .adapter_file import SUFFIX, write_onnx_adapter
 from .graph import IA3Input, activation_type, add_side_inputs, find_node, plan_inputs, scale_output_rows
-from .transcode import fusable_qkv, transcode
+from .transcode import fusable_qkv, not_carried, transcode
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 PROVIDERS = ("cpu", "cuda")
@@ -163,7 +163,7 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
         if merge is not None and gguf is not None:  # the merged GGUF's blocks, transcoded
             merged_gguf = _merged_gguf(gguf, loaded[merge], Path(work))
             builder.build(lb.source.hf_path, tmp, precision, provider, extra)
-            transcoded = _transcode(tmp, merged_gguf, lb, accuracy_level)
+            transcoded = _transcode(tmp, merged_gguf, lb, accuracy_level, notes)
             merged = {"method": "block scales of the GGUF it runs (exact, no re-quantization)",
                       "into": "quantized weights", "name": merge}
             plans: list[IA3Input] = []
@@ -176,7 +176,7 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
             builder.build(lb.source.hf_path, tmp, precision, provider, extra)
             plans = _add_side_inputs(tmp, lb, loaded, notes)
             if gguf is not None:
-                transcoded = _transcode(tmp, gguf, lb, accuracy_level)
+                transcoded = _transcode(tmp, gguf, lb, accuracy_level, notes)
         _ensure_chat_template(tmp, lb)
         manifest = _manifest(lb, identity, precision, provider, plans, merged, fuse_qkv)
         manifest["builder_options"] = extra
@@ -227,8 +227,11 @@ def _weights_gguf(lb: LoadedBase, precision: str, weights: str, loaded: dict[str
 
 def _deployed(lb: LoadedBase, precision: str, gguf: Path | None) -> dict:
     """What the export runs, in edgeia3.weights' terms."""
-    if gguf is not None:
+    if gguf is not None and not not_carried(gguf):
         return gguf_weights(gguf, gguf.name if gguf == lb.source.gguf else _quantized_name(lb, gguf))
+    if gguf is not None:
+        return {"kind": "requantized", "how": f"the blocks of {gguf.name} except {len(not_carried(gguf))} "
+                "tensors the builder re-quantized"}
     if precision == "fp32" and lb.weights:
         return lb.weights  # the GGUF base's blocks, dequantized exactly
     if precision in ("fp32", "fp16"):
@@ -250,9 +253,15 @@ def _merged_gguf(gguf: Path, adapter: IA3Adapter, work: Path) -> Path:
     return out
 
 
-def _transcode(model_dir: Path, gguf: Path, lb: LoadedBase, accuracy_level: int | None) -> dict:
+def _transcode(model_dir: Path, gguf: Path, lb: LoadedBase, accuracy_level: int | None,
+               notes: list[str]) -> dict:
     model = _load_graph(model_dir)
-    return transcode(model_dir, gguf, lb.family, lb.config, activation_type(model), accuracy_level)
+    done = transcode(model_dir, gguf, lb.family, lb.config, activation_type(model), accuracy_level)
+    if done["not_carried"]:
+        notes.append(f"{len(done['not_carried'])} GGUF tensors have types without an exact MatMulNBits form "
+                     f"and keep the builder's int4 rounding: {', '.join(done['not_carried'][:4])}"
+                     + (" ..." if len(done["not_carried"]) > 4 else ""))
+    return done
 
 
 def _sizes(lb: LoadedBase, sites: list[str]) -> dict[tuple[int, str], int]:

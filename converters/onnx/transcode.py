@@ -31,7 +31,7 @@ import onnx
 from gguf import GGMLQuantizationType as T
 from onnx import helper, numpy_helper
 
-from converters.gguf.decompose import FLOAT_TYPES, Decomposed, decompose, float_values
+from converters.gguf.decompose import FLOAT_TYPES, SUPPORTED, Decomposed, decompose, float_values
 from converters.gguf.ggml_index import GGUFIndex
 from converters.gguf.torch_weights import gguf_row_order
 from edgeia3.errors import EdgeIA3Error
@@ -274,7 +274,7 @@ def transcode(model_dir: str | Path, gguf: str | Path, family: Family, config: A
               accuracy_level: int | None = None, model_file: str = "model.onnx") -> dict:
     """Rewrite ``model_dir/model_file`` (a builder int4/int8 graph) to run ``gguf``'s own weights.
 
-    Returns {"gguf": path, "types": {GGML type: nodes}}. The graph's other parts
+    Returns {"gguf": path, "types": {GGML type: nodes}, "not_carried": [tensor (type)]}. The graph's other parts
     (norms, attention, side inputs already inserted) are left as they are.
     """
     model_dir = Path(model_dir)
@@ -282,7 +282,13 @@ def transcode(model_dir: str | Path, gguf: str | Path, family: Family, config: A
     model = onnx.load(str(path), load_external_data=True)
     src = GGUFSource(gguf, family, config)
     rw = _Rewriter(model, act_type, accuracy_level)
+    kept: list[str] = []
     for node, parts in node_weights(model.graph, family, config.num_hidden_layers):
+        unsupported = [f"{n} ({src.qtype(n).name})" for n, _ in parts
+                       if src.qtype(n) not in SUPPORTED + FLOAT_TYPES]
+        if unsupported:  # e.g. the IQ types: no exact MatMulNBits form known
+            kept += unsupported
+            continue
         weights = [src.weight(name, module) for name, module in parts]
         qtypes = {src.qtype(name).name for name, _ in parts}
         if len(qtypes) > 1:
@@ -293,18 +299,22 @@ def transcode(model_dir: str | Path, gguf: str | Path, family: Family, config: A
         rw.linear(node, w, qtypes.pop())
     head_name = src.lm_head_name()
     head = find_node(model.graph, LM_HEAD_NODE)
-    if head is not None:
+    carried = {t: src.qtype(t) in SUPPORTED + FLOAT_TYPES for t in (head_name, "token_embd.weight")}
+    kept += [f"{t} ({src.qtype(t).name})" for t, ok in carried.items() if not ok]
+    if head is not None and carried[head_name]:
         rw.linear(head, src.weight(head_name), src.qtype(head_name).name)
     embed = _embed_node(model.graph)
-    if embed is not None:
-        tied = head.name if head is not None and head_name == "token_embd.weight" else None
+    if embed is not None and carried["token_embd.weight"]:
+        tied = head.name if head is not None and carried[head_name] and head_name == "token_embd.weight" else None
         rw.embedding(embed, src.weight("token_embd.weight"), src.qtype("token_embd.weight").name, tied)
     rw.finish()
     data = model_dir / (model_file + ".data")
     data.unlink(missing_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
-    return {"gguf": str(src.path), "types": dict(rw.types)}
+    return {"gguf": str(src.path), "types": dict(rw.types),
+            # tensors of types without an exact MatMulNBits form keep the builder's own rounding
+            "not_carried": sorted(set(kept))}
 
 
 def fusable_qkv(gguf: str | Path, family: Family, n_layers: int) -> bool:
@@ -315,3 +325,10 @@ def fusable_qkv(gguf: str | Path, family: Family, n_layers: int) -> bool:
         if len({index.tensor(s.gguf_tensor.format(i=i) + ".weight").type for s in fused}) > 1:
             return False
     return True
+
+
+def not_carried(gguf: str | Path) -> list[str]:
+    """Weight tensors of ``gguf`` whose type has no exact MatMulNBits form (e.g. IQ types)."""
+    index = GGUFIndex(gguf)
+    return sorted(f"{t.name} ({T(t.type).name})" for t in index.tensors.values()
+                  if len(t.ne) > 1 and T(t.type) not in SUPPORTED + FLOAT_TYPES)
