@@ -75,6 +75,8 @@ def train(
     seed: int = typer.Option(0, help="random seed"),
     targets: Optional[str] = typer.Option(None, help="comma-separated IA3 sites, e.g. k,v,down (default: registry)"),
     max_eval: Optional[int] = typer.Option(None, help="use only the first N eval rows"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast for the matmuls (default: "
+                                        "on where the hardware has bf16 arithmetic, e.g. AVX512-BF16)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
     force: bool = typer.Option(False, "--force", help="replace --out if it already exists (atomically, once done)"),
 ) -> None:
@@ -83,7 +85,8 @@ def train(
 
     _quiet_libraries()
     cfg = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, max_length=max_length,
-                      seed=seed, targets=targets.split(",") if targets else None, max_eval=max_eval)
+                      seed=seed, targets=targets.split(",") if targets else None, max_eval=max_eval,
+                      bf16=bf16)
     res = train_fn(base=base, data=data, out=out, eval_data=eval_data, quant=quant, config=cfg, quiet=quiet,
                    force=force)
     if not quiet and res.main_process:

@@ -164,3 +164,29 @@ def test_two_process_accelerate_run(tiny_dir, task, tmp_path):
     assert report["processes"] == 2 and report["steps"] == 4 and report["backend"] == "gloo"
     adapter = IA3Adapter.load(out)
     assert max(float(np.abs(v.values - 1).max()) for v in adapter.vectors) > 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "phi3"])
+def test_labelled_loss_equals_the_models_own_loss(family, tiny_dir):
+    """The LM head applied only at labelled positions gives the model's own ``labels=`` loss
+    (gemma2: with its final logit soft-capping), and the same IA3 gradients."""
+    from edgeia3.train import labelled_loss, wrap_with_ia3
+
+    lb = load_base(tiny_dir(family))
+    model = wrap_with_ia3(lb, list(lb.family.default_targets))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[0, 5:8], labels[1, 3:7], labels[2, 9] = ids[0, 5:8], ids[1, 3:7], ids[2, 9]
+    grads = []
+    for fn in (lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss,
+               lambda: labelled_loss(model, ids, mask, labels)):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        grads.append((float(loss), [p.grad.clone() for n, p in model.named_parameters() if "ia3_l" in n]))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-5
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(a, b, atol=1e-6)
