@@ -29,6 +29,14 @@ def run(quant: str, task: str, steps: int, batch: int, out: Path) -> dict:
     return json.loads((out / "training.json").read_text())
 
 
+def run_plain(quant: str, task: str, steps: int, batch: int, out: Path) -> dict:
+    """The plain PEFT loop (bench/peft_loop.py) in its own process."""
+    cmd = [sys.executable, str(Path(__file__).parent / "peft_loop.py"), "--quant", quant, "--steps", str(steps),
+           "--batch-size", str(batch), "--task", task, "--out", str(out)]
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
@@ -46,8 +54,20 @@ def main() -> None:
                            "s/step": round(r["wall_seconds"] / r["steps"], 2),
                            "tokens/s": r["tokens_per_second"], "base weights MB": r["base_weights_mb"],
                            "RSS at loop start MB": r["rss_at_loop_start_mb"], "peak RSS MB": r["peak_rss_mb"],
-                           "final loss": r["loss_curve"][-1]}
+                           "bf16 autocast": r.get("bf16_autocast"), "final loss": r["loss_curve"][-1]}
+        plain = {}
+        for quant in ("gguf", "nf4"):
+            r = run_plain(quant, args.task, args.steps, args.batch_size, Path(tmp) / f"plain-{quant}.json")
+            plain[quant] = {"loop": f"plain PEFT loop, {names[quant]}", "steps": r["steps"],
+                            "wall s": r["wall_seconds"], "s/step": round(r["wall_seconds"] / r["steps"], 2),
+                            "peak RSS MB": r["peak_rss_mb"], "final loss": r["loss_curve"][-1]}
     print(table(list(rows.values())))
+    print()
+    print(table(list(plain.values())))
+    print()
+    for quant in ("gguf", "nf4"):
+        print(f"edgeia3 train / plain PEFT loop, {names[quant]}: {plain[quant]['s/step'] / rows[quant]['s/step']:.2f}x "
+              "faster per step (goal >= 1.5x)")
     g, nf4, fp = rows["gguf"], rows["nf4"], rows["none"]
     for name, r in (("GGUF / NF4", nf4), ("GGUF / fp32", fp)):
         print(f"{name}: tokens/s {g['tokens/s'] / r['tokens/s']:.2f}x; base weights "

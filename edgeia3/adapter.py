@@ -149,25 +149,47 @@ def _read_canonical(path: Path) -> IA3Adapter:
         raise EdgeIA3Error(f"{path} is not a readable safetensors file: {e}") from e
     if meta.get("format") != FORMAT:
         raise EdgeIA3Error(f"{path} is not an edgeia3 IA3 adapter (format={meta.get('format')!r})")
+
+    def json_meta(key: str, default: str, kind: Any) -> Any:
+        value = json.loads(meta.get(key, default))
+        if not isinstance(value, kind):
+            raise TypeError(f"metadata {key!r} holds a JSON {type(value).__name__}")
+        return value
+
     try:
-        scaling = json.loads(meta["scaling"])
-        vectors = []
+        scaling = json_meta("scaling", "{}", dict)
+        vectors, seen = [], set()
         for key, arr in tensors.items():
             _, layer, site = key.split(".")
-            vectors.append(IA3Vector(int(layer), site, Scaling(scaling[key]), arr.astype(np.float32).ravel()))
+            if arr.dtype.kind != "f" or arr.ndim != 1 or arr.size == 0:
+                raise ValueError(f"tensor {key} is {arr.dtype} of shape {list(arr.shape)}, "
+                                 "expected a non-empty 1-D float vector")
+            if (int(layer), site) in seen:
+                raise ValueError(f"tensor {key} repeats layer {int(layer)} site {site}")
+            seen.add((int(layer), site))
+            vectors.append(IA3Vector(int(layer), site, Scaling(scaling[key]), arr.astype(np.float32)))
+        base = json_meta("base", "null", (dict, type(None)))
+        if base is not None and not all(isinstance(v, str) for v in base.values()):
+            raise TypeError("base identity fields must be strings")
+        fused_layout = json_meta("fused_layout", "{}", dict)
+        if not all(isinstance(r, list) and len(r) == 3 and all(type(i) is int for i in r)
+                   for r in fused_layout.values()):
+            raise TypeError("fused_layout must map sites to [start, stop, rows]")
         adapter = IA3Adapter(
             family=get_family(meta["family"]).name,
             vectors=vectors,
-            base=BaseIdentity.from_dict(json.loads(meta.get("base", "null"))),
+            base=BaseIdentity.from_dict(base),
             quant=meta.get("quant", "none"),
             dtype=meta.get("dtype", "float32"),
-            fused_layout=json.loads(meta.get("fused_layout", "{}")),
-            trained_on=json.loads(meta.get("trained_on", "{}")),
-            extra=json.loads(meta.get("extra", "{}")),
+            fused_layout=fused_layout,
+            trained_on=json_meta("trained_on", "{}", dict),
+            extra=json_meta("extra", "{}", dict),
         )
-    except (KeyError, ValueError) as e:
-        raise EdgeIA3Error(f"{path}: corrupt edgeia3 adapter metadata ({e})") from e
-    adapter.check_finite()
+        adapter.check_finite()
+    except (KeyError, ValueError, TypeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise EdgeIA3Error(f"{path}: corrupt edgeia3 adapter ({type(e).__name__}: {e})") from e
+    except EdgeIA3Error as e:  # an unknown family or site, non-finite values
+        raise EdgeIA3Error(f"{path}: {e}") from e
     return adapter
 
 

@@ -73,20 +73,14 @@ def default_gguf() -> Path:
     return target
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def gguf_to_hf_dir(gguf: Path) -> Path:
     """Dequantize a GGUF into a cached transformers directory (once per file)."""
     gguf = Path(gguf)
     if not gguf.is_file():
         raise EdgeIA3Error(f"GGUF file not found: {gguf}")
-    out = cache_home() / "hf" / f"{gguf.stem}-{_file_digest(gguf)}"
+    from converters.gguf.ggml_index import file_digest
+
+    out = cache_home() / "hf" / f"{gguf.stem}-{file_digest(gguf)}"
     if (out / "config.json").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,17 +140,18 @@ def quantized_gguf(src: BaseSource, quant: str) -> Path:
     dequantized tensors (its transformers twin, written back by edgeia3's GGUF writer so the
     file records the base's identity). q4_0 and q8_0 are "pure" (embedding and LM head too),
     so the ONNX transcode of the file runs entirely on onnxruntime's fast integer kernels."""
+    from converters.gguf.ggml_index import file_digest
     from converters.gguf.hf_writer import write_hf_gguf
     from converters.gguf.quantize import quantize
 
     pure = quant in ("q4_0", "q8_0")
     if src.gguf is not None:
-        stem, digest = src.gguf.stem, _file_digest(src.gguf)
+        stem, digest = src.gguf.stem, file_digest(src.gguf)
     else:
         hf_dir = Path(src.hf_path)
         h = hashlib.sha256()
         for f in sorted(hf_dir.glob("*.json")) + sorted(hf_dir.glob("*.safetensors")):
-            h.update(f.name.encode() + _file_digest(f).encode())
+            h.update(f.name.encode() + file_digest(f).encode())
         stem, digest = hf_dir.name, h.hexdigest()[:16]
     out = cache_home() / "quantized" / f"{stem}-{digest}-{quant}.gguf"
     if out.exists():
@@ -167,14 +162,6 @@ def quantized_gguf(src: BaseSource, quant: str) -> Path:
         write_hf_gguf(Path(src.hf_path), f32, dtype="f32")
         quantize(f32, dst, quant, pure=pure)
     return out
-
-
-def gguf_weights(path: Path, name: str, quant: str | None = None) -> dict:
-    """The ``trained_on`` / ``deployed`` description of a GGUF's blocks (see edgeia3.weights)."""
-    from converters.gguf.ggml_index import GGUFIndex
-
-    return {"kind": "gguf", "sha256": _file_digest(path), "quant": quant or GGUFIndex(path).file_type,
-            "name": name}
 
 
 @dataclass
@@ -279,6 +266,8 @@ def load_base(spec: str | os.PathLike = DEFAULT_BASE, quant: str = "none") -> Lo
     if quant == "nf4":
         _disable_bnb_cpu_repack(model)
     # A GGUF base in full precision holds exactly the file's dequantized blocks.
+    from converters.gguf.ggml_index import gguf_weights
+
     weights = gguf_weights(src.gguf, src.gguf.name) if src.gguf is not None and quant == "none" else None
     return LoadedBase(src, model, _tokenizer(src), family, quant, weights)
 
@@ -300,6 +289,7 @@ def _load_on_gguf(src: BaseSource, family: Family, quant: str) -> LoadedBase:
     llama.cpp (``quantized_gguf``) and its embedding / LM head are replaced by the
     GGUF's dequantized ones, so torch computes what llama.cpp and ONNX will run.
     """
+    from converters.gguf.ggml_index import gguf_weights
     from converters.gguf.torch_weights import attach_gguf_weights
 
     lb = load_base(src.spec, quant="none")

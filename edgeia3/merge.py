@@ -135,8 +135,8 @@ def _merge_into_gguf(base: str, adapter: str | Path, out: Path, force: bool) -> 
     # merge_gguf writes (atomically) over the empty temp file; ours then replaces ``out``.
     with atomic_file(out, force=force) as tmp:
         res = merge_gguf(base=base, adapter=adapter, out=tmp)
-    res.out = out
-    return res
+    into = res.into + "".join(f"; note: {n}" for n in res.notes)
+    return MergeResult(out, into, res.adapter, res.seconds)
 
 
 def _adapter_quant(path: str | Path) -> tuple[str, dict]:

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import os
 import shutil
 import signal
 import struct
@@ -36,10 +37,12 @@ from tiny_models import random_peft_adapter
 
 HANG_S = 20  # one read of a few-kB file taking this long is a hang
 
-FUZZ = settings(max_examples=60, deadline=None, database=None, print_blob=True,
+# EDGEIA3_FUZZ_EXAMPLES=1000 fuzzes deeper (minutes); the default keeps the file under a minute
+EXAMPLES = int(os.environ.get("EDGEIA3_FUZZ_EXAMPLES", "60"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
-FEW = settings(FUZZ, max_examples=40)
+FEW = settings(FUZZ, max_examples=max(1, EXAMPLES * 2 // 3))
 
 
 # -- the property ---------------------------------------------------------------------------

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from edgeia3.atomic import atomic_dir, check_out
-from edgeia3.base import LLAMA_QUANTS, gguf_weights, quantized_gguf, resolve_base
+from edgeia3.base import LLAMA_QUANTS, quantized_gguf, resolve_base
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.weights import check_deployment
 
 from .adapter_file import SUFFIX, write_ia3_gguf
 from .base_gguf import GGUFBase
-from .ggml_index import GGUFIndex
+from .ggml_index import GGUFIndex, gguf_weights
 from .merge import adapter_plan, apply_plan
 from .quantize import EXPORT_QUANTS
 

@@ -21,6 +21,28 @@ from edgeia3.errors import EdgeIA3Error
 _U8, _I8, _U16, _I16, _U32, _I32, _F32, _BOOL, _STR, _ARR, _U64, _I64, _F64 = range(13)
 
 
+def file_digest(path: str | Path) -> str:
+    """Short sha256 of a file's bytes: names the exact weights an adapter was trained on."""
+    st = Path(path).stat()
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:  # size/mtime: a changed file is hashed again
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def gguf_weights(path: Path, name: str, quant: str | None = None) -> dict:
+    """The ``trained_on`` / ``deployed`` description of a GGUF's blocks (see edgeia3.weights)."""
+    return {"kind": "gguf", "sha256": file_digest(path), "quant": quant or GGUFIndex(path).file_type, "name": name}
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +19,12 @@ import numpy as np
 from edgeia3.adapter import IA3Adapter
 from edgeia3.atomic import atomic_file
 from edgeia3.errors import EdgeIA3Error
-from edgeia3.merge import MergeResult
+from edgeia3.weights import check_deployment
 
 from .adapter_file import readable
 from .base_gguf import GGUFBase, resolve_gguf_base
 from .blocks import row_fields
-from .ggml_index import GGUFIndex
+from .ggml_index import GGUFIndex, gguf_weights
 from .plan import scale_plan, to_gguf_vectors
 
 
@@ -63,7 +64,16 @@ def merge_into_file(base_path: Path, adapter: IA3Adapter, out: Path, base: GGUFB
     return seconds
 
 
-def merge_gguf(base: str | Path, adapter: str | Path, out: str | Path) -> MergeResult:
+@dataclass
+class GGUFMerge:
+    out: Path
+    into: str  # which weights the vectors were folded into
+    adapter: IA3Adapter
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def merge_gguf(base: str | Path, adapter: str | Path, out: str | Path) -> GGUFMerge:
     """``edgeia3 merge --base X.gguf --adapter A --out Y.gguf``: exact block-scale merge."""
     t0 = time.perf_counter()
     out = Path(out)
@@ -75,9 +85,9 @@ def merge_gguf(base: str | Path, adapter: str | Path, out: str | Path) -> MergeR
     merge_into_file(base_path, ad, out, gb)
     types = sorted({_type_name(gb.index.tensor(t).type) for t in adapter_plan(ad, gb)})
     what = f"the GGUF's {'/'.join(types)} block scales (exact, no re-quantization)"
-    if ad.quant == "nf4":
-        what += "; note: the adapter was trained on an NF4 base, the GGUF's own quantization differs"
-    return MergeResult(out, what, ad, time.perf_counter() - t0)
+    notes: list[str] = []
+    check_deployment("adapter", ad, gguf_weights(base_path, base_path.name), False, notes)
+    return GGUFMerge(out, what, ad, time.perf_counter() - t0, notes)
 
 
 def _type_name(t: int) -> str:

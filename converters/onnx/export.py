@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 
+from converters.gguf.ggml_index import gguf_weights
 from edgeia3.adapter import IA3Adapter
 from edgeia3.atomic import atomic_dir, check_out
-from edgeia3.base import LLAMA_QUANTS, LoadedBase, gguf_weights, load_base, quantized_gguf
+from edgeia3.base import LLAMA_QUANTS, LoadedBase, load_base, quantized_gguf
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.fingerprint import num_layers
 from edgeia3.prompts import TEMPLATE_FILE, read_template

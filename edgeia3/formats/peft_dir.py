@@ -61,9 +61,19 @@ def read_peft_dir(path: str | Path, family: str | None = None, config: Any = Non
         if not (path / f).exists():
             raise EdgeIA3Error(f"{path} is not an IA3 adapter directory: {f} is missing")
     try:
-        peft_cfg = json.loads((path / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as e:
+        peft_cfg = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
         raise EdgeIA3Error(f"{path / CONFIG_FILE} is not valid JSON: {e}") from e
+    if not isinstance(peft_cfg, dict):
+        raise EdgeIA3Error(f"{path / CONFIG_FILE} holds a JSON {type(peft_cfg).__name__}, not an object")
+    ff = peft_cfg.get("feedforward_modules")
+    if not (ff is None or isinstance(ff, str) or isinstance(ff, list) and all(isinstance(m, str) for m in ff)):
+        raise EdgeIA3Error(f"{path / CONFIG_FILE}: feedforward_modules must be a list of module names or a regex")
+    if isinstance(ff, str):
+        try:
+            re.compile(ff)
+        except (re.error, RecursionError) as e:
+            raise EdgeIA3Error(f"{path / CONFIG_FILE}: feedforward_modules is not a valid regex ({e})") from e
     if peft_cfg.get("peft_type") != "IA3":
         raise EdgeIA3Error(f"{path} holds a {peft_cfg.get('peft_type')} adapter, not IA3")
     try:
@@ -80,12 +90,17 @@ def read_peft_dir(path: str | Path, family: str | None = None, config: Any = Non
     fam = get_family(family) if family else family_for_config(config)
     layout = fused_layout_for(fam, config) if config is not None else {}
     layer_re = re.compile(rf"^{re.escape(PREFIX)}{re.escape(fam.layers)}\.(\d+)\.(.+){re.escape(SUFFIX)}$")
-    vectors = []
+    vectors, seen = [], set()
     for key, arr in tensors.items():
         m = layer_re.match(key)
         if not m or not fam.site_for_module(m.group(2)):
             raise EdgeIA3Error(f"{path}: tensor {key} is not an IA3 site of family '{fam.name}'")
         layer, module = int(m.group(1)), m.group(2)
+        if (layer, module) in seen:
+            raise EdgeIA3Error(f"{path}: tensor {key} repeats layer {layer} module {module}")
+        seen.add((layer, module))
+        if arr.dtype.kind != "f" or arr.size == 0:
+            raise EdgeIA3Error(f"{path}: {key} is an empty or non-float ({arr.dtype}) tensor")
         scaling = _module_scaling(peft_cfg, module)
         values = arr.astype(np.float32).ravel()
         expected_shape = (1, values.size) if scaling is Scaling.INPUT else (values.size, 1)
@@ -105,7 +120,10 @@ def read_peft_dir(path: str | Path, family: str | None = None, config: Any = Non
                 vectors.append(IA3Vector(layer, s.name, scaling, part.copy()))
     adapter = IA3Adapter(fam.name, vectors, fused_layout=layout,
                          extra={"peft_base_model": peft_cfg.get("base_model_name_or_path")})
-    adapter.check_finite()
+    try:
+        adapter.check_finite()
+    except EdgeIA3Error as e:
+        raise EdgeIA3Error(f"{path}: {e}") from e
     return adapter
 
 
