@@ -217,7 +217,7 @@ def safetensors_rewritten(draw, tensors: dict[str, np.ndarray], meta: dict[str, 
             del tensors[key]
         elif what == "values":
             arr = tensors[key]
-            if arr.size:
+            if arr.size and arr.dtype.kind == "f":
                 arr.reshape(-1)[draw(st.integers(0, arr.size - 1))] = draw(st.sampled_from(
                     [np.nan, np.inf, -np.inf, 0.0, -1.0, 1e38, 1e-45]))
         elif meta is not None:
@@ -375,6 +375,7 @@ def _check_gguf(valid, data: bytes):
     d = fresh_dir(valid["work"])
     path = d / "a.ia3.gguf"
     path.write_bytes(data)
+    if os.environ.get("FZ_DUMP"): Path(os.environ["FZ_DUMP"]).write_bytes(data)
     ad = loads_or_refuses(lambda: read_ia3_gguf(path), d, path)
     if ad is not None:
         well_formed(ad)

@@ -44,7 +44,7 @@ def write_ia3_gguf(adapter: IA3Adapter, path: str | Path, base, name: str = "") 
     fam = adapter.family_spec
     vectors = to_gguf_vectors(adapter, base.config, base.heads)
     identity = adapter.base or base.identity  # a PEFT adapter without one gets its GGUF base's
-    up = next((s for s in fam.sites if s.name == "up"), None)
+    up = next((fam.input_fold_site(s.name) for s in fam.sites if fam.input_fold_site(s.name)), None)
     path = Path(path)
     with atomic_file(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), base.index.arch)
@@ -60,7 +60,7 @@ def write_ia3_gguf(adapter: IA3Adapter, path: str | Path, base, name: str = "") 
         permuted = sorted({s.gguf_tensor.split(".")[-1] for s in fam.sites if s.gguf_permute})
         if permuted:
             w.add_array(K + "rope_permuted", permuted)
-        if fam.gated_mlp and up is not None:
+        if up is not None:
             w.add_string(K + "input_fold_target", up.gguf_tensor)
             rows = up.fused_rows(base.config) if up.fused_rows else (0, base.config.intermediate_size)
             w.add_array(K + "input_fold_rows", [int(rows[0]), int(rows[1])])

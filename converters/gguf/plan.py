@@ -4,7 +4,7 @@ scalings those vectors mean for the base's tensors.
 Everything per-family comes from the registry: the GGUF tensor of a site
 (``Site.gguf_tensor``), its RoPE row permutation (``Site.gguf_permute``), rows
 of fused modules (``Site.fused_rows``) and whether the MLP is gated
-(``Family.gated_mlp``: then the input-scaled ``down`` site folds into the
+(``Site.input_fold``: a gated MLP's input-scaled ``down`` site folds into the
 rows of the ``up`` site's tensor).
 
 Vector names: ``<weight base>.ia3_out`` multiplies the rows (output channels)
@@ -127,8 +127,8 @@ def scale_plan(vectors: dict[str, np.ndarray], index: GGUFIndex, family: Family)
             full = plan.setdefault(t, np.ones(weight.rows, dtype=np.float32))
             full[start:start + values.size] *= values
 
-    up = next((s for s in family.sites if s.name == "up"), None)
     config = gguf_config(index, family)
+    by_tensor = {s.gguf_tensor.split(".")[-1]: s for s in family.sites if s.gguf_tensor and s.scaling is Scaling.INPUT}
     for name, values in vectors.items():
         base, _, kind = name.rpartition(".")
         if kind == OUT_SUFFIX:
@@ -137,7 +137,9 @@ def scale_plan(vectors: dict[str, np.ndarray], index: GGUFIndex, family: Family)
                 raise EdgeIA3Error(f"IA3 vector {name} has {values.size} values, tensor {base} has {rows} rows")
             scale(base, 0, values)
             continue
-        if not family.gated_mlp or up is None:
+        site = by_tensor.get(base.split(".")[-1])
+        up = family.input_fold_site(site.name) if site else None
+        if up is None:
             raise EdgeIA3Error(
                 f"IA3 vector {name} scales the input channels (columns) of {base}; family "
                 f"'{family.name}' has no gated MLP, so no exact row-scale fold exists and edgeia3 "

@@ -302,11 +302,10 @@ def _row_ops(family: Family, adapter: IA3Adapter, config: Any, graph: Any) -> li
     ops = []
     for v in adapter.vectors:
         site = family.site(v.site)
-        if v.scaling is Scaling.INPUT:
-            # down(act(gate x) * up x * l) == down(act(gate x) * (l * up x)): up's rows.
-            if not family.gated_mlp:
+        if v.scaling is Scaling.INPUT:  # e.g. down's input == up's rows (Site.input_fold)
+            site = family.input_fold_site(v.site)
+            if site is None:
                 return None
-            site = family.site("up")
         fused = site.onnx_fused_node and find_node(graph, site.onnx_fused_node.format(i=v.layer))
         if fused:
             start, stop = site.onnx_fused_rows(config)

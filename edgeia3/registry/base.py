@@ -40,6 +40,9 @@ class Site:
     # this site's [start, stop) rows in its output; used unless fusion is disabled.
     onnx_fused_node: str | None = None
     onnx_fused_rows: SliceFn | None = None
+    # An INPUT-scaled site whose scaling equals scaling the output rows of another site
+    # (gated MLP: down(act(gate x) * up x * l) == down(act(gate x) * (l * up x))): its name.
+    input_fold: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,11 @@ class Family:
     def site_for_module(self, module: str) -> list[Site]:
         """Sites living in an HF module path inside a layer (several if fused)."""
         return [s for s in self.sites if s.module == module]
+
+    def input_fold_site(self, name: str) -> Site | None:
+        """The site whose rows absorb ``name``'s input scaling exactly (None: no exact fold)."""
+        fold = self.site(name).input_fold
+        return self.site(fold) if fold and self.gated_mlp else None
 
     def module_path(self, layer: int, site: Site) -> str:
         return f"{self.layers}.{layer}.{site.module}"

@@ -63,7 +63,8 @@ def _llama_like_sites(rope_permute: bool) -> tuple[Site, ...]:
         Site("o", "self_attn.o_proj", OUT, gguf_tensor="blk.{i}.attn_output", onnx_node=attn + "o_proj/MatMul"),
         Site("gate", "mlp.gate_proj", OUT, gguf_tensor="blk.{i}.ffn_gate", onnx_node=mlp + "gate_proj/MatMul"),
         Site("up", "mlp.up_proj", OUT, gguf_tensor="blk.{i}.ffn_up", onnx_node=mlp + "up_proj/MatMul"),
-        Site("down", "mlp.down_proj", IN, gguf_tensor="blk.{i}.ffn_down", onnx_node=mlp + "down_proj/MatMul"),
+        Site("down", "mlp.down_proj", IN, gguf_tensor="blk.{i}.ffn_down", onnx_node=mlp + "down_proj/MatMul",
+             input_fold="up"),
     )
 
 
@@ -93,7 +94,7 @@ register(Family(
         Site("o", "self_attn.o_proj", OUT, gguf_tensor="blk.{i}.attn_output"),
         Site("gate", "mlp.gate_up_proj", OUT, fused_rows=_gate_up_rows("gate"), gguf_tensor="blk.{i}.ffn_up"),
         Site("up", "mlp.gate_up_proj", OUT, fused_rows=_gate_up_rows("up"), gguf_tensor="blk.{i}.ffn_up"),
-        Site("down", "mlp.down_proj", IN, gguf_tensor="blk.{i}.ffn_down"),
+        Site("down", "mlp.down_proj", IN, gguf_tensor="blk.{i}.ffn_down", input_fold="up"),
     ),
     default_targets=("k", "v", "down"), gguf_arch="phi3", **_LLAMA_COMMON,
 ))
