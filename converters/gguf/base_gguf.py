@@ -17,7 +17,7 @@ from edgeia3.fingerprint import EMBED_ROWS, BaseIdentity, _content, _structural
 from edgeia3.registry import Family, Site, family_for_gguf_arch
 from edgeia3.validate import validate_adapter
 
-from .ggml_index import GGUFIndex
+from .ggml_index import OUTPUT_NORM, TOKEN_EMBD, GGUFIndex
 from .plan import gguf_config
 
 
@@ -46,14 +46,14 @@ class GGUFBase:
                 ne = idx.tensor(s.gguf_tensor.format(i=i) + ".weight").ne
                 shapes[f"{fam.layers}.{i}.{s.module}"] = (ne[1], ne[0])
         mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-        embd = idx.tensor("token_embd.weight")
+        embd = idx.tensor(TOKEN_EMBD)
         qt = GGMLQuantizationType(embd.type)
         block, size = GGML_QUANT_SIZES[qt]
         row_bytes = embd.ne[0] // block * size
         raw = np.array(mm[embd.offset: embd.offset + EMBED_ROWS * row_bytes]).reshape(EMBED_ROWS, row_bytes)
         float_dtype = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}.get(qt)
         rows = raw.view(float_dtype) if float_dtype else quants.dequantize(raw, qt)
-        norm_t = idx.tensor("output_norm.weight")
+        norm_t = idx.tensor(OUTPUT_NORM)
         norm = np.array(mm[norm_t.offset: norm_t.offset + norm_t.nbytes]).view(np.float32)
         del mm
         config = {"model_type": fam.model_types[0], "num_hidden_layers": self.config.num_hidden_layers,

@@ -17,6 +17,15 @@ from typing import Any
 
 from edgeia3.errors import EdgeIA3Error
 
+def _tensor_name(which: str) -> str:
+    import gguf
+
+    return gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, which)] + ".weight"
+
+
+# Architecture-independent tensor names, from gguf-py's constants (the names llama.cpp uses)
+TOKEN_EMBD, OUTPUT, OUTPUT_NORM = (_tensor_name(w) for w in ("TOKEN_EMBD", "OUTPUT", "OUTPUT_NORM"))
+
 # gguf_type values (ggml/include/gguf.h)
 _U8, _I8, _U16, _I16, _U32, _I32, _F32, _BOOL, _STR, _ARR, _U64, _I64, _F64 = range(13)
 

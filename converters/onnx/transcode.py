@@ -32,7 +32,7 @@ from gguf import GGMLQuantizationType as T
 from onnx import helper, numpy_helper
 
 from converters.gguf.decompose import FLOAT_TYPES, SUPPORTED, Decomposed, decompose, float_values
-from converters.gguf.ggml_index import GGUFIndex
+from converters.gguf.ggml_index import OUTPUT, TOKEN_EMBD, GGUFIndex
 from converters.gguf.torch_weights import gguf_row_order
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.registry import Family
@@ -110,7 +110,7 @@ class GGUFSource:
         return d if order is None else d.take_rows(order)
 
     def lm_head_name(self) -> str:
-        return "output.weight" if "output.weight" in self.index.tensors else "token_embd.weight"
+        return OUTPUT if OUTPUT in self.index.tensors else TOKEN_EMBD
 
 
 def node_weights(graph: onnx.GraphProto, family: Family, n_layers: int) -> list[tuple[onnx.NodeProto, list[tuple[str, str]]]]:
@@ -299,14 +299,14 @@ def transcode(model_dir: str | Path, gguf: str | Path, family: Family, config: A
         rw.linear(node, w, qtypes.pop())
     head_name = src.lm_head_name()
     head = find_node(model.graph, LM_HEAD_NODE)
-    carried = {t: src.qtype(t) in SUPPORTED + FLOAT_TYPES for t in (head_name, "token_embd.weight")}
+    carried = {t: src.qtype(t) in SUPPORTED + FLOAT_TYPES for t in (head_name, TOKEN_EMBD)}
     kept += [f"{t} ({src.qtype(t).name})" for t, ok in carried.items() if not ok]
     if head is not None and carried[head_name]:
         rw.linear(head, src.weight(head_name), src.qtype(head_name).name)
     embed = _embed_node(model.graph)
-    if embed is not None and carried["token_embd.weight"]:
-        tied = head.name if head is not None and carried[head_name] and head_name == "token_embd.weight" else None
-        rw.embedding(embed, src.weight("token_embd.weight"), src.qtype("token_embd.weight").name, tied)
+    if embed is not None and carried[TOKEN_EMBD]:
+        tied = head.name if head is not None and carried[head_name] and head_name == TOKEN_EMBD else None
+        rw.embedding(embed, src.weight(TOKEN_EMBD), src.qtype(TOKEN_EMBD).name, tied)
     rw.finish()
     data = model_dir / (model_file + ".data")
     data.unlink(missing_ok=True)

@@ -56,6 +56,7 @@ class LlamaCppRuntime:
                  n_gpu_layers: int = 0, swap: str = "auto", workdir: str | Path | None = None):
         from converters.gguf.base_gguf import GGUFBase
         from converters.gguf.blocks import row_fields
+        from converters.gguf.ggml_index import OUTPUT_NORM
         from converters.gguf.merge import adapter_plan
 
         if swap not in ("auto", IN_PLACE, RELOAD):
@@ -79,7 +80,7 @@ class LlamaCppRuntime:
         self.work = self._workdir / "model.gguf"
         shutil.copyfile(self.source, self.work)
         self._mm = np.memmap(self.work, dtype=np.uint8, mode="r+")
-        touched = {t for plan in plans.values() for t in plan} | {"output_norm.weight"}
+        touched = {t for plan in plans.values() for t in plan} | {OUTPUT_NORM}
         self._fields = {t: row_fields(self._mm, self.base.index.tensor(t)) for t in touched}
         self._pristine = {t: np.array(f.view) for t, f in self._fields.items()}
         # Each adapter's scale fields, computed once exactly as the file merge computes them
@@ -119,6 +120,8 @@ class LlamaCppRuntime:
         self._model = self._ctx = self._batch = None
 
     def _choose_swap_mode(self, swap: str) -> tuple[str, str]:
+        from converters.gguf.ggml_index import OUTPUT_NORM
+
         if swap == RELOAD:
             return RELOAD, "requested"
         if self.n_gpu_layers:
@@ -126,7 +129,7 @@ class LlamaCppRuntime:
         # Check that writes to the file reach the live weights: double the final norm, look.
         probe = [int(self.base.index.kv.get("tokenizer.ggml.bos_token_id", 0) or 0), 1]
         before = self.logits(probe)
-        norm = self.base.index.tensor("output_norm.weight")
+        norm = self.base.index.tensor(OUTPUT_NORM)
         fields = self._fields[norm.name]
         fields.view[...] = fields.scaled(self._pristine[norm.name], np.full(norm.ne[0], 2.0, np.float32))
         after = self.logits(probe)
