@@ -115,23 +115,38 @@ class BaseSource:
         return "SmolLM2-135M-Instruct (embedded)" if self.spec == DEFAULT_BASE else self.spec
 
 
-def resolve_base(spec: str | os.PathLike) -> BaseSource:
+def locate_base(spec: str | os.PathLike) -> tuple[Path | None, str]:
+    """(GGUF file or None, transformers dir / hub id or "") for a base spec, converting nothing.
+
+    The one place that decides what a ``--base`` value means (see the module docstring).
+    """
     spec = str(spec)
     if spec == DEFAULT_BASE:
-        g = default_gguf()
-        return BaseSource(spec, str(gguf_to_hf_dir(g)), g)
+        return default_gguf(), ""
     p = Path(spec)
     if p.is_file():
         if p.suffix != ".gguf":
             raise EdgeIA3Error(f"{p} is a file but not a .gguf; give a model directory or a GGUF")
-        return BaseSource(spec, str(gguf_to_hf_dir(p)), p)
+        return p, ""
     if p.is_dir():
-        if not (p / "config.json").exists():
-            raise EdgeIA3Error(f"{p} is not a transformers model directory (no config.json)")
-        return BaseSource(spec, str(p))
+        if (p / "config.json").exists():
+            return None, str(p)
+        if (p / "model.gguf").is_file():  # a GGUF export directory
+            return p / "model.gguf", ""
+        raise EdgeIA3Error(f"{p} is not a transformers model directory (no config.json)")
+    if p.suffix == ".gguf":
+        raise EdgeIA3Error(f"GGUF file not found: {spec}")
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        return BaseSource(spec, spec)  # hub id: transformers fetches it when online
+        return None, spec  # hub id: transformers fetches it when online
     raise EdgeIA3Error(f"base not found: {spec} (expected 'default', a model dir, a .gguf or a hub id)")
+
+
+def resolve_base(spec: str | os.PathLike) -> BaseSource:
+    """The base as transformers will load it (a GGUF is dequantized once into a cached dir)."""
+    gguf, hf = locate_base(spec)
+    if gguf is not None:
+        return BaseSource(str(spec), str(gguf_to_hf_dir(gguf)), gguf)
+    return BaseSource(str(spec), hf)
 
 
 def quantized_gguf(src: BaseSource, quant: str) -> Path:

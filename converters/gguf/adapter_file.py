@@ -87,43 +87,70 @@ def read_ia3_gguf(path: str | Path) -> IA3Adapter:
 
     from .plan import from_gguf_vectors
 
+    class BoundedReader(gguf.GGUFReader):
+        """gguf-py reads past the end of a damaged file as empty arrays, so a corrupt array
+        length loops (and allocates) without end; here a read past the end fails."""
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            if int(offset) + np.dtype(dtype).itemsize * int(count) > len(self.data):
+                raise ValueError(f"truncated: a value at byte {int(offset)} runs past the end")
+            return super()._get(offset, dtype, count, override_order)
+
     path = Path(path)
     if not path.is_file():
         raise EdgeIA3Error(f"adapter not found: {path}")
     try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError) as e:
+        reader = BoundedReader(str(path))
+        meta = {k: fld.contents() for k, fld in reader.fields.items()
+                if k in ("general.type", "adapter.type") or k.startswith(K)}
+    except (ValueError, OSError, IndexError, KeyError, OverflowError) as e:  # UnicodeDecodeError too
         raise EdgeIA3Error(f"{path} is not a valid GGUF file: {e}") from e
-    f = reader.fields
 
-    def get(key: str, default=None):
-        return f[key].contents() if key in f else default
+    def get(key: str, kind: type, default=None):
+        value = meta.get(key, default)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise TypeError(f"{key} is {value!r}, expected a {kind.__name__}")
+        return value
 
-    if get("general.type") != "adapter" or get("adapter.type") != "ia3":
-        raise EdgeIA3Error(f"{path} is not an IA3 adapter GGUF (general.type={get('general.type')!r}, "
-                           f"adapter.type={get('adapter.type')!r})")
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "ia3":
+        raise EdgeIA3Error(f"{path} is not an IA3 adapter GGUF (general.type={meta.get('general.type')!r}, "
+                           f"adapter.type={meta.get('adapter.type')!r})")
     try:
-        version = int(get(K + "format_version", 0))
+        version = get(K + "format_version", int, 0)
         if version > FORMAT_VERSION:
             raise EdgeIA3Error(f"{path}: IA3 adapter GGUF version {version} is newer than this edgeia3 reads")
-        fam = get_family(get(K + "family"))
+        fam = get_family(get(K + "family", str))
+        sites = get(K + "sites", list, [])
+        layers = get(K + "block_count", int)
+        heads = {"q": get(K + "head_count", int), "k": get(K + "head_count_kv", int)}
+        if not all(isinstance(s, str) for s in sites):
+            raise TypeError(f"{K}sites must be site names")
+        if not 0 < layers <= 10_000 or min(heads.values()) <= 0:
+            raise ValueError(f"block_count {layers} / head counts {heads} out of range")
+        layout = json.loads(get(K + "fused_layout", str, "{}"))
+        if not isinstance(layout, dict) or not all(
+                isinstance(r, list) and len(r) == 3 and all(type(i) is int for i in r) for r in layout.values()):
+            raise TypeError("fused_layout must map sites to [start, stop, rows]")
+        trained_on = json.loads(get(K + "trained_on", str, "{}"))
+        extra = json.loads(get(K + "extra", str, "{}"))
+        if not isinstance(trained_on, dict) or not isinstance(extra, dict):
+            raise TypeError("trained_on and extra must be JSON objects")
         vectors = {}
         for t in reader.tensors:
             if not t.name.endswith((OUT_SUFFIX, IN_SUFFIX)) or t.tensor_type != gguf.GGMLQuantizationType.F32:
                 raise EdgeIA3Error(f"{path}: unexpected tensor {t.name} ({t.tensor_type.name})")
             vectors[t.name] = np.array(t.data, dtype=np.float32).reshape(-1)
-        fp = get(K + "base.fingerprint", "")
-        base = BaseIdentity(fp, get(K + "base.content", ""), get(K + "base.name", "")) if fp else None
-        adapter = from_gguf_vectors(
-            vectors, fam, list(get(K + "sites", [])), int(get(K + "block_count")),
-            json.loads(get(K + "fused_layout", "{}")),
-            {"q": int(get(K + "head_count")), "k": int(get(K + "head_count_kv"))},
-            base=base, quant=get(K + "trained_quant", "none"),
-            trained_on=json.loads(get(K + "trained_on", "{}")), extra=json.loads(get(K + "extra", "{}")),
-        )
-    except (KeyError, TypeError, ValueError) as e:
+        fp = get(K + "base.fingerprint", str, "")
+        base = BaseIdentity(fp, get(K + "base.content", str, ""), get(K + "base.name", str, "")) if fp else None
+        adapter = from_gguf_vectors(vectors, fam, sites, layers, layout, heads, base=base,
+                                    quant=get(K + "trained_quant", str, "none"), trained_on=trained_on, extra=extra)
+        adapter.check_finite()
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
         raise EdgeIA3Error(f"{path}: corrupt IA3 adapter GGUF metadata ({e})") from e
-    adapter.check_finite()
+    except EdgeIA3Error as e:  # an unknown family or site, tensors of no site, non-finite values
+        if str(path) in str(e):
+            raise
+        raise EdgeIA3Error(f"{path}: {e}") from e
     return adapter
 
 

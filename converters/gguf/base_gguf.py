@@ -99,14 +99,10 @@ class GGUFBase:
 
 
 def resolve_gguf_base(spec: str | Path) -> Path:
-    """'default' (the embedded SmolLM2 Q4_1) or a path to a .gguf file."""
-    from edgeia3.base import DEFAULT_BASE, default_gguf
+    """The GGUF file of a base spec ('default', a .gguf, a GGUF export dir); refuses others."""
+    from edgeia3.base import locate_base
 
-    if str(spec) == DEFAULT_BASE:
-        return default_gguf()
-    p = Path(spec)
-    if p.is_dir() and (p / "model.gguf").is_file():
-        return p / "model.gguf"  # a GGUF export directory
-    if not p.is_file() or p.suffix != ".gguf":
+    gguf, _ = locate_base(spec)
+    if gguf is None:
         raise EdgeIA3Error(f"a GGUF merge needs a .gguf base (or 'default'), got {spec}")
-    return p
+    return gguf

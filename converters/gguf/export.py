@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeia3.atomic import atomic_dir, check_out
-from edgeia3.base import LLAMA_QUANTS, quantized_gguf, resolve_base
+from edgeia3.base import LLAMA_QUANTS, locate_base, quantized_gguf, resolve_base
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.weights import check_deployment
 
@@ -79,7 +79,10 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise EdgeIA3Error(f"adapter name '{name}' must be letters, digits, '_', '-' or '.'")
     check_out(out, force)  # before any work: refuse a non-empty --out unless --force
-    gguf_src, hf_dir = _resolve(base)
+    gguf_src, hf = locate_base(base)
+    if gguf_src is None and not Path(hf).is_dir():
+        raise EdgeIA3Error(f"base not found: {base} (a GGUF export needs 'default', a local transformers dir or a .gguf)")
+    hf_dir = Path(hf) if gguf_src is None else None
     if gguf_src is not None and quant is not None and quant == GGUFIndex(gguf_src).file_type:
         quant = None  # the file already is that quantization: use it as is
     if hf_dir is not None and quant is None:
@@ -131,24 +134,6 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return GGUFExport(out, file_quant, str(base), gb.family.name, info, merge, notes, time.perf_counter() - t0)
-
-
-def _resolve(base: str) -> tuple[Path | None, Path | None]:
-    """(gguf file, None) for a GGUF base, (None, transformers dir) for a transformers base."""
-    from edgeia3.base import DEFAULT_BASE, default_gguf
-
-    if str(base) == DEFAULT_BASE:
-        return default_gguf(), None
-    p = Path(base)
-    if p.is_file():
-        if p.suffix != ".gguf":
-            raise EdgeIA3Error(f"{p} is a file but not a .gguf; give a transformers directory or a GGUF")
-        return p, None
-    if p.is_dir():
-        if not (p / "config.json").exists():
-            raise EdgeIA3Error(f"{p} is not a transformers model directory (no config.json)")
-        return None, p
-    raise EdgeIA3Error(f"base not found: {base} (expected 'default', a transformers dir or a .gguf)")
 
 
 def _trained_quant(adapters: dict[str, str]) -> str | None:
