@@ -9,6 +9,7 @@ from typing import Any
 from .adapter import CANONICAL_FILE, IA3Adapter
 from .errors import EdgeIA3Error
 from .registry import family_for_config
+from .weights import deployed_label, trained_label
 
 
 def _dir_bytes(path: Path) -> int:
@@ -55,10 +56,14 @@ def describe_export(path: Path) -> dict[str, Any]:
         "model bytes": info.model_bytes,
         "bytes (all files)": _dir_bytes(path),
     }
+    if m.get("weights"):
+        out["weights"] = deployed_label(m["weights"])
     for name, a in m.get("adapters", {}).items():
         merged = " (merged into the weights)" if name == info.merged else ""
+        same = {True: "; runs the weights it was trained on", False: "; trained on OTHER weights (see notes)"}
         out[f"adapter '{name}'"] = (f"sites {', '.join(a.get('sites', []))}, {a.get('params', 0):,} parameters"
-                                    + (f", {a['bytes']:,} bytes" if a.get("bytes") else "") + merged)
+                                    + (f", {a['bytes']:,} bytes" if a.get("bytes") else "") + merged
+                                    + same.get(a.get("same_weights"), ""))
     return out
 
 
@@ -77,7 +82,7 @@ def describe_adapter(path: Path) -> dict[str, Any]:
         "parameters": ad.num_params,
         "bytes (vectors)": ad.nbytes,
         "bytes (files)": _dir_bytes(path) if path.is_dir() else path.stat().st_size,
-        "trained on": ad.quant,
+        "trained on": trained_label(ad),
         "base": ad.base.name if ad.base else "unknown",
         "base fingerprint": f"{ad.base.fingerprint}/{ad.base.content}" if ad.base else "unknown",
     }
