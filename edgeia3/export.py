@@ -70,10 +70,46 @@ class ExportInfo:
         return _READERS[self.kind][1](self)
 
 
+def _typed(value: Any, kind: Any, what: str) -> Any:
+    """``value`` if it is a ``kind`` (ints exclude bools), else a TypeError naming ``what``."""
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise TypeError(f"{what} is {str(value)[:40]!r}")
+    return value
+
+
 def _onnx_info(path: Path, m: dict) -> ExportInfo:
-    ads = {n: a for n, a in m.get("adapters", {}).items() if a.get("file")}
-    merged = (m.get("merged") or {}).get("name")
-    return ExportInfo(path, "onnx", m["precision"], m["base"]["spec"], m["model_bytes"],
+    from converters.onnx.export import plans_of
+
+    from .registry import get_family
+
+    _typed(m.get("ia3_inputs", []), list, "ia3_inputs")
+    family_sites = {s.name for s in get_family(_typed(m["family"], str, "family")).sites}
+    used = set()
+    for p in plans_of(m):  # what _onnx_adapters reads the adapter files with
+        _typed(p.name, str, "an IA3 input name")
+        if not (_typed(p.layer, int, "layer") >= 0 and p.scaling in ("output", "input")
+                and _typed(p.size, int, "size") > 0 and _typed(p.parts, list, "parts")):
+            raise ValueError(f"IA3 input {p.name}: bad layer, scaling or size")
+        for part in p.parts:
+            site, start, stop = _typed(part, list, "a part")
+            if not (_typed(site, str, "site") in family_sites and (p.layer, site) not in used
+                    and 0 <= _typed(start, int, "start") < _typed(stop, int, "stop") <= p.size):
+                raise ValueError(f"IA3 input {p.name}: bad part {part}")
+            used.add((p.layer, site))
+    ads = {n: _typed(a, dict, f"adapter {n}") for n, a in _typed(m.get("adapters", {}), dict, "adapters").items()}
+    ads = {n: a for n, a in ads.items() if a.get("file")}
+    for n, a in ads.items():
+        _typed(a["file"], str, f"adapter {n} file"), _typed(a["bytes"], int, f"adapter {n} bytes")
+        _typed(a.get("trained_on", "none"), str, f"adapter {n} trained_on")
+        _typed(a.get("trained_weights") or {}, dict, f"adapter {n} trained_weights")
+        if not set(_typed(a["sites"], list, f"adapter {n} sites")) <= family_sites:
+            raise ValueError(f"adapter {n}: sites {a['sites']} are not all sites of {m['family']}")
+    merged = _typed(_typed(m.get("merged") or {}, dict, "merged").get("name"), (str, type(None)), "merged name")
+    if merged is not None:
+        _typed(m["adapters"][merged]["canonical"], str, f"adapter {merged} canonical")
+    return ExportInfo(path, "onnx", _typed(m["precision"], str, "precision"),
+                      _typed(_typed(m["base"], dict, "base")["spec"], str, "base spec"),
+                      _typed(m["model_bytes"], int, "model_bytes"),
                       {n: path / a["file"] for n, a in ads.items()}, {n: a["bytes"] for n, a in ads.items()},
                       merged, m)
 
@@ -97,10 +133,16 @@ def _onnx_adapters(info: ExportInfo) -> dict[str, Any]:
 
 
 def _gguf_info(path: Path, m: dict) -> ExportInfo:
-    ads = m.get("adapters", {})
-    return ExportInfo(path, "gguf", m["quant"], m["base"]["spec"], (path / m["model"]).stat().st_size,
+    ads = {n: _typed(a, dict, f"adapter {n}") for n, a in _typed(m.get("adapters", {}), dict, "adapters").items()}
+    for n, a in ads.items():
+        _typed(a["file"], str, f"adapter {n} file"), _typed(a["bytes"], int, f"adapter {n} bytes")
+    model = path / _typed(m["model"], str, "model")
+    if not model.is_file():
+        raise ValueError(f"its model file {model} is missing")
+    return ExportInfo(path, "gguf", _typed(m["quant"], str, "quant"),
+                      _typed(_typed(m["base"], dict, "base")["spec"], str, "base spec"), model.stat().st_size,
                       {n: path / a["file"] for n, a in ads.items()}, {n: a["bytes"] for n, a in ads.items()},
-                      m.get("merged"), m)
+                      _typed(m.get("merged"), (str, type(None)), "merged"), m)
 
 
 def _gguf_adapters(info: ExportInfo) -> dict[str, Any]:
@@ -124,10 +166,19 @@ def read_export(path: str | Path) -> ExportInfo:
     if not manifest.exists():
         raise EdgeIA3Error(f"{path} is not an edgeia3 export directory (no edgeia3.json)")
     try:
-        m = json.loads(manifest.read_text())
-    except json.JSONDecodeError as e:
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
         raise EdgeIA3Error(f"{manifest} is not valid JSON: {e}") from None
-    kind = m.get("kind") or {"edgeia3-onnx": "onnx"}.get(m.get("format"))
-    if kind not in _READERS:
+    except OSError as e:
+        raise EdgeIA3Error(f"{manifest}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(m, dict):
+        raise EdgeIA3Error(f"{manifest}: holds a JSON {type(m).__name__}, not an export manifest")
+    kind = m.get("kind") or ("onnx" if m.get("format") == "edgeia3-onnx" else None)
+    if not isinstance(kind, str) or kind not in _READERS:
         raise EdgeIA3Error(f"{manifest}: unknown export kind {kind!r}")
-    return _READERS[kind][0](path, m)
+    try:
+        return _READERS[kind][0](path, m)
+    except (KeyError, TypeError, ValueError, OSError) as e:
+        raise EdgeIA3Error(f"{manifest}: damaged export manifest ({type(e).__name__}: {e})") from None
+    except EdgeIA3Error as e:  # an unknown family
+        raise EdgeIA3Error(f"{manifest}: {e}") from None

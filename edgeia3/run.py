@@ -17,11 +17,8 @@ class RunResult:
 
 
 def describe_swap(rt: Runtime) -> str:
-    """How this runtime applies adapters, in words (runtimes may say more)."""
-    mode, reason = getattr(rt, "swap_mode", None), getattr(rt, "swap_reason", None)
-    if mode:
-        return f"{mode} swap ({reason})" if reason else f"{mode} swap"
-    return getattr(rt, "adapter_mechanism", "adapter switched without reloading the base")
+    """How this runtime applies adapters, in words."""
+    return rt.describe()
 
 
 def run(model: str | Path, prompt: str, adapter: str | None = None, max_tokens: int = 64,
@@ -32,7 +29,10 @@ def run(model: str | Path, prompt: str, adapter: str | None = None, max_tokens: 
     open time (a transformers base); exports carry their adapters inside.
     """
     rt: Runtime = open_runtime(model, adapters=adapters)
-    rt.use_adapter(adapter)
-    message = [{"role": "user", "content": prompt}] if chat else prompt
-    text = generate(rt, message, max_tokens=max_tokens)
-    return RunResult(text, rt.name, adapter, describe_swap(rt))
+    try:
+        rt.use_adapter(adapter)
+        message = [{"role": "user", "content": prompt}] if chat else prompt
+        text = generate(rt, message, max_tokens=max_tokens)
+        return RunResult(text, rt.name, adapter, rt.describe())
+    finally:
+        rt.close()

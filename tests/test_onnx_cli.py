@@ -35,6 +35,9 @@ def test_export_then_run_with_adapter(llama, tmp_path):
     assert run.exit_code == 0, run.output
     bad = runner.invoke(app, ["run", "--model", str(out), "--adapter", "zzz", "--prompt", "hi"])
     assert bad.exit_code == 2 and "unknown adapter 'zzz'" in bad.output
+    # --with (attach at run time) cannot apply to an ONNX export: refused, not silently ignored
+    att = runner.invoke(app, ["run", "--model", str(out), "--with", f"b={adapter}", "--prompt", "hi"])
+    assert att.exit_code == 2 and "carries its own adapters" in att.output
 
 
 @pytest.mark.parametrize("args, needles", [

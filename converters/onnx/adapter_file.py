@@ -72,9 +72,13 @@ def read_onnx_adapter_tensors(path: str | Path) -> dict[str, np.ndarray]:
         raise EdgeIA3Error(f"ONNX adapter file not found: {path}")
     try:
         fmt = ort.AdapterFormat.read_adapter(str(path))
+        arrays = {k: v.numpy() for k, v in fmt.get_parameters().items()}
     except Exception as e:  # onnxruntime raises its own RuntimeError types for bad files
-        raise EdgeIA3Error(f"{path} is not a readable .onnx_adapter file: {e}") from e
-    return {k: np.array(v.numpy(), dtype=np.float32) for k, v in fmt.get_parameters().items()}
+        raise EdgeIA3Error(f"{path} is not a readable .onnx_adapter file: {' '.join(str(e).split())}") from e
+    for k, a in arrays.items():
+        if a.dtype.kind != "f":
+            raise EdgeIA3Error(f"{path}: tensor {k} holds {a.dtype} values, IA3 vectors are floating point")
+    return {k: np.array(a, dtype=np.float32) for k, a in arrays.items()}
 
 
 def read_onnx_adapter(path: str | Path, plans: list[IA3Input], family: str,
@@ -90,9 +94,10 @@ def read_onnx_adapter(path: str | Path, plans: list[IA3Input], family: str,
     for p in plans:
         if p.name not in tensors:
             continue
+        if tensors[p.name].shape != (1, 1, p.size):
+            raise EdgeIA3Error(f"{path}: tensor {p.name} has shape {list(tensors[p.name].shape)}, "
+                               f"the export expects [1, 1, {p.size}]")
         vec = tensors[p.name].reshape(-1)
-        if vec.size != p.size:
-            raise EdgeIA3Error(f"{path}: tensor {p.name} has {vec.size} values, the export expects {p.size}")
         for site, start, stop in p.parts:
             part = vec[start:stop]
             keep = site in sites if sites is not None else not np.all(part == 1.0)
@@ -100,4 +105,9 @@ def read_onnx_adapter(path: str | Path, plans: list[IA3Input], family: str,
                 vectors.append(IA3Vector(p.layer, site, Scaling(p.scaling), part.copy()))
     if not vectors and sites is None:
         raise EdgeIA3Error(f"{path} holds no IA3 tensors of this export")
-    return IA3Adapter(fam.name, vectors)
+    adapter = IA3Adapter(fam.name, vectors)
+    try:
+        adapter.check_finite()
+    except EdgeIA3Error as e:
+        raise EdgeIA3Error(f"{path}: {e}") from e
+    return adapter

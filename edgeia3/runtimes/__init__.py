@@ -42,13 +42,20 @@ class Runtime(Protocol):
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Next-token logits at every position of ``token_ids``: [len, vocab] float32."""
 
+    def describe(self) -> str:
+        """How this runtime applies adapters, in words (e.g. in-place swap, side inputs)."""
+
+    def close(self) -> None:
+        """Release the model (files, sessions); the runtime is unusable afterwards."""
+
 
 def generate(rt: Runtime, prompt: str | list[dict], max_tokens: int = 64) -> str:
     """Greedy completion of ``prompt`` as text, on any runtime."""
     return rt.detokenize(list(rt.generate_ids(rt.prompt_ids(prompt), max_tokens)))
 
 
-# Openers tried in order: (can_open(path) -> bool, open(path, **kw) -> Runtime).
+# Openers tried in order: (can_open(path) -> bool, open(path, adapters, provider) -> Runtime).
+# Each opener refuses options its runtime cannot honour instead of ignoring them.
 _OPENERS: list[tuple] = []
 
 
@@ -56,8 +63,13 @@ def register_runtime(can_open, opener) -> None:
     _OPENERS.append((can_open, opener))
 
 
-def open_runtime(path: str | Path, **kwargs) -> Runtime:
-    """Open the runtime that fits the artifact at ``path``."""
+def open_runtime(path: str | Path, adapters: dict[str, str | Path] | None = None,
+                 provider: str | None = None) -> Runtime:
+    """Open the runtime that fits the artifact at ``path``.
+
+    ``adapters``: NAME -> adapter path to attach at open time (transformers dirs and
+    GGUF; an ONNX export carries its own). ``provider``: onnxruntime execution provider.
+    """
     from . import torch_runtime  # noqa: F401  (registers itself; others register on import)
 
     _import_optional_runtimes()
@@ -66,7 +78,7 @@ def open_runtime(path: str | Path, **kwargs) -> Runtime:
         raise EdgeIA3Error(f"model not found: {path}")
     for can_open, opener in _OPENERS:
         if can_open(path):
-            return opener(path, **kwargs)
+            return opener(path, adapters=adapters, provider=provider)
     raise EdgeIA3Error(f"{path}: not a model edgeia3 can run (transformers dir, ONNX or GGUF export)")
 
 

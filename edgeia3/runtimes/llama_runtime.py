@@ -142,6 +142,9 @@ class LlamaCppRuntime:
         return IN_PLACE, "live weights are the memory-mapped working copy"
 
     # -- adapters --------------------------------------------------------------
+    def describe(self) -> str:
+        return f"{self.swap_mode} swap ({self.swap_reason})"
+
     @property
     def adapters(self) -> list[str]:
         return ([self.merged] if self.merged else []) + list(self._stored)
@@ -251,9 +254,13 @@ def _is_gguf_artifact(path: Path) -> bool:
         return False  # no manifest, or another artifact's
 
 
-def open_gguf(path: str | Path, adapters: dict[str, str | Path] | None = None, **kwargs: Any) -> LlamaCppRuntime:
-    """Open a GGUF export directory (its adapters come from the manifest) or a bare .gguf."""
+def open_gguf(path: str | Path, adapters: dict[str, str | Path] | None = None, provider: str | None = None,
+              **kwargs: Any) -> LlamaCppRuntime:
+    """Open a GGUF export directory (its adapters come from the manifest) or a bare .gguf.
+    ``kwargs`` go to LlamaCppRuntime (n_ctx, n_gpu_layers, swap, ...)."""
     path = Path(path)
+    if provider:
+        raise EdgeIA3Error(f"{path}: --provider applies to ONNX exports (llama.cpp: n_gpu_layers)")
     if path.is_file():
         return LlamaCppRuntime(path, adapters, **kwargs)
     try:

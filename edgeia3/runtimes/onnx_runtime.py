@@ -67,6 +67,12 @@ class OnnxRuntime:
         self._vectors: dict[str, dict[str, np.ndarray]] = {}
 
     # -- protocol ------------------------------------------------------------------------------
+    def describe(self) -> str:
+        return self.adapter_mechanism
+
+    def close(self) -> None:
+        self._session = self._og_adapters = self.model = None
+
     @property
     def adapters(self) -> list[str]:
         return list(self._files)
@@ -283,7 +289,10 @@ def _is_onnx_export(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).exists() and (path / "genai_config.json").exists()
 
 
-def _open(path: Path, provider: str | None = None, **_: Any) -> OnnxRuntime:
+def _open(path: Path, adapters: dict | None = None, provider: str | None = None) -> OnnxRuntime:
+    if adapters:
+        raise EdgeIA3Error(f"{path}: an ONNX export carries its own adapters ({MANIFEST}); attaching "
+                           f"{', '.join(adapters)} at run time is not possible - re-export with --adapter NAME=PATH")
     return OnnxRuntime(path, provider=provider)
 
 

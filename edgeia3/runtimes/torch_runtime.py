@@ -45,6 +45,12 @@ class TorchRuntime:
             self._names.append(name)
         self.model.eval()
 
+    def describe(self) -> str:
+        return self.adapter_mechanism
+
+    def close(self) -> None:
+        self.model = None
+
     @property
     def adapters(self) -> list[str]:
         return list(self._names)
@@ -104,9 +110,11 @@ def _is_transformers_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").exists()
 
 
-def _open(path: Path, adapters: dict[str, Any] | None = None, **_: Any) -> TorchRuntime:
+def _open(path: Path, adapters: dict[str, Any] | None = None, provider: str | None = None) -> TorchRuntime:
     from ..validate import load_adapter_for
 
+    if provider:
+        raise EdgeIA3Error(f"{path}: --provider applies to ONNX exports; the torch runtime runs on the CPU/GPU torch sees")
     base = load_base(path)
     loaded = {name: load_adapter_for(p, base) for name, p in (adapters or {}).items()}
     return TorchRuntime(base, loaded)
