@@ -27,23 +27,11 @@ from common import machine  # noqa: E402
 from converters.gguf.adapter_file import write_ia3_gguf  # noqa: E402
 from converters.gguf.base_gguf import GGUFBase  # noqa: E402
 from converters.gguf.merge import merge_gguf, merge_into_file  # noqa: E402
-from edgeia3.adapter import IA3Adapter, IA3Vector  # noqa: E402
+from edgeia3.validate import adapter_for_base  # noqa: E402
 from edgeia3.base import default_gguf  # noqa: E402
 from edgeia3.runtimes.llama_runtime import RELOAD, LlamaCppRuntime  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
-
-
-def random_adapter(base: GGUFBase, seed: int) -> IA3Adapter:
-    rng = np.random.default_rng(seed)
-    vectors = []
-    for i in range(base.config.num_hidden_layers):
-        for name in base.family.default_targets:
-            s = base.family.site(name)
-            ne = base.index.tensor(s.gguf_tensor.format(i=i) + ".weight").ne
-            n = ne[0] if s.scaling.value == "input" else ne[1]
-            vectors.append(IA3Vector(i, name, s.scaling, (1 + 0.2 * rng.standard_normal(n)).astype(np.float32)))
-    return IA3Adapter(base.family.name, vectors, base=base.identity)
 
 
 def median_ms(xs: list[float]) -> float:
@@ -80,7 +68,7 @@ def main() -> None:
         tmp = Path(tmp)
         paths = {}
         for name, seed in (("A", 1), ("B", 2)):
-            ad = random_adapter(base, seed)
+            ad = adapter_for_base(base, seed=seed)
             paths[name] = write_ia3_gguf(ad, tmp / f"{name}.ia3.gguf", base, name)
         adapter_kb = paths["A"].stat().st_size / 1e3
 

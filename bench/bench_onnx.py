@@ -28,17 +28,12 @@ PROMPT = [{"role": "user", "content": "Write a long story about a dragon who lea
 
 def random_adapters(work: Path, names: list[str]) -> dict[str, Path]:
     """IA3 adapters on PEFT's default llama sites with values 1 + 0.2 N(0, 1)."""
-    from edgeia3 import identity_adapter, load_base
+    from edgeia3 import load_base
+    from edgeia3.validate import adapter_for_base
 
     base = load_base("default")
-    paths = {}
-    for seed, name in enumerate(names, start=1):
-        ad = identity_adapter(base.family, base.model, base=base.identity)
-        rng = np.random.default_rng(seed)
-        for v in ad.vectors:
-            v.values = (1 + 0.2 * rng.standard_normal(v.values.size)).astype(np.float32)
-        paths[name] = ad.save(work / f"{name}.safetensors")
-    return paths
+    return {name: adapter_for_base(base, seed=seed).save(work / f"{name}.safetensors")
+            for seed, name in enumerate(names, start=1)}
 
 
 def timed_export(**kw):

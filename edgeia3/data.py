@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +35,23 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise EdgeIA3Error(f"data file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EdgeIA3Error(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            _check_row(row, f"{path}:{n}")
-            rows.append(row)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        n = raw.count(b"\n", 0, e.start) + 1
+        raise EdgeIA3Error(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x})") from None
+    for n, line in enumerate(io.StringIO(text, newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EdgeIA3Error(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # a number too long to convert, nesting too deep
+            raise EdgeIA3Error(f"{path}:{n}: not valid JSON ({str(e).split(':')[0]})") from None
+        _check_row(row, f"{path}:{n}")
+        rows.append(row)
     if not rows:
         raise EdgeIA3Error(f"{path} has no rows")
     return rows
@@ -57,7 +65,8 @@ def _check_row(row: Any, where: str) -> None:
         if not isinstance(msgs, list) or not msgs:
             raise EdgeIA3Error(f"{where}: 'messages' must be a non-empty list")
         for m in msgs:
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES \
+                    or not isinstance(m.get("content"), str):
                 raise EdgeIA3Error(f"{where}: each message needs a role ({', '.join(sorted(ROLES))}) "
                                    "and a string content")
         if msgs[-1]["role"] != "assistant":
@@ -71,6 +80,13 @@ def _check_row(row: Any, where: str) -> None:
     else:
         raise EdgeIA3Error(f"{where}: expected a 'messages', 'prompt'/'completion' or 'text' row, "
                            f"got keys {sorted(row)}")
+    texts = [m["content"] for m in row["messages"]] if "messages" in row else \
+        [row[k] for k in ("prompt", "completion", "text") if k in row]
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:  # JSON can escape a lone surrogate; no tokenizer can encode it
+            raise EdgeIA3Error(f"{where}: a string holds an unpaired surrogate (\\ud800-\\udfff)") from None
 
 
 def encode(row: dict, tokenizer: Any, max_length: int) -> Example:

@@ -82,7 +82,6 @@ def _onnx_info(path: Path, m: dict) -> ExportInfo:
 
     from .registry import get_family
 
-    _typed(m.get("ia3_inputs", []), list, "ia3_inputs")
     family_sites = {s.name for s in get_family(_typed(m["family"], str, "family")).sites}
     used = set()
     for p in plans_of(m):  # what _onnx_adapters reads the adapter files with

@@ -42,6 +42,25 @@ def expected_length(base: BaseShape, layer: int, site_name: str, scaling: Scalin
     return out
 
 
+def adapter_for_base(base: BaseShape, sites: list[str] | None = None, seed: int | None = None,
+                     spread: float = 0.2) -> IA3Adapter:
+    """An adapter shaped for ``base`` (a loaded model or a GGUF file): all ones, or with
+    ``seed`` values 1 + spread * N(0, 1) - the identity / random adapter tests and benches use."""
+    import numpy as np
+
+    from .adapter import IA3Vector
+    fam = base.family
+    rng = np.random.default_rng(seed) if seed is not None else None
+    vectors = []
+    for i in range(base.config.num_hidden_layers):
+        for name in sites or fam.default_targets:
+            scaling = fam.site(name).scaling
+            n = expected_length(base, i, name, scaling)
+            values = np.ones(n, np.float32) if rng is None else (1 + spread * rng.standard_normal(n)).astype(np.float32)
+            vectors.append(IA3Vector(i, name, scaling, values))
+    return IA3Adapter(fam.name, vectors, base=base.identities[0], fused_layout=fused_layout_for(fam, base.config))
+
+
 def validate_adapter(adapter: IA3Adapter, base: BaseShape, check_identity: bool = True) -> None:
     """Raise EdgeIA3Error unless ``adapter`` fits ``base`` exactly."""
     fam = base.family

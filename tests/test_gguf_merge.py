@@ -18,9 +18,9 @@ from converters.gguf.hf_writer import write_hf_gguf
 from converters.gguf.merge import adapter_plan, merge_gguf
 from converters.gguf.plan import rope_permute
 from converters.gguf.quantize import quantize
-from edgeia3.adapter import IA3Adapter, IA3Vector
+from edgeia3.adapter import IA3Adapter
 from edgeia3.base import default_gguf
-from edgeia3.registry import Scaling
+from edgeia3.validate import adapter_for_base
 
 # llama.cpp ftype -> the GGML types its mix must put on the adapted tensors
 FTYPES = {"f32": {T.F32}, "f16": {T.F16}, "bf16": {T.BF16}, "q4_0": {T.Q4_0}, "q4_1": {T.Q4_1},
@@ -33,15 +33,7 @@ D_TIMES = {T.Q4_0: 8, T.Q4_1: 16, T.Q5_0: 16, T.Q5_1: 32, T.Q8_0: 128, T.Q2_K: 6
 
 
 def random_adapter(base: GGUFBase, sites=SITES, seed: int = 0) -> IA3Adapter:
-    rng = np.random.default_rng(seed)
-    fam, vectors = base.family, []
-    for i in range(base.config.num_hidden_layers):
-        for name in sites:
-            s = fam.site(name)
-            ne = base.index.tensor(s.gguf_tensor.format(i=i) + ".weight").ne
-            n = ne[0] if s.scaling is Scaling.INPUT else ne[1]
-            vectors.append(IA3Vector(i, name, s.scaling, (1 + 0.3 * rng.standard_normal(n)).astype(np.float32)))
-    return IA3Adapter(fam.name, vectors)
+    return adapter_for_base(base, list(sites), seed=seed, spread=0.3)
 
 
 def dequantized(path) -> dict[str, np.ndarray]:
