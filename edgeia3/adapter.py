@@ -12,6 +12,7 @@ the metadata as JSON strings in the header. No pickle.
 
 from __future__ import annotations
 
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +41,10 @@ class IA3Vector:
         return f"layers.{self.layer}.{self.site}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class IA3Adapter:
+    """Immutable once made: derive changed copies with ``dataclasses.replace``."""
+
     family: str
     vectors: list[IA3Vector]
     base: BaseIdentity | None = None

@@ -6,6 +6,8 @@ the stable entry both the CLI and Python users call.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,8 +125,9 @@ def _onnx_adapters(info: ExportInfo) -> dict[str, Any]:
     out = {}
     for n, p in info.adapter_files.items():
         ad = read_onnx_adapter(p, plans_of(m), m["family"], m["adapters"][n]["sites"])
-        ad.quant = m["adapters"][n].get("trained_on", "none")  # the file holds only tensors
-        ad.trained_on = m["adapters"][n].get("trained_weights") or {}
+        # the file holds only tensors; what it was trained on is in the manifest
+        ad = dataclasses.replace(ad, quant=m["adapters"][n].get("trained_on", "none"),
+                                 trained_on=m["adapters"][n].get("trained_weights") or {})
         out[n] = ad
     if info.merged:  # folded into the weights; the export keeps its canonical vectors
         out[info.merged] = IA3Adapter.load(info.path / m["adapters"][info.merged]["canonical"])

@@ -352,7 +352,7 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     after = run_eval()
     model = acc.unwrap_model(model)
     adapter = adapter_from_peft(model, lb, sites, quant)
-    adapter.extra = {"trained_on": str(data), "steps": step}
+    adapter = dataclasses.replace(adapter, extra={"trained_on": str(data), "steps": step})
     result = TrainResult(Path(out), step, seconds, tokens / seconds, losses, before, after, adapter,
                          acc.is_main_process, {"bf16_autocast": use_bf16,
                                                "base_weights_mb": round(weights_mb, 1),

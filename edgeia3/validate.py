@@ -7,6 +7,8 @@ so a GGUF base is never loaded into torch just to validate an adapter.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -95,6 +97,6 @@ def load_adapter_for(path: str | Path, base: LoadedBase, check_identity: bool = 
     """Load any supported adapter form and validate it against ``base``."""
     adapter = IA3Adapter.load(path, base_config=base.config)
     if not adapter.fused_layout:
-        adapter.fused_layout = fused_layout_for(base.family, base.config)
+        adapter = dataclasses.replace(adapter, fused_layout=fused_layout_for(base.family, base.config))
     validate_adapter(adapter, base, check_identity)
     return adapter

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import json
 
@@ -39,7 +41,7 @@ def test_non_finite_values(tiny_dir, tmp_path, llama_adapter):
 def test_adapter_for_another_base(tiny_dir, tmp_path, llama_adapter):
     base_a = load_base(tiny_dir("llama"))
     adapter = load_adapter_for(llama_adapter, base_a)
-    adapter.base = base_a.identity
+    adapter = dataclasses.replace(adapter, base=base_a.identity)
     adapter.save(tmp_path / "stamped.safetensors")
     other = tiny_dir("llama", seed=7)  # same shapes, other weights
     out = tmp_path / "out"

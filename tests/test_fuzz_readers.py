@@ -13,6 +13,8 @@ bytes). The property, for every input:
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import copy
 import hashlib
@@ -189,7 +191,7 @@ DTYPES = [np.float16, np.float64, np.int8, np.int32, np.int64, np.uint8, np.bool
 
 def _reshape(arr: np.ndarray, how: str) -> np.ndarray:
     return {"2d-row": lambda a: a.reshape(1, -1), "2d-col": lambda a: a.reshape(-1, 1),
-            "flat": lambda a: a.reshape(-1), "scalar": lambda a: a.reshape(-1)[:1].reshape(()),
+            "flat": lambda a: a.reshape(-1), "scalar": lambda a: a.reshape(-1)[:1].reshape(()) if a.size else a,
             "empty": lambda a: a.reshape(-1)[:0], "half": lambda a: a.reshape(-1)[: a.size // 2],
             "3d": lambda a: a.reshape(1, 1, -1), "double": lambda a: np.concatenate([a.reshape(-1)] * 2)}[how](arr)
 
@@ -256,7 +258,7 @@ def valid(tiny_dir, tmp_path_factory):
     base = load_base(base_dir)
     random_peft_adapter(copy.deepcopy(base.model), "llama", root / "peft", seed=3)
     adapter = IA3Adapter.load(root / "peft", base_config=base.config)
-    adapter.base = base.identity
+    adapter = dataclasses.replace(adapter, base=base.identity)
     canonical = adapter.save(root / "canonical" / CANONICAL_FILE)
     onnx = export_onnx(str(base_dir), root / "onnx", "fp32", adapters={"a": str(root / "peft")}).out
     gguf = export_gguf(str(base_dir), root / "gguf", quant="f32", adapters={"a": str(root / "peft")}).out

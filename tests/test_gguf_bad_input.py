@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 
 import gguf
@@ -42,7 +44,7 @@ def ones_adapter(base: GGUFBase, sites=("k", "v", "down")) -> IA3Adapter:
 def test_adapter_for_another_base(tiny_dir, tiny_gguf, tmp_path):
     other = GGUFBase(write_hf_gguf(tiny_dir("llama", seed=7), tmp_path / "other.gguf").path)
     ad = ones_adapter(other)
-    ad.base = other.identity  # same shapes, other weights
+    ad = dataclasses.replace(ad, base=other.identity)  # same shapes, other weights
     path = ad.save(tmp_path / "a.safetensors")
     out = tmp_path / "out.gguf"
     assert_refused(merge(tiny_gguf, path, out), out, "adapter was made for another base", "weights")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 
 import pytest
@@ -82,7 +84,7 @@ def test_nf4_merge_is_exact_against_the_4bit_model(tiny_dir, tmp_path):
     four_bit = logits(pm)
 
     adapter = load_adapter_for(tmp_path / "peft", load_base(path))
-    adapter.quant = "nf4"
+    adapter = dataclasses.replace(adapter, quant="nf4")
     adapter.save(tmp_path / "peft")  # canonical file now says: trained on NF4
     res = merge(base=str(path), adapter=tmp_path / "peft", out=tmp_path / "merged")
     assert "NF4" in res.into

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import json
 
@@ -119,7 +121,7 @@ def test_each_adapter_is_compared_with_the_model_it_was_trained_as(tiny_dir, tmp
     for name, quant, seed in (("full", "none", 1), ("nf4", "nf4", 2)):
         random_peft_adapter(copy.deepcopy(base.model), "llama", tmp_path / f"peft_{name}", seed=seed)
         ad = IA3Adapter.load(tmp_path / f"peft_{name}", base_config=base.config)
-        ad.base, ad.quant = base.identity, quant
+        ad = dataclasses.replace(ad, base=base.identity, quant=quant)
         paths[name] = str(ad.save(tmp_path / f"{name}.safetensors"))
     out = export_onnx(str(base_dir), tmp_path / "onnx", "fp32", adapters=paths).out
     doc = report([out], tmp_path / "rep", options=OPTS)

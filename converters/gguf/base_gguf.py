@@ -7,6 +7,8 @@ loaded into torch just to check an adapter.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +87,7 @@ class GGUFBase:
         else:
             adapter = IA3Adapter.load(path, base_config=self.config)
         if not adapter.fused_layout:
-            adapter.fused_layout = fused_layout_for(self.family, self.config)
+            adapter = dataclasses.replace(adapter, fused_layout=fused_layout_for(self.family, self.config))
         self.validate(adapter, check_identity)
         return adapter
 
