@@ -14,6 +14,7 @@ from __future__ import annotations
 
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -163,6 +164,8 @@ def _read_canonical(path: Path) -> IA3Adapter:
         scaling = json_meta("scaling", "{}", dict)
         vectors, seen = [], set()
         for key, arr in tensors.items():
+            if not re.fullmatch(r"layers\.[0-9]+\.[a-z_0-9]+", key):
+                raise ValueError(f"tensor {key!r} is not named layers.<layer>.<site>")
             _, layer, site = key.split(".")
             if arr.dtype.kind != "f" or arr.ndim != 1 or arr.size == 0:
                 raise ValueError(f"tensor {key} is {arr.dtype} of shape {list(arr.shape)}, "

@@ -10,10 +10,11 @@ class TrainProgress:
         self.quiet = quiet
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("|grad| {task.fields[gnorm]:.2e}"),
+            TextColumn("{task.fields[tps]:.0f} tok/s"),
             TimeElapsedColumn(), TimeRemainingColumn(), disable=quiet,
         )
-        self.task = self.progress.add_task("train", total=total, loss=float("nan"), tps=0.0)
+        self.task = self.progress.add_task("train", total=total, loss=float("nan"), tps=0.0, gnorm=float("nan"))
 
     def __enter__(self) -> "TrainProgress":
         self.progress.__enter__()
@@ -22,5 +23,9 @@ class TrainProgress:
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        self.progress.update(self.task, completed=step, loss=loss, tps=tokens_per_s)
+    def update(self, step: int, loss: float, tokens_per_s: float, grad_norm: float = float("nan")) -> None:
+        self.progress.update(self.task, completed=step, loss=loss, tps=tokens_per_s, gnorm=grad_norm)
+
+    def warn(self, text: str) -> None:
+        if not self.quiet:
+            self.progress.console.print(f"[yellow]warning:[/] {text}", highlight=False)

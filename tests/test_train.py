@@ -190,3 +190,18 @@ def test_labelled_loss_equals_the_models_own_loss(family, tiny_dir):
     assert abs(grads[0][0] - grads[1][0]) < 1e-5
     for a, b in zip(grads[0][1], grads[1][1]):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_gradient_norms_are_recorded_and_checked(tiny_dir, task, tmp_path):
+    """Every step's IA3 gradient norm lands in training.json; leaving the healthy band warns."""
+    from edgeia3.train import GRAD_NORM_BAND, TrainConfig, gradient_warning, train
+
+    res = train(str(tiny_dir("llama", tokenizer=True)), task[0], tmp_path / "ad", quant="none", quiet=True,
+                config=TrainConfig(max_steps=5, batch_size=4))
+    report = json.loads((tmp_path / "ad" / "training.json").read_text())
+    assert len(report["grad_norms"]) == 5 and report["grad_norms"] == [float(f"{x:.4g}") for x in res.grad_norms]
+    low, high = GRAD_NORM_BAND
+    assert all(low < g < high for g in res.grad_norms) and report["warnings"] == []
+    assert gradient_warning(3, 1e-9).startswith("step 3: IA3 gradient norm 1.0e-09") and "vanishing" in gradient_warning(3, 1e-9)
+    assert "exploding" in gradient_warning(4, 5e4) and "is nan" in gradient_warning(1, float("nan"))
+    assert gradient_warning(2, 0.5) is None

@@ -138,7 +138,7 @@ def read_ia3_gguf(path: str | Path) -> IA3Adapter:
         vectors = {}
         for t in reader.tensors:
             if not t.name.endswith((OUT_SUFFIX, IN_SUFFIX)) or t.tensor_type != gguf.GGMLQuantizationType.F32:
-                raise EdgeIA3Error(f"{path}: unexpected tensor {t.name} ({t.tensor_type.name})")
+                raise EdgeIA3Error(f"{path}: unexpected tensor {t.name!r} ({t.tensor_type.name})")
             vectors[t.name] = np.array(t.data, dtype=np.float32).reshape(-1)
         fp = get(K + "base.fingerprint", str, "")
         base = BaseIdentity(fp, get(K + "base.content", str, ""), get(K + "base.name", str, "")) if fp else None
@@ -150,7 +150,7 @@ def read_ia3_gguf(path: str | Path) -> IA3Adapter:
     except EdgeIA3Error as e:  # an unknown family or site, tensors of no site, non-finite values
         if str(path) in str(e):
             raise
-        raise EdgeIA3Error(f"{path}: {e}") from e
+        raise EdgeIA3Error(f"{path}: {' '.join(str(e).split())}") from e
     return adapter
 
 

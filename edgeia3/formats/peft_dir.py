@@ -94,7 +94,7 @@ def read_peft_dir(path: str | Path, family: str | None = None, config: Any = Non
     for key, arr in tensors.items():
         m = layer_re.match(key)
         if not m or not fam.site_for_module(m.group(2)):
-            raise EdgeIA3Error(f"{path}: tensor {key} is not an IA3 site of family '{fam.name}'")
+            raise EdgeIA3Error(f"{path}: tensor {key!r} is not an IA3 site of family '{fam.name}'")
         layer, module = int(m.group(1)), m.group(2)
         if (layer, module) in seen:
             raise EdgeIA3Error(f"{path}: tensor {key} repeats layer {layer} module {module}")
