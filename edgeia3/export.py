@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .manifest import merged_name
+
 
 def export_onnx(base: str, out: str | Path, precision: str = "int4",
                 adapters: dict[str, str] | None = None, merge: str | None = None,
@@ -105,7 +107,7 @@ def _onnx_info(path: Path, m: dict) -> ExportInfo:
         _typed(a.get("trained_weights") or {}, dict, f"adapter {n} trained_weights")
         if not set(_typed(a["sites"], list, f"adapter {n} sites")) <= family_sites:
             raise ValueError(f"adapter {n}: sites {a['sites']} are not all sites of {m['family']}")
-    merged = _typed(_typed(m.get("merged") or {}, dict, "merged").get("name"), (str, type(None)), "merged name")
+    merged = _typed(merged_name(m), (str, type(None)), "merged name")
     if merged is not None:
         _typed(m["adapters"][merged]["canonical"], str, f"adapter {merged} canonical")
     return ExportInfo(path, "onnx", _typed(m["precision"], str, "precision"),
@@ -144,7 +146,7 @@ def _gguf_info(path: Path, m: dict) -> ExportInfo:
     return ExportInfo(path, "gguf", _typed(m["quant"], str, "quant"),
                       _typed(_typed(m["base"], dict, "base")["spec"], str, "base spec"), model.stat().st_size,
                       {n: path / a["file"] for n, a in ads.items()}, {n: a["bytes"] for n, a in ads.items()},
-                      _typed(m.get("merged"), (str, type(None)), "merged"), m)
+                      _typed(merged_name(m), (str, type(None)), "merged"), m)
 
 
 def _gguf_adapters(info: ExportInfo) -> dict[str, Any]:
@@ -159,25 +161,12 @@ _READERS = {"onnx": (_onnx_info, _onnx_adapters), "gguf": (_gguf_info, _gguf_ada
 
 def read_export(path: str | Path) -> ExportInfo:
     """Read an export directory's manifest; one clear error if it is not one."""
-    import json
-
     from .errors import EdgeIA3Error
+    from .manifest import MANIFEST, manifest_kind, read_manifest
 
     path = Path(path)
-    manifest = path / "edgeia3.json"
-    if not manifest.exists():
-        raise EdgeIA3Error(f"{path} is not an edgeia3 export directory (no edgeia3.json)")
-    try:
-        m = json.loads(manifest.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
-        raise EdgeIA3Error(f"{manifest} is not valid JSON: {e}") from None
-    except OSError as e:
-        raise EdgeIA3Error(f"{manifest}: cannot read it ({e.strerror or e})") from None
-    if not isinstance(m, dict):
-        raise EdgeIA3Error(f"{manifest}: holds a JSON {type(m).__name__}, not an export manifest")
-    kind = m.get("kind") or ("onnx" if m.get("format") == "edgeia3-onnx" else None)
-    if not isinstance(kind, str) or kind not in _READERS:
-        raise EdgeIA3Error(f"{manifest}: unknown export kind {kind!r}")
+    m = read_manifest(path)
+    manifest, kind = path / MANIFEST, manifest_kind(m)
     try:
         return _READERS[kind][0](path, m)
     except (KeyError, TypeError, ValueError, OSError) as e:

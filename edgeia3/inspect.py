@@ -8,6 +8,7 @@ from typing import Any
 
 from .adapter import CANONICAL_FILE, IA3Adapter
 from .errors import EdgeIA3Error
+from .manifest import MANIFEST, read_manifest
 from .registry import family_for_config
 from .weights import deployed_label, trained_label
 
@@ -22,7 +23,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise EdgeIA3Error(f"no such file or directory: {path}")
     if path.is_dir():
-        if (path / "edgeia3.json").exists():
+        if (path / MANIFEST).exists():
             return describe_export(path)
         if (path / CANONICAL_FILE).exists() or (path / "adapter_config.json").exists():
             return describe_adapter(path)
@@ -200,9 +201,8 @@ def describe_onnx(path: Path) -> dict[str, Any]:
         "top ops": ", ".join(f"{k}x{v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:6]),
         "bytes": _dir_bytes(root) if path.is_dir() else path.stat().st_size,
     }
-    manifest = root / "edgeia3.json"
-    if manifest.exists():
-        m = json.loads(manifest.read_text())
+    if (root / MANIFEST).exists():
+        m = read_manifest(root)
         out.update({"family": m.get("family"), "precision": m.get("precision"),
                     "adapters": ", ".join(m.get("adapters", {})), "fingerprint": m.get("fingerprint")})
     return out

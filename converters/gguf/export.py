@@ -13,7 +13,6 @@ is. The whole directory is written under a temporary name and renamed.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -25,6 +24,7 @@ import numpy as np
 from edgeia3.atomic import atomic_dir, check_out
 from edgeia3.base import LLAMA_QUANTS, locate_base, quantized_gguf, resolve_base
 from edgeia3.errors import EdgeIA3Error
+from edgeia3.manifest import write_manifest
 from edgeia3.weights import check_deployment
 
 from .adapter_file import SUFFIX, write_ia3_gguf
@@ -36,7 +36,6 @@ from .quantize import EXPORT_QUANTS
 DIRECT = ("f32", "f16")  # written by edgeia3's writer without llama.cpp's quantizer
 
 MODEL_FILE = "model.gguf"
-MANIFEST = "edgeia3.json"
 
 
 @dataclass
@@ -120,8 +119,6 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
             mm.flush()
             del mm
         manifest = {
-            "kind": "gguf",
-            "format_version": 1,
             "model": MODEL_FILE,
             "base": {"spec": str(base), "identity": gb.identity.to_dict(),
                      "source_identity": gb.identities[-1].to_dict() if len(gb.identities) > 1 else None},
@@ -132,7 +129,7 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
             "merged": merge,
             "notes": notes,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp, "gguf", manifest)
     return GGUFExport(out, file_quant, str(base), gb.family.name, info, merge, notes, time.perf_counter() - t0)
 
 

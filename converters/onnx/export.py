@@ -16,7 +16,6 @@ graph post-processing -> a folder ``og.Model(DIR)`` opens, with
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
@@ -31,6 +30,7 @@ from edgeia3.adapter import IA3Adapter
 from edgeia3.atomic import atomic_dir, check_out
 from edgeia3.base import LLAMA_QUANTS, LoadedBase, load_base, quantized_gguf
 from edgeia3.errors import EdgeIA3Error
+from edgeia3.manifest import write_manifest
 from edgeia3.fingerprint import num_layers
 from edgeia3.prompts import TEMPLATE_FILE, read_template
 from edgeia3.registry import Family, Scaling
@@ -44,7 +44,6 @@ from .transcode import fusable_qkv, not_carried, transcode
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 PROVIDERS = ("cpu", "cuda")
-MANIFEST = "edgeia3.json"
 MODEL_FILE = "model.onnx"
 ADAPTER_DIR = "adapters"
 CANONICAL_SUFFIX = "ia3.safetensors"  # the merged adapter's own vectors (edgeia3 canonical file)
@@ -202,7 +201,7 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
             manifest["mobile"] = make_mobile(tmp)
         manifest["notes"] = notes
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(tmp, "onnx", manifest)
     return OnnxExport(out, manifest, time.perf_counter() - t0, notes)
 
 
@@ -360,8 +359,6 @@ def _ensure_chat_template(model_dir: Path, lb: LoadedBase) -> None:
 def _manifest(lb: LoadedBase, identity: Any, precision: str, provider: str, plans: list[IA3Input],
               merged: dict | None, fuse_qkv: bool) -> dict:
     return {
-        "format": "edgeia3-onnx",
-        "format_version": 1,
         "base": {"name": lb.source.name, "spec": lb.source.spec, **identity.to_dict()},
         "fingerprint": f"{identity.fingerprint}/{identity.content}",
         "family": lb.family.name,
@@ -377,13 +374,6 @@ def _manifest(lb: LoadedBase, identity: Any, precision: str, provider: str, plan
         "builder": f"onnxruntime-genai {builder.builder_version()}",
         "mobile": None,
     }
-
-
-def read_manifest(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / MANIFEST
-    if not path.exists():
-        raise EdgeIA3Error(f"{model_dir} is not an edgeia3 ONNX export (no {MANIFEST})")
-    return json.loads(path.read_text())
 
 
 def plans_of(manifest: dict) -> list[IA3Input]:

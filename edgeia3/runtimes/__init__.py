@@ -56,6 +56,11 @@ def generate(rt: Runtime, prompt: str | list[dict], max_tokens: int = 64) -> str
 
 # Openers tried in order: (can_open(path) -> bool, open(path, adapters, provider) -> Runtime).
 # Each opener refuses options its runtime cannot honour instead of ignoring them.
+
+
+def refuse_options(path: Path, runtime: str, options: dict) -> None:
+    if options:
+        raise EdgeIA3Error(f"{path}: the {runtime} runtime takes no option(s) {', '.join(sorted(options))}")
 _OPENERS: list[tuple] = []
 
 
@@ -64,11 +69,13 @@ def register_runtime(can_open, opener) -> None:
 
 
 def open_runtime(path: str | Path, adapters: dict[str, str | Path] | None = None,
-                 provider: str | None = None) -> Runtime:
-    """Open the runtime that fits the artifact at ``path``.
+                 provider: str | None = None, **options) -> Runtime:
+    """Open the runtime that fits the artifact at ``path`` (an export: by its manifest's kind).
 
     ``adapters``: NAME -> adapter path to attach at open time (transformers dirs and
     GGUF; an ONNX export carries its own). ``provider``: onnxruntime execution provider.
+    ``options``: runtime-specific (llama.cpp: n_ctx, n_threads, n_gpu_layers, swap);
+    a runtime refuses options it does not know.
     """
     from . import torch_runtime  # noqa: F401  (registers itself; others register on import)
 
@@ -78,7 +85,7 @@ def open_runtime(path: str | Path, adapters: dict[str, str | Path] | None = None
         raise EdgeIA3Error(f"model not found: {path}")
     for can_open, opener in _OPENERS:
         if can_open(path):
-            return opener(path, adapters=adapters, provider=provider)
+            return opener(path, adapters=adapters, provider=provider, **options)
     raise EdgeIA3Error(f"{path}: not a model edgeia3 can run (transformers dir, ONNX or GGUF export)")
 
 

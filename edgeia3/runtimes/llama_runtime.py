@@ -18,7 +18,6 @@ with AMX (the AMX extra buffer type segfaults in ggml_backend_amx_mul_mat).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -30,10 +29,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import EdgeIA3Error
+from ..manifest import export_kind, merged_name, read_manifest
 from ..prompts import render_chat
-from . import register_runtime
+from . import refuse_options, register_runtime
 
-MANIFEST = "edgeia3.json"
 IN_PLACE, RELOAD = "in-place", "reload"
 
 
@@ -248,10 +247,7 @@ class LlamaCppRuntime:
 def _is_gguf_artifact(path: Path) -> bool:
     if path.is_file():
         return path.suffix == ".gguf"
-    try:
-        return json.loads((path / MANIFEST).read_text()).get("kind") == "gguf"
-    except (OSError, ValueError, AttributeError):
-        return False  # no manifest, or another artifact's
+    return export_kind(path) == "gguf"
 
 
 def open_gguf(path: str | Path, adapters: dict[str, str | Path] | None = None, provider: str | None = None,
@@ -261,14 +257,13 @@ def open_gguf(path: str | Path, adapters: dict[str, str | Path] | None = None, p
     path = Path(path)
     if provider:
         raise EdgeIA3Error(f"{path}: --provider applies to ONNX exports (llama.cpp: n_gpu_layers)")
+    known = {"n_ctx", "n_threads", "n_gpu_layers", "swap", "workdir"}
+    refuse_options(path, "llama.cpp", {k: v for k, v in kwargs.items() if k not in known})
     if path.is_file():
         return LlamaCppRuntime(path, adapters, **kwargs)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise EdgeIA3Error(f"{path}: unreadable {MANIFEST}: {e}") from e
+    manifest = read_manifest(path)
     found = {n: path / a["file"] for n, a in manifest.get("adapters", {}).items()}
-    merged = manifest.get("merged")
+    merged = merged_name(manifest)
     if merged:
         found = {}  # the weights already hold the merged adapter; others would stack on it
     found.update(adapters or {})

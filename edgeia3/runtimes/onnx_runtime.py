@@ -24,10 +24,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import EdgeIA3Error
+from ..manifest import MANIFEST, export_kind, merged_name, read_manifest
 from ..prompts import read_template, render_chat
-from . import register_runtime
+from . import refuse_options, register_runtime
 
-MANIFEST = "edgeia3.json"
 
 
 class OnnxRuntime:
@@ -38,7 +38,7 @@ class OnnxRuntime:
         import onnxruntime_genai as og
 
         self.path = Path(path)
-        self.manifest = _read_json(self.path / MANIFEST, self.path)
+        self.manifest = read_manifest(self.path)
         self.genai_config = _read_json(self.path / "genai_config.json", self.path)
         with _load_errors(self.path, "the export's genai_config.json"):
             config = og.Config(str(self.path))
@@ -78,7 +78,7 @@ class OnnxRuntime:
         return list(self._files)
 
     def use_adapter(self, name: str | None) -> None:
-        merged = (self.manifest.get("merged") or {}).get("name")
+        merged = merged_name(self.manifest)
         if name is not None and name == merged:
             name = None  # already in the weights: no side tensors to feed
         if name is not None and name not in self._files:
@@ -286,10 +286,11 @@ def _np_type(ort_type: str):
 
 
 def _is_onnx_export(path: Path) -> bool:
-    return path.is_dir() and (path / MANIFEST).exists() and (path / "genai_config.json").exists()
+    return path.is_dir() and export_kind(path) == "onnx"
 
 
-def _open(path: Path, adapters: dict | None = None, provider: str | None = None) -> OnnxRuntime:
+def _open(path: Path, adapters: dict | None = None, provider: str | None = None, **options: Any) -> OnnxRuntime:
+    refuse_options(path, "onnxruntime-genai", options)
     if adapters:
         raise EdgeIA3Error(f"{path}: an ONNX export carries its own adapters ({MANIFEST}); attaching "
                            f"{', '.join(adapters)} at run time is not possible - re-export with --adapter NAME=PATH")

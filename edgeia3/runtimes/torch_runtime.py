@@ -18,7 +18,7 @@ from ..base import LoadedBase, load_base
 from ..errors import EdgeIA3Error
 from ..formats.peft_dir import write_peft_dir
 from ..prompts import render_chat
-from . import register_runtime
+from . import refuse_options, register_runtime
 
 
 class TorchRuntime:
@@ -110,7 +110,9 @@ def _is_transformers_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").exists()
 
 
-def _open(path: Path, adapters: dict[str, Any] | None = None, provider: str | None = None) -> TorchRuntime:
+def _open(path: Path, adapters: dict[str, Any] | None = None, provider: str | None = None,
+          **options: Any) -> TorchRuntime:
+    refuse_options(path, "torch", options)
     from ..validate import load_adapter_for
 
     if provider:
