@@ -195,7 +195,7 @@ def _read_canonical(path: Path) -> IA3Adapter:
     except (KeyError, ValueError, TypeError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise EdgeIA3Error(f"{path}: corrupt edgeia3 adapter ({type(e).__name__}: {e})") from e
     except EdgeIA3Error as e:  # an unknown family or site, non-finite values
-        raise EdgeIA3Error(f"{path}: {e}") from e
+        raise EdgeIA3Error(f"{path}: {' '.join(str(e).split())}") from e
     return adapter
 
 

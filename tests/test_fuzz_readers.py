@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -83,6 +84,8 @@ def loads_or_refuses(read, folder: Path, names: str | Path):
         assert msg.strip() and "\n" not in msg.strip(), f"not one clear line: {msg!r}"
         assert str(names) in msg, f"the error does not name {names}: {msg!r}"
         result = None
+    if currently_in_test_context():
+        event("refused" if result is None else "read")
     # any other exception type propagates and fails the test, with hypothesis' minimal input
     assert snapshot(folder) == before, "the reader wrote or changed files"
     return result
@@ -285,6 +288,9 @@ def well_formed(ad: IA3Adapter) -> None:
         assert isinstance(v.layer, int) and v.values.dtype == np.float32 and v.values.ndim == 1
         assert np.all(np.isfinite(v.values))
     assert isinstance(ad.fused_layout, dict) and isinstance(ad.trained_on, dict) and isinstance(ad.extra, dict)
+    assert isinstance(ad.quant, str) and (ad.base is None or all(
+        isinstance(x, str) for x in (ad.base.fingerprint, ad.base.content, ad.base.name)))
+    assert len({(v.layer, v.site) for v in ad.vectors}) == len(ad.vectors), "a site twice"
 
 
 # -- the valid files read back (the starting point of every fuzz run) ----------------------------
@@ -316,6 +322,7 @@ def _check_canonical(valid, data: bytes):
     if ad is not None:
         well_formed(ad)
     shutil.rmtree(d)
+    return ad
 
 
 @FUZZ
@@ -346,6 +353,7 @@ def _check_peft(valid, config: bytes | None = None, weights: bytes | None = None
     if ad is not None:
         well_formed(ad)
     shutil.rmtree(d)
+    return ad
 
 
 @FUZZ
@@ -377,11 +385,11 @@ def _check_gguf(valid, data: bytes):
     d = fresh_dir(valid["work"])
     path = d / "a.ia3.gguf"
     path.write_bytes(data)
-    if os.environ.get("FZ_DUMP"): Path(os.environ["FZ_DUMP"]).write_bytes(data)
     ad = loads_or_refuses(lambda: read_ia3_gguf(path), d, path)
     if ad is not None:
         well_formed(ad)
     shutil.rmtree(d)
+    return ad
 
 
 def _gguf_fields(path: Path):
@@ -498,6 +506,7 @@ def _check_onnx_adapter(valid, data: bytes):
         well_formed(ad)
         assert {v.site for v in ad.vectors} <= set(m["adapters"]["a"]["sites"])
     shutil.rmtree(d)
+    return ad
 
 
 @st.composite
@@ -572,7 +581,7 @@ def _check_manifest(export_copies, kind: str, data: bytes):
     manifest.write_bytes(data)
     info = loads_or_refuses(lambda: read_export(d), d, d)
     if info is None:
-        return
+        return None
     assert isinstance(info, ExportInfo) and info.kind == kind
     assert isinstance(info.precision, str) and isinstance(info.base_spec, str)
     assert isinstance(info.model_bytes, int) and (info.merged is None or isinstance(info.merged, str))
@@ -583,6 +592,7 @@ def _check_manifest(export_copies, kind: str, data: bytes):
     if ads is not None:
         for ad in ads.values():
             well_formed(ad)
+    return info
 
 
 @pytest.mark.parametrize("kind", ["onnx", "gguf"])
@@ -650,6 +660,10 @@ def jsonl_file(draw) -> bytes:
 @FUZZ
 @given(data=jsonl_file(), max_length=st.sampled_from([1, 4, 64, 512]))
 def test_fuzz_jsonl_training_data(valid, tokenizer, data, max_length):
+    _check_jsonl(valid, tokenizer, data, max_length)
+
+
+def _check_jsonl(valid, tokenizer, data: bytes, max_length: int = 64):
     from edgeia3.data import IGNORE, Example, load_examples, read_jsonl
 
     d = fresh_dir(valid["work"])
@@ -664,3 +678,115 @@ def test_fuzz_jsonl_training_data(valid, tokenizer, data, max_length):
             assert len(ex.labels) == len(ex.input_ids) and any(lab != IGNORE for lab in ex.labels)
             assert all(isinstance(t, int) for t in ex.input_ids) and isinstance(ex.target, str)
     shutil.rmtree(d)
+    return examples
+
+
+# -- the inputs fuzzing found, pinned (each crashed, hung or misled a reader before its fix) ------
+
+def _gguf_bytes(valid) -> bytes:
+    return (valid["gguf"] / "adapters" / "a.ia3.gguf").read_bytes()
+
+
+def _gguf_array_count_past_the_end(valid) -> bytes:
+    """input_fold_rows (INT32 x 2) as UINT8 x 2**63: gguf-py read past the end as empty arrays
+    of size 0, looping (and allocating) forever."""
+    data = bytearray(_gguf_bytes(valid))
+    key = b"adapter.ia3.input_fold_rows"
+    at = data.index(key) + len(key)  # then: u32 ARRAY (9), u32 item type, u64 count
+    assert struct.unpack_from("<II", data, at) == (9, 5)
+    struct.pack_into("<IQ", data, at + 4, 0, 2**63)
+    return bytes(data)
+
+
+def _replace_once(data: bytes, old: bytes, new: bytes) -> bytes:
+    assert data.count(old) == 1 and len(old) == len(new)
+    return data.replace(old, new)
+
+
+def _canonical_with(valid, tensor_fn=None, **meta) -> bytes:
+    tensors, old = read_safetensors(valid["canonical"])
+    if tensor_fn:
+        tensor_fn(tensors)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(tensors, f"{tmp}/x", metadata={**old, **meta})
+        return Path(f"{tmp}/x").read_bytes()
+
+
+def _nan_at_0(tensors: dict) -> None:
+    tensors[sorted(tensors)[0]].reshape(-1)[0] = np.nan
+
+
+def _peft_config(valid, **changes) -> bytes:
+    doc = json.loads((valid["peft"] / "adapter_config.json").read_text())
+    return json.dumps({**doc, **changes}).encode()
+
+
+def _onnx_adapter_with_nan(valid) -> bytes:
+    import onnxruntime as ort
+
+    from converters.onnx.adapter_file import read_onnx_adapter_tensors
+
+    tensors = read_onnx_adapter_tensors(valid["onnx"] / "adapters" / "a.onnx_adapter")
+    tensors[sorted(tensors)[0]].reshape(-1)[-1] = np.nan
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in tensors.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        fmt.export_adapter(f"{tmp}/x")
+        return Path(f"{tmp}/x").read_bytes()
+
+
+def _manifest(export_copies, which: str, **changes) -> bytes:
+    return json.dumps({**export_copies[which + "_manifest"], **changes}).encode()
+
+
+FOUND = {  # name: (reader, input builder), every one of them must be refused with one clear line
+    "gguf: array count past the end (hung)": ("gguf", _gguf_array_count_past_the_end),
+    "gguf: duplicate key (KeyError)": ("gguf", lambda v: _replace_once(
+        _gguf_bytes(v), b"adapter.ia3.extra", b"adapter.ia3.sites")),
+    "gguf: non-UTF-8 general.type (UnicodeDecodeError)": ("gguf", lambda v: _replace_once(
+        _gguf_bytes(v), b"\x07" + bytes(7) + b"adapter", b"\x07" + bytes(7) + b"\xffdapter")),
+    "gguf: a tensor of no site (error without the path)": ("gguf", lambda v: _replace_once(
+        _gguf_bytes(v), b"blk.0.attn_k.ia3_out", b"blk.7.attn_k.ia3_out")),
+    "canonical: NaN (error without the path)": ("canonical", lambda v: _canonical_with(v, _nan_at_0)),
+    "canonical: base a JSON list (TypeError)": ("canonical", lambda v: _canonical_with(v, base='["x"]')),
+    "canonical: 2-D int tensor (loaded as a vector)": ("canonical", lambda v: _canonical_with(
+        v, lambda t: t.update({k: np.ones((2, 3), np.int32) for k in sorted(t)[:1]}))),
+    "peft: non-UTF-8 adapter_config.json (UnicodeDecodeError)": ("peft_config", lambda v: b"\xff{}"),
+    "peft: adapter_config.json is null (AttributeError)": ("peft_config", lambda v: b"null"),
+    "peft: feedforward_modules [1] (TypeError)": ("peft_config", lambda v: _peft_config(v, feedforward_modules=[1])),
+    "peft: feedforward_modules a bad regex (re.error)": ("peft_config", lambda v: _peft_config(
+        v, feedforward_modules="(")),
+    "onnx_adapter: NaN (loaded silently)": ("onnx_adapter", _onnx_adapter_with_nan),
+    "manifest: null (AttributeError)": ("manifest_onnx", lambda e: b"null"),
+    "manifest: kind a list (TypeError)": ("manifest_onnx", lambda e: _manifest(e, "onnx", kind=["onnx"])),
+    "manifest: ia3_inputs [null] (TypeError)": ("manifest_onnx", lambda e: _manifest(e, "onnx", ia3_inputs=[None])),
+    "manifest: unknown family (error without the path)": ("manifest_onnx", lambda e: _manifest(
+        e, "onnx", family="mamba")),
+    "manifest: base null (TypeError)": ("manifest_onnx", lambda e: _manifest(e, "onnx", base=None)),
+    "manifest: non-UTF-8 (UnicodeDecodeError)": ("manifest_gguf", lambda e: b'{"kind": "\xff"}'),
+    "manifest: model path with NUL (ValueError)": ("manifest_gguf", lambda e: _manifest(e, "gguf", model="a\x00b")),
+    "manifest: model file missing (FileNotFoundError)": ("manifest_gguf", lambda e: _manifest(e, "gguf", model="0")),
+    "jsonl: non-UTF-8 (UnicodeDecodeError)": ("jsonl", lambda v: b'{"text": "ok"}\n\xff\n'),
+    "jsonl: nesting too deep (RecursionError)": ("jsonl", lambda v: b"[" * 100_000),
+    "jsonl: 5000-digit number (ValueError)": ("jsonl", lambda v: b'{"text": ' + b"7" * 5000 + b"}"),
+    "jsonl: lone surrogate (tokenizer TypeError)": ("jsonl", lambda v: b'{"text": "\\ud800"}'),
+    "jsonl: role a list (TypeError)": ("jsonl", lambda v: json.dumps(
+        {"messages": [{"role": ["user"], "content": "x"}, {"role": "assistant", "content": "y"}]}).encode()),
+}
+
+
+@pytest.mark.parametrize("name", list(FOUND))
+def test_found_inputs_are_refused(name, valid, export_copies, tokenizer):
+    reader, build = FOUND[name]
+    if reader.startswith("manifest"):
+        kind = reader.split("_")[1]
+        result = _check_manifest(export_copies, kind, build(export_copies))
+    else:
+        data = build(valid)
+        result = {"gguf": lambda: _check_gguf(valid, data), "canonical": lambda: _check_canonical(valid, data),
+                  "peft_config": lambda: _check_peft(valid, config=data),
+                  "onnx_adapter": lambda: _check_onnx_adapter(valid, data),
+                  "jsonl": lambda: _check_jsonl(valid, tokenizer, data)}[reader]()
+    assert result is None, f"{name}: read instead of refused"

@@ -13,6 +13,7 @@ import pytest
 from edgeia3 import load_base
 from edgeia3.export import export_gguf, export_onnx
 from edgeia3.report import ReportOptions, report
+from edgeia3.runtimes import open_runtime
 from tiny_models import random_peft_adapter, write_label_task
 
 OPTS = ReportOptions(runs=2, decode_tokens=8, greedy_tokens=5, eval_rows=6)
@@ -35,7 +36,7 @@ def exports(tiny_dir, tmp_path_factory):
     return tmp, dirs, write_label_task(tmp / "eval.jsonl", 6)
 
 
-def test_report_fields_and_values(exports):
+def test_report_fields_and_values(exports, tiny_dir):
     tmp, dirs, eval_file = exports
     out = tmp / "rep"
     doc = report(list(dirs.values()), out, {"a": str(eval_file)}, OPTS)
@@ -62,16 +63,64 @@ def test_report_fields_and_values(exports):
         assert d["max_abs_logit_diff"] < 1e-3, (e["label"], d)
         assert d["argmax_agreement"] == 1.0 and d["greedy_token_agreement"] == 1.0
     assert list(merged["adapters"]) == ["a"] and merged["merged"] == "a"
-    assert side["adapters"]["a"]["accuracy"]["runtime"] == side["adapters"]["a"]["accuracy"]["trained"]
+    # fp32 exports answer exactly as PyTorch does: same greedy token ids on every eval row, for
+    # each adapter of the side export and for the merged one, against a reference built apart
+    # from the report (a fresh fp32 base + the original PEFT adapters, not the export's files)
+    ref_ids = greedy_eval_ids(reference_runtime(tiny_dir("llama", tokenizer=True), tmp, ["a", "b"]), eval_file)
+    for key, name in (("onnx_side", "a"), ("onnx_side", "b"), ("onnx_merged", "a")):
+        rt = open_runtime(dirs[key])
+        try:
+            got = greedy_eval_ids(rt, eval_file, name)
+        finally:
+            rt.close()
+        assert got == ref_ids[name], (key, name, got, ref_ids[name])
+    assert any(ids for _, ids in ref_ids["a"]), "no eval row produced a token: nothing was compared"
+    a, b, plain = ([ids for _, ids in ref_ids[n]] for n in ("a", "b", None))
+    assert a != b and a != plain and b != plain, "the adapters do not change the answers: nothing told apart"
+    # and the report's accuracies are the exact-match rates of exactly those answers
+    rows = [json.loads(line) for line in eval_file.read_text().splitlines()]
+    tok = load_base(tiny_dir("llama", tokenizer=True)).tokenizer
+    hits = sum(tok.decode(ids, skip_special_tokens=True).strip() == r["messages"][-1]["content"].strip()
+               for (_, ids), r in zip(ref_ids["a"], rows))
+    for e in (side, merged):
+        assert e["adapters"]["a"]["accuracy"] == {"runtime": hits / len(rows), "trained": hits / len(rows),
+                                                  "rows": len(rows)}, e["label"]
 
     # latencies are positive and ordered as they must be
     for e in doc["exports"]:
         assert e["load_s"] > 0 and e["reload_s"]["median"] > 0
         assert e["speed_base"]["decode_tok_s"]["median"] > 0
         assert e["speed_base"]["ttft_s"]["min"] <= e["speed_base"]["ttft_s"]["median"]
-    assert side["switch_s"]["median"] < side["switch_first_token_s"]["median"] < side["reload_s"]["median"]
+    # (which is faster - switch or reload - is a benchmark question: bench/, not a timed test)
+    assert side["switch_s"]["median"] > 0 and side["switch_first_token_s"]["median"] > 0
     md = (out / "report.md").read_text()
     assert "## Drift vs PyTorch" in md and "onnx fp32 merged 'a'" in md
+
+
+def reference_runtime(base_dir, adapter_root, names):
+    """PyTorch on a fresh fp32 load of the base, with the original PEFT adapters."""
+    from edgeia3 import load_adapter_for
+    from edgeia3.runtimes.torch_runtime import TorchRuntime
+
+    base = load_base(base_dir)
+    return TorchRuntime(base, {n: load_adapter_for(adapter_root / n, base) for n in names})
+
+
+def greedy_eval_ids(rt, eval_file, only: str | None = "all") -> dict | list:
+    """(prompt ids, greedy answer ids) per eval row, with the report's token budget (target
+    length + 4); ``only`` one adapter's (None: the base's), else a dict for every adapter and None."""
+    rows = [json.loads(line) for line in eval_file.read_text().splitlines()]
+    names = rt.adapters + [None] if only == "all" else [only]
+    out = {}
+    for name in names:
+        rt.use_adapter(name)
+        out[name] = []
+        for row in rows:
+            msgs, target = row["messages"][:-1], row["messages"][-1]["content"]
+            budget = len(rt.prompt_ids(target)) + 4
+            ids = rt.prompt_ids(msgs)
+            out[name].append((ids, list(rt.generate_ids(ids, budget))))
+    return out if only == "all" else out[only]
 
 
 @pytest.mark.integration
@@ -92,7 +141,7 @@ def test_report_on_embedded_gguf(smollm2, tmp_path):
     assert s["adapters"]["a"]["drift"] == m["adapters"]["a"]["drift"]
     # llama.cpp computes on the same (dequantized Q4_1) weights as the reference: small drift
     assert s["adapters"]["a"]["drift"]["argmax_agreement"] > 0.8
-    assert s["switch_s"]["median"] < s["switch_first_token_s"]["median"] < s["reload_s"]["median"]
+    assert s["switch_s"]["median"] > 0 and s["reload_s"]["median"] > 0
 
 
 def test_inspect_describes_exports(exports):

@@ -43,7 +43,47 @@ def test_training_moves_vectors_and_lowers_loss(quant, tiny_dir, task, tmp_path)
                      "training.json"]  # nothing pickled
     report = json.loads((tmp_path / "ad" / "training.json").read_text())
     assert report["quant"] == quant and len(report["loss_curve"]) == 12
-    assert report["tokens_per_second"] > 0 and 0 <= report["eval_after"]["accuracy"] <= 1
+    assert report["tokens_per_second"] > 0 and report["eval_after"] == res.eval_after
+    # the reported answers and accuracy are the saved adapter's, recomputed apart from train()
+    preds, targets = greedy_reference(base, quant, tmp_path / "ad", task[1])
+    after = res.eval_after
+    assert [s["prediction"] for s in after["samples"]] == preds[:3], (after["samples"], preds[:3])
+    assert [s["target"] for s in after["samples"]] == targets[:3]
+    exact = sum(p.strip() == t.strip() for p, t in zip(preds, targets)) / len(targets)
+    assert after["rows"] == len(targets) and after["accuracy"] == round(exact, 4), (after, preds)
+
+
+def greedy_reference(base_dir, quant: str, adapter_dir, eval_file) -> tuple[list[str], list[str]]:
+    """The saved adapter's greedy answer to every eval row, computed apart from train()'s
+    evaluation (batched, left-padded ``model.generate`` on the live PEFT model): one row at a
+    time with a KV cache (TorchRuntime) on a fresh load of the weights the evaluation runs on
+    (NF4: their dequantized fp32 twin). As in ``generate``, an answer ends at the model's
+    generation-config EOS and is decoded without special tokens."""
+    import dataclasses
+
+    from edgeia3.data import load_examples
+    from edgeia3.merge import dequantize_model
+    from edgeia3.runtimes.torch_runtime import TorchRuntime
+
+    lb = load_base(base_dir, quant=quant)
+    if quant == "nf4":
+        lb = dataclasses.replace(lb, model=dequantize_model(lb.model), quant="none")
+    rt = TorchRuntime(lb, {"trained": IA3Adapter.load(adapter_dir)})
+    rt.use_adapter("trained")
+    tok = lb.tokenizer
+    examples = load_examples(eval_file, tok, 256)
+    budget = max(len(tok(e.target, add_special_tokens=False)["input_ids"]) for e in examples) + 4
+    eos = lb.model.generation_config.eos_token_id
+    stop = set(eos if isinstance(eos, list) else [eos])
+    preds = []
+    for e in examples:
+        ids = []
+        for t in rt.generate_ids(rt.prompt_ids(e.prompt), budget, ignore_eos=True):
+            if t in stop:
+                break
+            ids.append(t)
+        preds.append(tok.decode(ids, skip_special_tokens=True))
+    return preds, [e.target for e in examples]
 
 
 def test_nf4_eval_pass_does_not_freeze_training(tiny_dir):
@@ -76,16 +116,24 @@ def test_nf4_training_with_eval_keeps_learning(tiny_dir, task, tmp_path):
     assert max(float(np.abs(v.values - 1).max()) for v in last.vectors) > 1e-3
 
 
-def test_bnb_repack_bug_is_caught_by_the_guard(tiny_dir):
-    """Reproduce the bitsandbytes CPU repack path: on a CPU that repacks, gradients vanish and
-    the guard raises; elsewhere gradients exist. Either way no silent stall."""
-    from bitsandbytes.functional import has_avx512bf16
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
 
+
+def _grads_after_an_eval_pass(tiny_dir, undo_fix: bool):
+    """NF4 base + IA3, one no-grad eval-mode forward, then one training forward/backward:
+    (the IA3 parameters, their guard). ``undo_fix``: re-enable bitsandbytes' AVX512-BF16 CPU
+    path that load_base turns off (the path repacks the 4-bit weights in place on that
+    first eval forward, after which the IA3 vectors get no gradient)."""
     # the repacked layout needs input widths that are multiples of 64
     lb = load_base(tiny_dir("llama", intermediate_size=128), quant="nf4")
-    for m in lb.model.modules():  # undo load_base's protection
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = has_avx512bf16()
+    switches = [m for m in lb.model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert switches, "bitsandbytes no longer has support_avx512bf16_for_cpu: revisit load_base's fix"
+    assert not any(m.support_avx512bf16_for_cpu for m in switches)  # load_base's fix is on
+    if undo_fix:
+        for m in switches:
+            m.support_avx512bf16_for_cpu = True
     model = wrap_with_ia3(lb, ["k", "v", "down"])
     params = {n: p for n, p in model.named_parameters() if "ia3_l" in n}
     guard = _Guard(params)
@@ -94,11 +142,28 @@ def test_bnb_repack_bug_is_caught_by_the_guard(tiny_dir):
         model(input_ids=input_ids())
     model.train()
     model(input_ids=input_ids(), labels=input_ids()).loss.backward()
-    if any(p.grad is None for p in params.values()):
+    return params, guard
+
+
+def test_bnb_repack_bug_is_caught_by_the_guard(tiny_dir):
+    """On a CPU with AVX512-BF16 the repack bug reproduces without load_base's fix (every IA3
+    gradient vanishes and the guard raises) and is gone with it. Elsewhere bitsandbytes has no
+    such path (enabling it would run instructions the CPU lacks): the fix must leave the
+    gradients intact."""
+    if "avx512_bf16" in _cpu_flags():
+        branch = "this CPU has avx512_bf16: the bug must reproduce without the fix"
+        params, guard = _grads_after_an_eval_pass(tiny_dir, undo_fix=True)
+        missing = [n for n, p in params.items() if p.grad is None]
+        assert missing, f"{branch}, but every IA3 vector still got a gradient"
         with pytest.raises(EdgeIA3Error, match="no gradient"):
             guard.check_grads(0)
     else:
-        guard.check_grads(0)  # gradients are present: nothing to catch
+        branch = "this CPU lacks avx512_bf16: no repack path, only the fix is checked"
+    params, guard = _grads_after_an_eval_pass(tiny_dir, undo_fix=False)
+    missing = [n for n, p in params.items() if p.grad is None]
+    assert not missing, f"{branch}; with load_base's fix {len(missing)} IA3 vectors got no gradient"
+    assert all(float(p.grad.abs().sum()) > 0 for p in params.values()), branch
+    guard.check_grads(0)
 
 
 def test_guard_detects_frozen_vectors():

@@ -75,7 +75,7 @@ def read_peft_dir(path: str | Path, family: str | None = None, config: Any = Non
         except (re.error, RecursionError) as e:
             raise EdgeIA3Error(f"{path / CONFIG_FILE}: feedforward_modules is not a valid regex ({e})") from e
     if peft_cfg.get("peft_type") != "IA3":
-        raise EdgeIA3Error(f"{path} holds a {peft_cfg.get('peft_type')} adapter, not IA3")
+        raise EdgeIA3Error(f"{path} holds a {' '.join(str(peft_cfg.get('peft_type')).split())} adapter, not IA3")
     try:
         with safe_open(str(path / WEIGHTS_FILE), "np") as st:
             tensors = {k: st.get_tensor(k) for k in st.keys()}
