@@ -121,3 +121,22 @@ def test_canonical_nan_refused_on_save(tiny_dir, tmp_path):
     with pytest.raises(EdgeIA3Error, match="non-finite"):
         ad.save(tmp_path / "never.safetensors")
     assert not list(tmp_path.iterdir())
+
+
+def test_peft_feedforward_modules_must_be_targets(tiny_dir, tmp_path):
+    """PEFT requires feedforward_modules to be a subset of target_modules; a directory that
+    breaks the rule is refused with one clear error naming the file and the modules."""
+    import json
+
+    from edgeia3 import EdgeIA3Error, IA3Adapter
+    from tiny_models import random_peft_adapter
+
+    base = load_base(tiny_dir("llama"))
+    random_peft_adapter(copy.deepcopy(base.model), "llama", tmp_path / "p", seed=1)
+    cfg_path = tmp_path / "p" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert IA3Adapter.load(tmp_path / "p", base_config=base.config).sites == ["k", "v", "down"]
+    cfg["feedforward_modules"] = ["down_proj", "up_proj"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(EdgeIA3Error, match=r"adapter_config.json: feedforward_modules \['up_proj'\] are not among"):
+        IA3Adapter.load(tmp_path / "p", base_config=base.config)

@@ -74,6 +74,14 @@ def read_peft_dir(path: str | Path, family: str | None = None, config: Any = Non
             re.compile(ff)
         except (re.error, RecursionError) as e:
             raise EdgeIA3Error(f"{path / CONFIG_FILE}: feedforward_modules is not a valid regex ({e})") from e
+    targets = peft_cfg.get("target_modules")
+    if isinstance(ff, list) and isinstance(targets, list):
+        # PEFT's own rule (IA3Config): a feed-forward module must also be a target (names match by suffix)
+        names = [str(t) for t in targets]
+        stray = [m for m in ff if not any(t == m or t.endswith("." + m) or m.endswith("." + t) for t in names)]
+        if stray:
+            raise EdgeIA3Error(f"{path / CONFIG_FILE}: feedforward_modules {stray} are not among target_modules "
+                               f"{names}; PEFT requires them to be a subset")
     if peft_cfg.get("peft_type") != "IA3":
         raise EdgeIA3Error(f"{path} holds a {' '.join(str(peft_cfg.get('peft_type')).split())} adapter, not IA3")
     try:
