@@ -240,6 +240,42 @@ def export_gguf(
     console.print(str(res))
 
 
+@app.command()
+@user_errors
+def serve(
+    model: Path = typer.Option(..., help="ONNX or GGUF export dir (a transformers dir also works)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (default: this machine only)"),
+    port: int = typer.Option(8000, help="TCP port"),
+    api_key: Optional[str] = typer.Option(None, envvar="EDGEIA3_API_KEY",
+                                          help="require 'Authorization: Bearer KEY' (or set EDGEIA3_API_KEY)"),
+    adapters_dir: Optional[Path] = typer.Option(None, help="load every adapter in DIR at start (NAME/, "
+                                                "NAME.ia3.gguf, NAME.onnx_adapter, NAME.safetensors); "
+                                                "POST /v1/adapters then only accepts paths inside DIR"),
+    max_queue: int = typer.Option(64, help="requests that may wait; more get 429"),
+    max_tokens: int = typer.Option(1024, help="cap on a request's max_tokens (and the chat default)"),
+    max_prompt_tokens: int = typer.Option(4096, help="cap on prompt tokens (the model's context caps too)"),
+    max_body_bytes: int = typer.Option(1 << 20, help="cap on a request body; more get 413"),
+    max_group_wait: float = typer.Option(1.0, help="seconds a request for another adapter may wait while "
+                                         "requests for the active adapter are served first"),
+    provider: Optional[str] = typer.Option(None, help="onnxruntime execution provider (ONNX exports)"),
+    log_level: str = typer.Option("warning", help="uvicorn log level (info shows each request)"),
+) -> None:
+    """Serve an export over a local OpenAI-compatible HTTP API; the request's model picks the adapter."""
+    from .serve import Limits
+    from .serve import serve as serve_fn
+
+    _quiet_libraries()
+    for name, value in (("--max-queue", max_queue), ("--max-tokens", max_tokens),
+                        ("--max-prompt-tokens", max_prompt_tokens), ("--max-body-bytes", max_body_bytes)):
+        if value < 1:
+            raise EdgeIA3Error(f"{name} must be at least 1")
+    limits = Limits(max_queue=max_queue, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
+                    max_body_bytes=max_body_bytes, max_group_wait=max_group_wait)
+    serve_fn(model, host=host, port=port, api_key=api_key, adapters_dir=adapters_dir, limits=limits,
+             provider=provider, log_level=log_level,
+             announce=lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True))
+
+
 def main() -> None:  # pragma: no cover - console-script entry
     app()
 

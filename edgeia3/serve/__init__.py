@@ -1,0 +1,76 @@
+"""``edgeia3 serve``: a local OpenAI-compatible HTTP server with per-request IA3 adapters.
+
+    from edgeia3.serve import serve
+    serve("out/gguf", port=8000)          # blocks; Ctrl-C stops it
+
+A request's ``model`` field picks the adapter ("base": none). One worker thread
+owns the runtime and serves a bounded queue, grouping waiting requests by
+adapter; decoding is greedy, so an answer never depends on the other requests
+in flight. See ``engine`` (scheduling) and ``api`` (the HTTP surface).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import EdgeIA3Error
+from .engine import BASE, Engine, Limits, ServeError
+
+__all__ = ["BASE", "Engine", "Limits", "ServeError", "build", "create_app", "serve"]
+
+
+def create_app(engine: Engine, api_key: str | None = None, model_label: str = "") -> Any:
+    from .api import create_app as _create
+
+    return _create(engine, api_key=api_key, model_label=model_label)
+
+
+def build(model: str | Path, adapters_dir: str | Path | None = None, limits: Limits | None = None,
+          provider: str | None = None, progress: Callable[[str], None] | None = None) -> Engine:
+    """Open ``model`` (an ONNX or GGUF export dir; a transformers dir works without run-time adapter
+    loading) and load every adapter found in ``adapters_dir`` (validated like ``POST /v1/adapters``)."""
+    from ..runtimes import open_runtime
+    from .hotload import discover
+
+    found = discover(adapters_dir) if adapters_dir is not None else {}
+    rt = open_runtime(model, provider=provider)
+    engine = Engine(rt, limits, adapters_dir=adapters_dir)
+    try:
+        for i, (name, path) in enumerate(found.items()):
+            try:
+                engine.load_adapter_now(name, path)
+            except ServeError as e:
+                raise EdgeIA3Error(f"--adapters-dir: {e.message}") from None
+            if progress and (i + 1) % 100 == 0:
+                progress(f"loaded {i + 1}/{len(found)} adapters")
+    except BaseException:
+        engine.close()
+        raise
+    return engine
+
+
+def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          adapters_dir: str | Path | None = None, limits: Limits | None = None, provider: str | None = None,
+          log_level: str = "warning", announce: Callable[[str], None] | None = print) -> None:
+    """Serve ``model`` over HTTP until interrupted."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:  # optional dependency
+        raise EdgeIA3Error("edgeia3 serve needs FastAPI and uvicorn: pip install 'edgeia3[serve]'") from e
+
+    engine = build(model, adapters_dir, limits, provider, progress=announce)
+    app = create_app(engine, api_key=api_key, model_label=str(model))
+    if announce:
+        names = engine.model_names()
+        shown = ", ".join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "")
+        announce(f"serving {model} on http://{host}:{port}/v1 ({engine.rt.name}: {engine.rt.describe()}); "
+                 f"models: {BASE}{', ' + shown if shown else ''}")
+        if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+            announce(f"warning: listening on {host} without --api-key: anyone who can reach this port can use it")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level in ("info", "debug"),
+                    timeout_graceful_shutdown=5)  # open streams get 5 s, then the worker stops them
+    finally:
+        engine.close()

@@ -1,0 +1,466 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over one ``Engine``.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``
+(both also streaming, as OpenAI's server-sent events ending with ``data: [DONE]``),
+``POST /v1/adapters`` / ``DELETE /v1/adapters/{name}`` (load / unload an IA3 adapter at
+run time), ``GET /health``, ``GET /metrics``. Every error is OpenAI's JSON shape
+``{"error": {"message", "type", "param", "code"}}``.
+
+Decoding is always greedy: ``temperature``, ``top_p`` and ``seed`` are accepted and
+ignored; parameters that would change the answer in ways greedy decoding cannot
+honour (``n`` > 1, ``logit_bias``, penalties, ``logprobs``, ``echo``, ``suffix``,
+tools) are refused with a 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import BASE, Engine, Job, ServeError
+
+SAMPLING_NOTE = "greedy"  # sent as the x-edgeia3-decoding header
+
+
+# -- request bodies -------------------------------------------------------------------------------
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # like most OpenAI-compatible servers: unknown fields are ignored
+
+
+class TextPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Generation(_Body):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    temperature: float | None = Field(None, ge=0, le=2)  # ignored: greedy
+    top_p: float | None = Field(None, ge=0, le=1)  # ignored: greedy
+    seed: int | None = None  # ignored: greedy is deterministic
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    ignore_eos: bool = False  # extension (as in vLLM): always generate max_tokens tokens
+
+
+class ChatRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list | None = None
+    functions: list | None = None
+    response_format: dict | None = None
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+
+class AdapterRequest(_Body):
+    name: str
+    path: str
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def _validation_message(e: ValidationError) -> tuple[str, str | None]:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ()))
+    return f"invalid request body: {loc or 'body'}: {err.get('msg')}", (str(err["loc"][0]) if err.get("loc") else None)
+
+
+def parse(model: type[BaseModel], body: Any) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        msg, param = _validation_message(e)
+        raise ServeError(400, msg, "invalid_value", param) from None
+
+
+async def read_json(request: Any, limit: int) -> Any:
+    """The request body as JSON, refusing more than ``limit`` bytes (413) before reading it all."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            too_big = int(length) > limit
+        except ValueError:
+            raise ServeError(400, "invalid Content-Length header", "invalid_value") from None
+        if too_big:
+            raise ServeError(413, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes "
+                                  "(--max-body-bytes)", "request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServeError(413, f"request body exceeds the limit of {limit} bytes (--max-body-bytes)",
+                             "request_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks) or b"null")
+    except (ValueError, RecursionError) as e:
+        raise ServeError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
+
+
+def _unsupported(param: str, what: str) -> ServeError:
+    return ServeError(400, f"{param}: {what} is not supported by this server (greedy decoding, one choice)",
+                      "unsupported_parameter", param)
+
+
+def _check_common(req: _Generation) -> list[str]:
+    """Refuse what greedy decoding cannot honour; the stop strings."""
+    if req.n != 1:
+        raise _unsupported("n", "more than one choice")
+    if req.logit_bias:
+        raise _unsupported("logit_bias", "logit_bias")
+    for p in ("frequency_penalty", "presence_penalty"):
+        if getattr(req, p):
+            raise _unsupported(p, "a non-zero penalty")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise ServeError(400, "stop: up to 4 non-empty strings", "invalid_value", "stop")
+    if req.stream_options is not None and not req.stream:
+        raise ServeError(400, "stream_options is only allowed with stream: true", "invalid_value", "stream_options")
+    return stop
+
+
+def _check_max_tokens(value: int | None, engine: Engine, param: str = "max_tokens") -> int | None:
+    cap = engine.limits.max_tokens
+    if value is not None and value > cap:
+        raise ServeError(400, f"{param} is too large: {value}; this server allows at most {cap} (--max-tokens)",
+                         "invalid_value", param)
+    return value
+
+
+def _chat_messages(req: ChatRequest) -> list[dict]:
+    out = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise ServeError(400, f"messages[{i}].content: only text parts are supported (got "
+                                          f"'{part.type}')", "unsupported_parameter", "messages")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    return out
+
+
+def _completion_prompt(req: CompletionRequest) -> str | list[int]:
+    p = req.prompt
+    if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+        if len(p) != 1:
+            raise ServeError(400, "prompt: one prompt per request (got a batch of "
+                                  f"{len(p)})", "unsupported_parameter", "prompt")
+        p = p[0]
+    if isinstance(p, list) and not p:
+        raise ServeError(400, "prompt: empty", "invalid_value", "prompt")
+    return p
+
+
+def _usage(n_prompt: int, n_gen: int) -> dict:
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
+
+
+class _Disconnected(Exception):
+    pass
+
+
+async def _wait_disconnect(request: Any) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _next_event(job: Job, watch: asyncio.Task | None) -> tuple:
+    if watch is None:
+        return await job.events.get()
+    get = asyncio.ensure_future(job.events.get())
+    done, _ = await asyncio.wait({get, watch}, return_when=asyncio.FIRST_COMPLETED)
+    if get in done:
+        return get.result()
+    get.cancel()
+    raise _Disconnected()
+
+
+# -- the app ----------------------------------------------------------------------------------------
+def create_app(engine: Engine, api_key: str | None = None, model_label: str = "") -> Any:
+    """A FastAPI app serving ``engine`` (started and closed with the app's lifespan)."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any):
+        if not engine.thread.is_alive() and not engine.closed:
+            engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, engine.close)
+
+    app = FastAPI(title="edgeia3 serve", version="1", lifespan=lifespan)
+    fingerprint = f"edgeia3-{engine.rt.name}"
+    headers = {"x-edgeia3-decoding": SAMPLING_NOTE}
+
+    def error_response(err: ServeError) -> JSONResponse:
+        engine.metrics.error(err.status)
+        extra = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
+        return JSONResponse(err.body(), status_code=err.status, headers={**headers, **extra})
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, err: ServeError):
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        return error_response(ServeError(400, f"invalid request: {loc}: {first.get('msg', 'invalid')}",
+                                         "invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return error_response(ServeError(err.status_code, str(err.detail), code))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, err: Exception):
+        return error_response(ServeError(500, f"internal error: {type(err).__name__}: {err}", "internal_error"))
+
+    def auth(request: Request) -> None:
+        if not api_key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise ServeError(401, "missing API key: send 'Authorization: Bearer YOUR_KEY'", "invalid_api_key")
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise ServeError(401, "incorrect API key provided", "invalid_api_key")
+
+    guarded = [Depends(auth)]
+
+    def model_object(name: str) -> dict:
+        info = {"kind": "base"} if name == BASE else {"kind": "adapter", **engine.names.get(name, {})}
+        if name == BASE and engine._merged_name():
+            info["merged"] = engine._merged_name()
+        return {"id": name, "object": "model", "created": engine.created, "owned_by": "edgeia3",
+                "edgeia3": {**info, "runtime": engine.rt.name}}
+
+    # -- info ---------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if engine.closed or not engine.thread.is_alive():
+            raise ServeError(503, "the worker is not running", "unavailable")
+        snap = engine.snapshot()
+        return JSONResponse({"status": "ok", "runtime": engine.rt.name, "model": model_label,
+                             "adapters": snap["adapters_loaded"], "queue_depth": snap["queue_depth"],
+                             "running": snap["running"]})
+
+    @app.get("/metrics", dependencies=guarded)
+    async def metrics():
+        return JSONResponse(engine.snapshot())
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def list_models():
+        return JSONResponse({"object": "list", "data": [model_object(n) for n in [BASE] + engine.model_names()]})
+
+    @app.get("/v1/models/{model_id:path}", dependencies=guarded)
+    async def get_model(model_id: str):
+        engine.resolve(model_id)
+        return JSONResponse(model_object(model_id))
+
+    # -- adapters -------------------------------------------------------------------------------------
+    @app.post("/v1/adapters", dependencies=guarded)
+    async def load_adapter(request: Request):
+        from . import hotload
+
+        req = parse(AdapterRequest, await read_json(request, engine.limits.max_body_bytes))
+        try:
+            hotload.check_name(req.name)
+        except Exception as e:
+            raise ServeError(400, str(e), "invalid_value", "name") from None
+        if req.name in engine.model_names():
+            raise ServeError(409, f"a model named '{req.name}' is already served; unload it first",
+                             "model_exists", "name")
+        reason = hotload.can_load(engine.rt)
+        if reason:
+            raise ServeError(400, reason, "adapter_loading_not_supported")
+        path = engine.check_adapter_path(req.path)
+        if not path.exists():
+            raise ServeError(400, f"adapter not found: {req.path}", "invalid_adapter", "path")
+        fut = engine.call(lambda: engine.load_adapter_now(req.name, path))
+        info = await asyncio.wrap_future(fut)
+        return JSONResponse({**model_object(req.name), "edgeia3": {"kind": "adapter", **info,
+                                                                    "runtime": engine.rt.name}})
+
+    @app.get("/v1/adapters", dependencies=guarded)
+    async def list_adapters():
+        return JSONResponse({"object": "list", "data": [model_object(n) for n in engine.model_names()]})
+
+    @app.delete("/v1/adapters/{name}", dependencies=guarded)
+    async def unload_adapter(name: str):
+        fut = engine.unload_adapter(name)
+        await asyncio.wrap_future(fut)
+        return JSONResponse({"id": name, "object": "model", "deleted": True})
+
+    # -- generation -----------------------------------------------------------------------------------
+    async def run(request: Request, job: Job, kind: str, model: str, stream: bool, include_usage: bool):
+        engine.submit(job)
+        watch = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            first = await _next_event(job, watch)
+            if first[0] == "error":
+                raise first[1]
+            _, n_prompt, _max = first
+            if stream:
+                watch.cancel()  # from here Starlette watches the connection and cancels the stream
+                watch = None
+                return StreamingResponse(_sse(job, kind, model, n_prompt, include_usage), headers={
+                    **headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                    media_type="text/event-stream")
+            parts = []
+            while True:
+                ev = await _next_event(job, watch)
+                if ev[0] == "delta":
+                    parts.append(ev[1])
+                elif ev[0] == "error":
+                    raise ev[1]
+                else:
+                    _, finish, n_prompt, n_gen = ev
+                    break
+        except _Disconnected:
+            engine.cancel(job)
+            return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
+                                           "param": None, "code": "client_disconnected"}}, status_code=499)
+        except BaseException:
+            engine.cancel(job)
+            raise
+        finally:
+            if watch is not None:
+                watch.cancel()
+        text = "".join(parts)
+        cid, created = _id(kind), int(time.time())
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish}
+            obj = "chat.completion"
+        else:
+            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return JSONResponse({"id": cid, "object": obj, "created": created, "model": model,
+                             "system_fingerprint": fingerprint, "choices": [choice],
+                             "usage": _usage(n_prompt, n_gen)}, headers=headers)
+
+    async def _sse(job: Job, kind: str, model: str, n_prompt: int, include_usage: bool):
+        cid, created = _id(kind), int(time.time())
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(text: str | None, finish: str | None = None, role: bool = False) -> str:
+            if kind == "chat":
+                delta: dict = {} if text is None else {"content": text}
+                if role:
+                    delta = {"role": "assistant", "content": ""}
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}
+            body = {"id": cid, "object": obj, "created": created, "model": model,
+                    "system_fingerprint": fingerprint, "choices": [choice]}
+            if include_usage:
+                body["usage"] = None
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        try:
+            if kind == "chat":
+                yield chunk(None, role=True)
+            while True:
+                ev = await job.events.get()
+                if ev[0] == "delta":
+                    yield chunk(ev[1])
+                elif ev[0] == "error":
+                    engine.metrics.error(ev[1].status)
+                    yield f"data: {json.dumps(ev[1].body())}\n\n"
+                    return
+                else:
+                    _, finish, n_prompt, n_gen = ev
+                    yield chunk(None if kind == "chat" else "", finish)
+                    if include_usage:
+                        body = {"id": cid, "object": obj, "created": created, "model": model,
+                                "system_fingerprint": fingerprint, "choices": [], "usage": _usage(n_prompt, n_gen)}
+                        yield f"data: {json.dumps(body)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            engine.cancel(job)  # the client went away mid-stream (no-op once the job finished)
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(request: Request):
+        req = parse(ChatRequest, await read_json(request, engine.limits.max_body_bytes))
+        adapter = engine.resolve(req.model)
+        stop = _check_common(req)
+        if req.logprobs or req.top_logprobs:
+            raise _unsupported("logprobs", "logprobs")
+        if req.tools or req.functions:
+            raise _unsupported("tools", "tool calling")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise _unsupported("response_format", f"response_format {req.response_format.get('type')!r}")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = _check_max_tokens(max_tokens, engine,
+                                       "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+        job = Job(adapter, _chat_messages(req), max_tokens, stop, req.ignore_eos)
+        return await run(request, job, "chat", req.model, req.stream,
+                         bool(req.stream_options and req.stream_options.include_usage))
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(request: Request):
+        req = parse(CompletionRequest, await read_json(request, engine.limits.max_body_bytes))
+        adapter = engine.resolve(req.model)
+        stop = _check_common(req)
+        if req.echo:
+            raise _unsupported("echo", "echo")
+        if req.suffix:
+            raise _unsupported("suffix", "suffix")
+        if req.best_of not in (None, 1):
+            raise _unsupported("best_of", "best_of > 1")
+        if req.logprobs:
+            raise _unsupported("logprobs", "logprobs")
+        max_tokens = (_check_max_tokens(req.max_tokens, engine) if req.max_tokens is not None
+                      else min(16, engine.limits.max_tokens))  # OpenAI's default for completions
+        job = Job(adapter, _completion_prompt(req), max_tokens, stop, req.ignore_eos)
+        return await run(request, job, "completion", req.model, req.stream,
+                         bool(req.stream_options and req.stream_options.include_usage))
+
+    return app
+
+
+def _id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]

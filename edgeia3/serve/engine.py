@@ -1,0 +1,557 @@
+"""The serving engine: one runtime, one worker thread, one bounded queue.
+
+Runtimes are not thread-safe, so exactly one thread - the worker - ever calls
+the runtime (tokenizing, swapping adapters, generating, loading adapters).
+HTTP handlers put a ``Job`` into the queue and read its events (start, text
+deltas, done or error) from an asyncio queue the worker feeds.
+
+Scheduling (``Scheduler``): waiting requests are served in adapter turns - all
+requests for the oldest request's adapter, then the next - which saves swaps
+without starving anyone. A swap only ever happens between two requests. Every request
+decodes greedily from an empty KV cache with its adapter's exact weights, so
+its answer never depends on which other requests were in flight.
+
+Control tasks (loading / unloading an adapter) run on the same thread, between
+requests, before the next waiting request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import EdgeIA3Error
+from . import hotload
+
+log = logging.getLogger("edgeia3.serve")
+BASE = "base"  # the model id of the base model (no adapter)
+
+
+class ServeError(Exception):
+    """An error with its HTTP status and OpenAI error fields."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_exceeded",
+             500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 type_: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.type = type_ or self.TYPES.get(status, "invalid_request_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def not_found(model: str, names: list[str]) -> ServeError:
+    return ServeError(404, f"The model '{model}' does not exist (served: {', '.join([BASE] + names)})",
+                      "model_not_found", "model")
+
+
+@dataclass
+class Limits:
+    max_queue: int = 64  # requests waiting (not counting the one running); more: 429
+    max_tokens: int = 1024  # cap on a request's max_tokens (and the default for chat)
+    max_prompt_tokens: int = 4096  # cap on prompt tokens (the model's context caps too)
+    max_body_bytes: int = 1 << 20  # request body; more: 413
+    max_group_wait: float = 1.0  # seconds another adapter's oldest request may wait while one adapter is served
+
+
+class Job:
+    """One generation request and the channel its events go back on."""
+
+    def __init__(self, adapter: str | None, prompt: str | list[dict] | list[int], max_tokens: int | None,
+                 stop: list[str] | None = None, ignore_eos: bool = False,
+                 loop: asyncio.AbstractEventLoop | None = None):
+        self.id = uuid.uuid4().hex[:24]
+        self.adapter = adapter  # None: the base
+        self.prompt = prompt
+        self.max_tokens = max_tokens  # None: as many as the caps and the context allow
+        self.stop = [s for s in (stop or []) if s]
+        self.ignore_eos = ignore_eos
+        self.loop = loop or asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+        self.started: float | None = None
+        self.first_token: float | None = None
+        self.finished: float | None = None
+
+    def post(self, *event: Any) -> None:
+        """From the worker thread: hand an event to the request's handler."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (shutdown)
+            pass
+
+
+class TextStream:
+    """Token ids -> text deltas whose concatenation is the response text.
+
+    Deltas hold back a trailing incomplete UTF-8 sequence (decoded as U+FFFD) and,
+    with stop strings, the last ``max(len(stop)) - 1`` characters, so no part of a
+    stop string is ever sent. Streaming and non-streaming responses are built from
+    the same deltas, hence identical.
+    """
+
+    def __init__(self, detokenize: Callable[[list[int]], str], stop: list[str]):
+        self.detokenize, self.stop = detokenize, stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = []
+        self.sent = ""
+        self.full = ""
+        self.stopped_at: int | None = None
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        self.full = self.detokenize(self.ids)
+        if self.stop:
+            hits = [i for i in (self.full.find(s) for s in self.stop) if i >= 0]
+            if hits:
+                self.stopped_at = min(hits)
+                return ""
+        safe = min(len(self.full.rstrip("\ufffd")), len(self.full) - self.hold)
+        return self._advance(self.full[:safe])
+
+    def finish(self) -> str:
+        """The rest of the text once generation ended (stop string excluded)."""
+        end = self.full if self.stopped_at is None else self.full[: self.stopped_at]
+        return self._advance(end)
+
+    def _advance(self, text: str) -> str:
+        if len(text) <= len(self.sent):
+            return ""
+        if not text.startswith(self.sent):  # a tokenizer rewrote earlier text; never retract what was sent
+            log.debug("detokenized text changed before position %d", len(self.sent))
+        delta = text[len(self.sent):]
+        self.sent += delta
+        return delta
+
+
+class Scheduler:
+    """Which waiting job runs next: requests are served in adapter *turns*.
+
+    A turn starts on the adapter of the oldest waiting request and serves every
+    request for that adapter waiting at that moment (oldest first). Requests for
+    the same adapter that arrive during the turn join it while no request for
+    another adapter has waited longer than ``max_wait`` seconds; then the next
+    turn starts. Swaps happen only between turns, and a request waits at most
+    for the turns of the adapters already waiting when it arrived (plus
+    ``max_wait``): grouping without starvation.
+    """
+
+    def __init__(self, max_wait: float):
+        self.max_wait = max_wait
+        self.turn: set[str] = set()  # ids of the jobs the current turn still owes
+
+    def pick(self, waiting: list[Job], current: str | None, now: float) -> int:
+        owed = next((i for i, j in enumerate(waiting) if j.id in self.turn), None)
+        if owed is not None:
+            self.turn.discard(waiting[owed].id)
+            return owed
+        same = next((i for i, j in enumerate(waiting) if j.adapter == current), None)
+        if same is not None:
+            other = next((j for j in waiting if j.adapter != current), None)
+            if other is None or now - other.submitted <= self.max_wait:
+                return same
+        nxt = waiting[0].adapter  # a new turn, for the oldest request's adapter
+        self.turn = {j.id for j in waiting[1:] if j.adapter == nxt}
+        return 0
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.t0 = time.time()
+        self.requests = 0  # accepted into the queue
+        self.completed = 0
+        self.cancelled = 0  # client went away
+        self.rejected_queue_full = 0
+        self.errors: dict[str, int] = {}  # HTTP status -> count (every error response)
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.decode_seconds = 0.0  # time spent generating (prefill included)
+        self.adapter_swaps = 0
+        self.swap_seconds = 0.0
+        self.by_model: dict[str, int] = {}
+        self.latency: deque = deque(maxlen=2048)  # submit -> done, seconds
+        self.ttft: deque = deque(maxlen=2048)  # submit -> first token
+        self.queue_wait: deque = deque(maxlen=2048)
+
+    def error(self, status: int) -> None:
+        with self.lock:
+            self.errors[str(status)] = self.errors.get(str(status), 0) + 1
+
+
+def _pct(values: deque, q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return round(v[min(len(v) - 1, int(q * len(v)))], 6)
+
+
+def context_length(rt: Any) -> int:
+    if rt.name == "llama.cpp":
+        return int(rt.n_ctx)
+    if rt.name == "onnxruntime-genai":
+        return int(rt.genai_config["model"]["context_length"])
+    cfg = getattr(getattr(rt, "base", None), "config", None)
+    return int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
+
+
+def vocab_size(rt: Any) -> int | None:
+    if rt.name == "llama.cpp":
+        return int(rt.n_vocab)
+    if rt.name == "onnxruntime-genai":
+        return int(rt.genai_config["model"]["vocab_size"])
+    cfg = getattr(getattr(rt, "base", None), "config", None)
+    return getattr(cfg, "vocab_size", None)
+
+
+class Engine:
+    """One runtime served by one worker thread."""
+
+    def __init__(self, runtime: Any, limits: Limits | None = None, workdir: str | Path | None = None,
+                 adapters_dir: str | Path | None = None):
+        import tempfile
+
+        self.rt = runtime
+        self.limits = limits or Limits()
+        self._tmp = tempfile.TemporaryDirectory(prefix="edgeia3-serve-", dir=workdir)
+        self.workdir = Path(self._tmp.name)
+        self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir else None
+        self.context = context_length(runtime)
+        self.vocab = vocab_size(runtime)
+        self.metrics = Metrics()
+        self.cond = threading.Condition()
+        self.waiting: list[Job] = []
+        self.controls: deque = deque()
+        self.scheduler = Scheduler(self.limits.max_group_wait)
+        self.running: Job | None = None
+        self.active: str | None = getattr(runtime, "_active", None)
+        self.closed = False
+        self.names: dict[str, dict] = {n: {"source": "export"} for n in runtime.adapters}
+        merged = self._merged_name()
+        if merged:
+            self.names.setdefault(merged, {"source": "export"})["merged"] = True
+        self.created = int(time.time())
+        self.thread = threading.Thread(target=self._loop, name="edgeia3-serve-worker", daemon=True)
+
+    def _merged_name(self) -> str | None:
+        from ..manifest import merged_name
+
+        manifest = getattr(self.rt, "manifest", None)
+        if isinstance(manifest, dict):
+            return merged_name(manifest)
+        return getattr(self.rt, "merged", None)
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        with self.cond:
+            if self.closed:
+                return
+            self.closed = True
+            dropped, self.waiting = self.waiting, []
+            if self.running is not None:  # stop the running request at its next token
+                self.running.cancelled.set()
+                dropped.append(self.running)
+            self.cond.notify_all()
+        for job in dropped:
+            job.post("error", ServeError(503, "the server is shutting down", "shutting_down"))
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+        try:
+            self.rt.close()
+        finally:
+            self._tmp.cleanup()
+
+    # -- models ---------------------------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        with self.cond:
+            return list(self.names)
+
+    def resolve(self, model: Any) -> str | None:
+        """The adapter a request's ``model`` selects (None: base); 404 if there is none."""
+        if model == BASE:
+            return None
+        with self.cond:
+            if isinstance(model, str) and model in self.names:
+                return model
+            raise not_found(str(model), list(self.names))
+
+    # -- requests -------------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if self.closed:
+                raise ServeError(503, "the server is shutting down", "shutting_down")
+            if job.adapter is not None and job.adapter not in self.names:
+                raise not_found(job.adapter, list(self.names))
+            if len(self.waiting) >= self.limits.max_queue:
+                with self.metrics.lock:
+                    self.metrics.rejected_queue_full += 1
+                raise ServeError(429, f"the request queue is full ({self.limits.max_queue} waiting); retry later",
+                                 "queue_full")
+            self.waiting.append(job)
+            with self.metrics.lock:
+                self.metrics.requests += 1
+                key = job.adapter or BASE
+                self.metrics.by_model[key] = self.metrics.by_model.get(key, 0) + 1
+            self.cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: drop the job if it waits, stop it if it runs."""
+        if job.cancelled.is_set() or job.finished is not None:
+            return
+        job.cancelled.set()
+        with self.cond:
+            if job in self.waiting:
+                self.waiting.remove(job)
+                job.finished = time.perf_counter()
+                with self.metrics.lock:
+                    self.metrics.cancelled += 1
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the worker thread between requests (before any waiting request)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self.cond:
+            if self.closed:
+                fut.set_exception(ServeError(503, "the server is shutting down", "shutting_down"))
+                return fut
+            self.controls.append((fn, fut))
+            self.cond.notify()
+        return fut
+
+    # -- adapters -------------------------------------------------------------------------------
+    def check_adapter_path(self, path: str) -> Path:
+        p = Path(path)
+        if self.adapters_dir is not None:
+            p = (self.adapters_dir / p).resolve() if not p.is_absolute() else p.resolve()
+            if p != self.adapters_dir and self.adapters_dir not in p.parents:
+                raise ServeError(400, f"adapter paths must lie inside the server's --adapters-dir "
+                                      f"({self.adapters_dir})", "path_not_allowed", "path")
+        return p
+
+    def load_adapter_now(self, name: str, path: str | Path) -> dict:
+        """On the worker thread (or before it starts): validate and add adapter ``name``."""
+        with self.cond:
+            if name == BASE or name in self.names:
+                raise ServeError(409, f"a model named '{name}' is already served; unload it first",
+                                 "model_exists", "name")
+        t0 = time.perf_counter()
+        try:
+            info = hotload.add_adapter(self.rt, name, path, self.workdir / "adapters")
+        except hotload.NotLoadable as e:
+            raise ServeError(400, str(e), "adapter_loading_not_supported") from None
+        except EdgeIA3Error as e:
+            raise ServeError(400, f"cannot load adapter '{name}' from {path}: {e}", "invalid_adapter",
+                             "path") from None
+        info = {**info, "source": str(path), "load_seconds": round(time.perf_counter() - t0, 6)}
+        with self.cond:
+            self.names[name] = info
+        return info
+
+    def unload_adapter(self, name: str) -> concurrent.futures.Future:
+        """Stop serving ``name`` now (waiting requests for it get 404), then free it on the worker
+        thread after the running request. Raises 404 for an unknown name."""
+        if name == BASE:
+            raise ServeError(400, "the base model cannot be unloaded", "invalid_value", "name")
+        with self.cond:
+            if name not in self.names:
+                raise not_found(name, list(self.names))
+            if self.names[name].get("merged"):
+                raise ServeError(400, f"adapter '{name}' is merged into this export's weights; it cannot be "
+                                      "unloaded", "adapter_loading_not_supported")
+            del self.names[name]
+            dropped = [j for j in self.waiting if j.adapter == name]
+            self.waiting = [j for j in self.waiting if j.adapter != name]
+        for job in dropped:
+            job.finished = time.perf_counter()
+            job.post("error", ServeError(404, f"The model '{name}' was unloaded before this request ran",
+                                         "model_not_found", "model"))
+
+        def remove() -> None:
+            hotload.remove_adapter(self.rt, name, self.workdir / "adapters")
+            if self.active == name:
+                self.active = getattr(self.rt, "_active", None)
+
+        return self.call(remove)
+
+    # -- the worker -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not (self.controls or self.waiting or self.closed):
+                    self.cond.wait()
+                if self.controls:
+                    fn, fut = self.controls.popleft()
+                    job = None
+                elif self.closed:
+                    return
+                else:
+                    job = self.waiting.pop(self.scheduler.pick(self.waiting, self.active, time.perf_counter()))
+                    self.running = job
+            if job is None:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # handed to whoever awaits the control task
+                        fut.set_exception(e)
+                continue
+            try:
+                self._run(job)
+            except Exception as e:  # a bug or a runtime failure: answer 500, keep serving
+                log.exception("request %s failed", job.id)
+                job.post("error", ServeError(500, f"internal error: {type(e).__name__}: {e}", "internal_error"))
+            finally:
+                job.finished = job.finished or time.perf_counter()
+                with self.cond:
+                    self.running = None
+
+    def _fail(self, job: Job, err: ServeError) -> None:
+        job.finished = time.perf_counter()
+        job.post("error", err)
+
+    def _run(self, job: Job) -> None:
+        rt, lim, m = self.rt, self.limits, self.metrics
+        job.started = time.perf_counter()
+        if job.cancelled.is_set():
+            with m.lock:
+                m.cancelled += 1
+            return
+        with self.cond:
+            known = job.adapter is None or job.adapter in self.names
+        if not known:
+            return self._fail(job, ServeError(404, f"The model '{job.adapter}' was unloaded before this request "
+                                                   "ran", "model_not_found", "model"))
+        # -- the prompt
+        try:
+            if isinstance(job.prompt, list) and all(isinstance(t, int) for t in job.prompt):
+                ids = list(job.prompt)
+                if self.vocab is not None and any(not 0 <= t < self.vocab for t in ids):
+                    return self._fail(job, ServeError(400, f"prompt token ids must lie in [0, {self.vocab})",
+                                                      "invalid_value", "prompt"))
+            else:
+                ids = rt.prompt_ids(job.prompt)
+        except EdgeIA3Error as e:
+            return self._fail(job, ServeError(400, str(e), "invalid_value", "messages"))
+        n_prompt = len(ids)
+        if n_prompt == 0:
+            return self._fail(job, ServeError(400, "the prompt is empty (no tokens)", "invalid_value", "prompt"))
+        cap_prompt = min(lim.max_prompt_tokens, self.context - 1)
+        if n_prompt > cap_prompt:
+            return self._fail(job, ServeError(
+                400, f"the prompt has {n_prompt} tokens; this server accepts at most {cap_prompt} "
+                     f"(--max-prompt-tokens {lim.max_prompt_tokens}, context {self.context})",
+                "context_length_exceeded", "messages"))
+        room = self.context - n_prompt
+        if job.max_tokens is None:
+            max_tokens = min(lim.max_tokens, room)
+        else:
+            max_tokens = job.max_tokens
+            if n_prompt + max_tokens > self.context:
+                return self._fail(job, ServeError(
+                    400, f"this model's maximum context length is {self.context} tokens; you requested "
+                         f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the "
+                         "completion)", "context_length_exceeded", "max_tokens"))
+        # -- the adapter (only ever between requests)
+        if job.adapter != self.active:
+            t0 = time.perf_counter()
+            rt.use_adapter(job.adapter)
+            dt = time.perf_counter() - t0
+            self.active = job.adapter
+            with m.lock:
+                m.adapter_swaps += 1
+                m.swap_seconds += dt
+        job.post("start", n_prompt, max_tokens)
+        text = TextStream(rt.detokenize, job.stop)
+        n, finish, t0 = 0, None, time.perf_counter()
+        gen = rt.generate_ids(ids, max_tokens, ignore_eos=job.ignore_eos)
+        try:
+            for tok in gen:
+                n += 1
+                if n == 1:
+                    job.first_token = time.perf_counter()
+                delta = text.push(tok)
+                if delta:
+                    job.post("delta", delta)
+                if text.stopped_at is not None:
+                    finish = "stop"
+                    break
+                if job.cancelled.is_set():
+                    break
+        except EdgeIA3Error as e:
+            gen.close()
+            return self._fail(job, ServeError(400, str(e), "invalid_value"))
+        finally:
+            gen.close()
+            dt = time.perf_counter() - t0
+            with m.lock:
+                m.generated_tokens += n
+                m.prompt_tokens += n_prompt
+                m.decode_seconds += dt
+        if job.cancelled.is_set():
+            job.finished = time.perf_counter()
+            with m.lock:
+                m.cancelled += 1
+            return None
+        if finish is None:
+            finish = "length" if n >= max_tokens else "stop"
+        rest = text.finish()
+        if rest:
+            job.post("delta", rest)
+        job.finished = time.perf_counter()
+        with m.lock:
+            m.completed += 1
+            m.latency.append(job.finished - job.submitted)
+            m.queue_wait.append(job.started - job.submitted)
+            if job.first_token is not None:
+                m.ttft.append(job.first_token - job.submitted)
+        job.post("done", finish, n_prompt, n)
+        return None
+
+    # -- metrics --------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        m = self.metrics
+        with self.cond:
+            depth, running, adapters = len(self.waiting), int(self.running is not None), len(self.names)
+        with m.lock:
+            uptime = time.time() - m.t0
+            return {
+                "uptime_s": round(uptime, 3),
+                "runtime": self.rt.name,
+                "requests": m.requests,
+                "completed": m.completed,
+                "cancelled": m.cancelled,
+                "rejected_queue_full": m.rejected_queue_full,
+                "errors": dict(m.errors),
+                "queue_depth": depth,
+                "running": running,
+                "prompt_tokens": m.prompt_tokens,
+                "generated_tokens": m.generated_tokens,
+                "tokens_per_s": round(m.generated_tokens / m.decode_seconds, 3) if m.decode_seconds else 0.0,
+                "tokens_per_s_uptime": round(m.generated_tokens / uptime, 3) if uptime else 0.0,
+                "adapter_swaps": m.adapter_swaps,
+                "swap_seconds_total": round(m.swap_seconds, 6),
+                "adapters_loaded": adapters,
+                "active_adapter": self.active or BASE,
+                "requests_by_model": dict(m.by_model),
+                "latency_s": {"p50": _pct(m.latency, 0.5), "p99": _pct(m.latency, 0.99)},
+                "ttft_s": {"p50": _pct(m.ttft, 0.5), "p99": _pct(m.ttft, 0.99)},
+                "queue_wait_s": {"p50": _pct(m.queue_wait, 0.5), "p99": _pct(m.queue_wait, 0.99)},
+                "limits": {"max_queue": self.limits.max_queue, "max_tokens": self.limits.max_tokens,
+                           "max_prompt_tokens": self.limits.max_prompt_tokens,
+                           "max_body_bytes": self.limits.max_body_bytes, "context": self.context},
+            }
