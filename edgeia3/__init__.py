@@ -11,6 +11,7 @@ from .adapter import IA3Adapter, IA3Vector, identity_adapter
 from .base import LoadedBase, load_base, resolve_base
 from .errors import EdgeIA3Error
 from .fingerprint import BaseIdentity
+from .formats import load_adapter
 from .formats.peft_dir import read_peft_dir, to_peft_model, write_peft_dir
 from .merge import fold_into_model, merge, merge_loaded
 from .registry import Family, Scaling, Site, get_family
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BaseIdentity", "EdgeIA3Error", "Family", "IA3Adapter", "IA3Vector", "LoadedBase", "Scaling",
-    "Site", "fold_into_model", "get_family", "identity_adapter", "load_adapter_for", "load_base",
+    "Site", "fold_into_model", "get_family", "identity_adapter", "load_adapter", "load_adapter_for", "load_base",
     "merge", "merge_loaded", "read_peft_dir", "resolve_base", "to_peft_model", "validate_adapter",
     "write_peft_dir",
 ]

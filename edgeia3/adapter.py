@@ -123,20 +123,14 @@ class IA3Adapter:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, base_config: Any = None) -> "IA3Adapter":
-        """Read a canonical file, or a directory holding one or a PEFT IA3 adapter.
-
-        A bare PEFT directory needs ``base_config`` (the HF config of its base)
-        to know its family and the row ranges of fused modules.
-        """
+    def load(cls, path: str | Path) -> "IA3Adapter":
+        """Read a canonical file, or a directory holding one. (Any adapter form, PEFT
+        directories included: ``edgeia3.formats.load_adapter``.)"""
         path = Path(path)
         if path.is_dir():
-            if (path / CANONICAL_FILE).exists():
-                path = path / CANONICAL_FILE
-            else:
-                from .formats.peft_dir import read_peft_dir
-
-                return read_peft_dir(path, config=base_config)
+            if not (path / CANONICAL_FILE).exists():
+                raise EdgeIA3Error(f"{path} holds no edgeia3 adapter ({CANONICAL_FILE})")
+            path = path / CANONICAL_FILE
         if not path.exists():
             raise EdgeIA3Error(f"adapter not found: {path}")
         return _read_canonical(path)

@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .adapter import CANONICAL_FILE, IA3Adapter
+from .adapter import CANONICAL_FILE
 from .errors import EdgeIA3Error
 from .manifest import MANIFEST, read_manifest
 from .registry import family_for_config
 from .weights import deployed_label, trained_label
+from .formats import load_adapter
 
 
 def _dir_bytes(path: Path) -> int:
@@ -70,7 +71,7 @@ def describe_export(path: Path) -> dict[str, Any]:
 
 def describe_adapter(path: Path) -> dict[str, Any]:
     try:
-        ad = IA3Adapter.load(path)
+        ad = load_adapter(path)
     except EdgeIA3Error as e:
         if "without edgeia3 metadata" not in str(e):
             raise

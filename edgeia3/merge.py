@@ -23,6 +23,7 @@ from .base import DEFAULT_BASE, LoadedBase, load_base
 from .errors import EdgeIA3Error
 from .registry import Family, Scaling
 from .validate import load_adapter_for
+from .formats import load_adapter
 
 INTO_CHOICES = ("auto", "full", "nf4", "gguf")
 
@@ -141,7 +142,7 @@ def _merge_into_gguf(base: str, adapter: str | Path, out: Path, force: bool) -> 
 
 def _adapter_quant(path: str | Path) -> tuple[str, dict]:
     try:
-        ad = IA3Adapter.load(path)
+        ad = load_adapter(path)
         return ad.quant, ad.trained_on
     except EdgeIA3Error:
         return "none", {}  # a bare PEFT dir carries no quant info; load_adapter_for reports real errors

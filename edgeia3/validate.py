@@ -16,6 +16,7 @@ from .adapter import IA3Adapter, fused_layout_for
 from .base import LoadedBase
 from .errors import EdgeIA3Error
 from .fingerprint import BaseIdentity
+from .formats import load_adapter
 from .registry import Family, Scaling, Site
 
 
@@ -95,7 +96,7 @@ def validate_adapter(adapter: IA3Adapter, base: BaseShape, check_identity: bool 
 
 def load_adapter_for(path: str | Path, base: LoadedBase, check_identity: bool = True) -> IA3Adapter:
     """Load any supported adapter form and validate it against ``base``."""
-    adapter = IA3Adapter.load(path, base_config=base.config)
+    adapter = load_adapter(path, base_config=base.config)
     if not adapter.fused_layout:
         adapter = dataclasses.replace(adapter, fused_layout=fused_layout_for(base.family, base.config))
     validate_adapter(adapter, base, check_identity)

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 from edgeia3 import load_adapter_for, load_base
 from tiny_models import random_peft_adapter
 from cli_checks import assert_refused, merge_cli as run_merge  # noqa: E402
+from edgeia3.formats import load_adapter
 
 
 
@@ -128,15 +129,15 @@ def test_peft_feedforward_modules_must_be_targets(tiny_dir, tmp_path):
     breaks the rule is refused with one clear error naming the file and the modules."""
     import json
 
-    from edgeia3 import EdgeIA3Error, IA3Adapter
+    from edgeia3 import EdgeIA3Error
     from tiny_models import random_peft_adapter
 
     base = load_base(tiny_dir("llama"))
     random_peft_adapter(copy.deepcopy(base.model), "llama", tmp_path / "p", seed=1)
     cfg_path = tmp_path / "p" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
-    assert IA3Adapter.load(tmp_path / "p", base_config=base.config).sites == ["k", "v", "down"]
+    assert load_adapter(tmp_path / "p", base_config=base.config).sites == ["k", "v", "down"]
     cfg["feedforward_modules"] = ["down_proj", "up_proj"]
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(EdgeIA3Error, match=r"adapter_config.json: feedforward_modules \['up_proj'\] are not among"):
-        IA3Adapter.load(tmp_path / "p", base_config=base.config)
+        load_adapter(tmp_path / "p", base_config=base.config)

@@ -37,6 +37,7 @@ from safetensors.numpy import save_file
 from edgeia3.adapter import CANONICAL_FILE, IA3Adapter
 from edgeia3.errors import EdgeIA3Error
 from tiny_models import random_peft_adapter
+from edgeia3.formats import load_adapter
 
 HANG_S = 20  # one read of a few-kB file taking this long is a hang
 
@@ -260,7 +261,7 @@ def valid(tiny_dir, tmp_path_factory):
     base_dir = tiny_dir("llama", tokenizer="bpe")
     base = load_base(base_dir)
     random_peft_adapter(copy.deepcopy(base.model), "llama", root / "peft", seed=3)
-    adapter = IA3Adapter.load(root / "peft", base_config=base.config)
+    adapter = load_adapter(root / "peft", base_config=base.config)
     adapter = dataclasses.replace(adapter, base=base.identity)
     canonical = adapter.save(root / "canonical" / CANONICAL_FILE)
     onnx = export_onnx(str(base_dir), root / "onnx", "fp32", adapters={"a": str(root / "peft")}).out
@@ -300,8 +301,8 @@ def test_valid_files_read_back(valid):
     from edgeia3.export import read_export
 
     ad = valid["adapter"]
-    assert same_vectors(IA3Adapter.load(valid["canonical"]), ad)
-    assert same_vectors(IA3Adapter.load(valid["peft"], base_config=valid["base"].config), ad)
+    assert same_vectors(load_adapter(valid["canonical"]), ad)
+    assert same_vectors(load_adapter(valid["peft"], base_config=valid["base"].config), ad)
     for kind in ("onnx", "gguf"):
         info = read_export(valid[kind])
         assert info.kind == kind and list(info.adapter_files) == ["a"]
@@ -318,7 +319,7 @@ def _check_canonical(valid, data: bytes):
     d = fresh_dir(valid["work"])
     path = d / CANONICAL_FILE
     path.write_bytes(data)
-    ad = loads_or_refuses(lambda: IA3Adapter.load(path), d, path)
+    ad = loads_or_refuses(lambda: load_adapter(path), d, path)
     if ad is not None:
         well_formed(ad)
     shutil.rmtree(d)
@@ -349,7 +350,7 @@ def _check_peft(valid, config: bytes | None = None, weights: bytes | None = None
         (d / "adapter_config.json").write_bytes(config)
     if weights is not None:
         (d / "adapter_model.safetensors").write_bytes(weights)
-    ad = loads_or_refuses(lambda: IA3Adapter.load(d, base_config=valid["base"].config), d, d)
+    ad = loads_or_refuses(lambda: load_adapter(d, base_config=valid["base"].config), d, d)
     if ad is not None:
         well_formed(ad)
     shutil.rmtree(d)

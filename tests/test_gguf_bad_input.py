@@ -19,6 +19,7 @@ from edgeia3.cli import app
 from edgeia3.registry import Scaling
 from tiny_models import random_peft_adapter
 from cli_checks import assert_refused, merge_cli as merge, runner  # noqa: E402
+from edgeia3.formats import load_adapter
 
 
 
@@ -82,7 +83,7 @@ def test_corrupt_and_wrong_files(tiny_gguf, tmp_path):
     # an IA3 adapter GGUF is not a base, and a base GGUF is not an adapter
     from converters.gguf.adapter_file import write_ia3_gguf
 
-    ia3 = write_ia3_gguf(IA3Adapter.load(good), tmp_path / "a.ia3.gguf", GGUFBase(tiny_gguf))
+    ia3 = write_ia3_gguf(load_adapter(good), tmp_path / "a.ia3.gguf", GGUFBase(tiny_gguf))
     assert_refused(merge(ia3, good, out), out, "adapter gguf, not a base")
     assert_refused(merge(tiny_gguf, tiny_gguf, out), out, "not an ia3 adapter gguf")
     bad_ia3 = tmp_path / "bad.ia3.gguf"

@@ -12,6 +12,7 @@ from peft import PeftModel
 from edgeia3 import IA3Adapter, load_adapter_for, load_base, merge_loaded, write_peft_dir
 from edgeia3.merge import merge
 from tiny_models import FAMILIES, logits, random_peft_adapter
+from edgeia3.formats import load_adapter
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -42,7 +43,7 @@ def test_edgeia3_written_adapter_loads_in_peft(family, tiny_dir, tmp_path):
     assert (logits(reloaded) - expected).abs().max() <= 1e-6
 
     # and the canonical file alone round-trips every vector bit for bit
-    again = IA3Adapter.load(tmp_path / "ours")
+    again = load_adapter(tmp_path / "ours")
     assert [v.key for v in again.vectors] == [v.key for v in adapter.vectors]
     for a, b in zip(again.vectors, adapter.vectors):
         assert a.scaling is b.scaling and (a.values == b.values).all()

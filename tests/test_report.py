@@ -15,6 +15,7 @@ from edgeia3.export import export_gguf, export_onnx
 from edgeia3.report import ReportOptions, report
 from edgeia3.runtimes import open_runtime
 from tiny_models import random_peft_adapter, write_label_task
+from edgeia3.formats import load_adapter
 
 OPTS = ReportOptions(runs=2, decode_tokens=8, greedy_tokens=5, eval_rows=6)
 
@@ -162,14 +163,13 @@ def test_inspect_describes_exports(exports):
 def test_each_adapter_is_compared_with_the_model_it_was_trained_as(tiny_dir, tmp_path):
     """One export, an NF4-trained and a full-precision adapter: each gets its own PyTorch
     reference (the bug: the NF4 reference was used for every adapter of the export)."""
-    from edgeia3.adapter import IA3Adapter
 
     base_dir = tiny_dir("llama", tokenizer=True)
     base = load_base(base_dir)
     paths = {}
     for name, quant, seed in (("full", "none", 1), ("nf4", "nf4", 2)):
         random_peft_adapter(copy.deepcopy(base.model), "llama", tmp_path / f"peft_{name}", seed=seed)
-        ad = IA3Adapter.load(tmp_path / f"peft_{name}", base_config=base.config)
+        ad = load_adapter(tmp_path / f"peft_{name}", base_config=base.config)
         ad = dataclasses.replace(ad, base=base.identity, quant=quant)
         paths[name] = str(ad.save(tmp_path / f"{name}.safetensors"))
     out = export_onnx(str(base_dir), tmp_path / "onnx", "fp32", adapters=paths).out

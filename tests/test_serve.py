@@ -31,9 +31,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from edgeia3 import load_base  # noqa: E402
-from edgeia3.adapter import IA3Adapter  # noqa: E402
 from edgeia3.serve.engine import Job, Scheduler, TextStream  # noqa: E402
 from tiny_models import CHAT_TEMPLATE, make_tiny_model, random_peft_adapter  # noqa: E402
+from edgeia3.formats import load_adapter
 
 KEY = "sk-test-edgeia3"
 MODELS = ["base", "a", "b"]
@@ -80,7 +80,7 @@ def tiny(tmp_path_factory):
     for name, seed in (("a", 1), ("b", 2), ("c", 3)):
         random_peft_adapter(copy.deepcopy(lb.model), "llama", more / f"peft_{name}", seed=seed)
         peft[name] = more / f"peft_{name}"
-    c = dataclasses.replace(IA3Adapter.load(peft["c"], base_config=lb.config), base=lb.identity)
+    c = dataclasses.replace(load_adapter(peft["c"], base_config=lb.config), base=lb.identity)
     canonical_c = c.save(more / "canonical_c" / "edgeia3_adapter.safetensors").parent
     c.save(adir / "c0" / "edgeia3_adapter.safetensors")
     other = load_base(make_tiny_model("llama", root / "other", seed=5, max_position_embeddings=2048))

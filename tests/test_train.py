@@ -12,10 +12,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from edgeia3 import EdgeIA3Error, IA3Adapter, load_base
+from edgeia3 import EdgeIA3Error, load_base
 from edgeia3.cli import app
 from edgeia3.train import TrainConfig, _Guard, train, wrap_with_ia3
 from tiny_models import input_ids, write_label_task
+from edgeia3.formats import load_adapter
 
 runner = CliRunner()
 
@@ -34,7 +35,7 @@ def test_training_moves_vectors_and_lowers_loss(quant, tiny_dir, task, tmp_path)
     assert res.steps == 12
     assert res.eval_after["loss"] < res.eval_before["loss"]
     assert np.mean(res.loss_curve[-3:]) < np.mean(res.loss_curve[:3])
-    adapter = IA3Adapter.load(tmp_path / "ad")
+    adapter = load_adapter(tmp_path / "ad")
     assert adapter.quant == quant and adapter.sites == ["k", "v", "down"]
     assert max(float(np.abs(v.values - 1).max()) for v in adapter.vectors) > 1e-3
     assert adapter.base is not None and adapter.base.matches(load_base(base).identity)
@@ -68,7 +69,7 @@ def greedy_reference(base_dir, quant: str, adapter_dir, eval_file) -> tuple[list
     lb = load_base(base_dir, quant=quant)
     if quant == "nf4":
         lb = dataclasses.replace(lb, model=dequantize_model(lb.model), quant="none")
-    rt = TorchRuntime(lb, {"trained": IA3Adapter.load(adapter_dir)})
+    rt = TorchRuntime(lb, {"trained": load_adapter(adapter_dir)})
     rt.use_adapter("trained")
     tok = lb.tokenizer
     examples = load_examples(eval_file, tok, 256)
@@ -112,7 +113,7 @@ def test_nf4_training_with_eval_keeps_learning(tiny_dir, task, tmp_path):
     cfg = TrainConfig(max_steps=10, batch_size=8, lr=3e-2)
     res = train(str(base), task[0], tmp_path / "ad", eval_data=task[1], quant="nf4", config=cfg, quiet=True)
     assert res.eval_before is not None
-    last = IA3Adapter.load(tmp_path / "ad")
+    last = load_adapter(tmp_path / "ad")
     assert max(float(np.abs(v.values - 1).max()) for v in last.vectors) > 1e-3
 
 
@@ -227,7 +228,7 @@ def test_two_process_accelerate_run(tiny_dir, task, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "training.json").read_text())
     assert report["processes"] == 2 and report["steps"] == 4 and report["backend"] == "gloo"
-    adapter = IA3Adapter.load(out)
+    adapter = load_adapter(out)
     assert max(float(np.abs(v.values - 1).max()) for v in adapter.vectors) > 1e-4
 
 

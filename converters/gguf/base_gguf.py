@@ -16,6 +16,7 @@ import numpy as np
 from edgeia3.adapter import IA3Adapter, fused_layout_for
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.fingerprint import EMBED_ROWS, BaseIdentity, _content, _structural
+from edgeia3.formats import load_adapter
 from edgeia3.registry import Family, Site, family_for_gguf_arch
 from edgeia3.validate import validate_adapter
 
@@ -85,7 +86,7 @@ class GGUFBase:
 
             adapter = read_ia3_gguf(path)
         else:
-            adapter = IA3Adapter.load(path, base_config=self.config)
+            adapter = load_adapter(path, base_config=self.config)
         if not adapter.fused_layout:
             adapter = dataclasses.replace(adapter, fused_layout=fused_layout_for(self.family, self.config))
         self.validate(adapter, check_identity)

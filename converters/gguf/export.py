@@ -32,6 +32,7 @@ from .base_gguf import GGUFBase
 from .ggml_index import GGUFIndex, gguf_weights
 from .merge import adapter_plan, apply_plan
 from .quantize import EXPORT_QUANTS
+from edgeia3.formats import load_adapter
 
 DIRECT = ("f32", "f16")  # written by edgeia3's writer without llama.cpp's quantizer
 
@@ -135,12 +136,11 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
 
 def _trained_quant(adapters: dict[str, str]) -> str | None:
     """The llama.cpp quantization the adapters were trained on (None: none of them was)."""
-    from edgeia3.adapter import IA3Adapter
 
     quants = set()
     for path in adapters.values():
         try:
-            t = IA3Adapter.load(path).trained_on
+            t = load_adapter(path).trained_on
         except EdgeIA3Error:
             continue  # a bare PEFT dir records nothing; loading it for real reports real errors
         if t.get("name", "").endswith(f"quantized {t.get('quant')}"):

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EdgeIA3Error
+from ..formats import load_adapter
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RESERVED = {"base"}
@@ -197,7 +198,7 @@ def _onnx_add(rt: Any, name: str, path: Path, workdir: Path) -> dict:
 
 
 def _read_any_adapter(path: Path, family: str):
-    from ..adapter import CANONICAL_FILE, IA3Adapter
+    from ..adapter import CANONICAL_FILE
 
     if path.is_file() and path.suffix == ".gguf":
         from converters.gguf.adapter_file import read_ia3_gguf
@@ -207,7 +208,7 @@ def _read_any_adapter(path: Path, family: str):
         from ..formats.peft_dir import read_peft_dir
 
         return read_peft_dir(path, family=family)
-    return IA3Adapter.load(path)
+    return load_adapter(path)
 
 
 def _check_onnx_identity(adapter: Any, manifest: dict) -> None:
