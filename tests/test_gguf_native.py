@@ -190,3 +190,27 @@ def test_export_warns_and_strict_refuses_other_weights(tiny256, tmp_path):
 
     g = export_gguf(str(tiny256), tmp_path / "g", adapters={"a": str(tmp_path / "q4")}, strict=True)
     assert g.quant == "q4_0" and g.adapters["a"]["same_weights"]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_packed_layers_give_the_dense_gradients(tiny256, autocast):
+    """Forward and backward through the GGUF-block layers equal a dense copy of the same
+    dequantized weights (fp32 exactly; under bf16 autocast within bf16 rounding)."""
+    from converters.gguf.torch_weights import densify
+    from edgeia3.train import wrap_with_ia3
+
+    lb = load_base(tiny256, quant="q4_0")
+    dense = copy.deepcopy(lb)
+    dense = type(lb)(dense.source, densify(dense.model), dense.tokenizer, dense.family, "none")
+    ids = torch.tensor([IDS])
+    results = []
+    for base in (lb, dense):
+        model = wrap_with_ia3(base, ["k", "v", "down"])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((float(loss), [p.grad.float() for n, p in model.named_parameters() if "ia3_l" in n]))
+    tol = 2e-2 if autocast else 1e-5
+    assert abs(results[0][0] - results[1][0]) < tol
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.allclose(a, b, atol=tol, rtol=tol)

@@ -75,16 +75,23 @@ class PackedWeight:
 
 
 class _PackedMatmul(torch.autograd.Function):
-    """x @ W.T with W dequantized in forward and again in backward (no fp32 copy kept)."""
+    """x @ W.T with W dequantized in forward and, in fp32, again in backward (no fp32 copy
+    kept, like bitsandbytes' 4-bit matmul). Under bf16 autocast the bf16 copy the matmul
+    needs anyway is kept for backward: half the size of fp32, and no second dequantization."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:  # type: ignore[override]
+        w = weight.dequantize().to(x.dtype)
         ctx.weight = weight
-        return x @ weight.dequantize().to(x.dtype).T
+        ctx.keep = x.dtype in (torch.bfloat16, torch.float16)
+        if ctx.keep:
+            ctx.save_for_backward(w)
+        return x @ w.T
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad @ ctx.weight.dequantize().to(grad.dtype), None
+        w = ctx.saved_tensors[0] if ctx.keep else ctx.weight.dequantize()
+        return grad @ w.to(grad.dtype), None
 
 
 class GGUFLinear(torch.nn.Linear):
