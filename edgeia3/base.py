@@ -314,7 +314,7 @@ def _load_on_gguf(src: BaseSource, family: Family, quant: str) -> LoadedBase:
     else:
         path, name, q = quantized_gguf(src, quant), f"{src.name} quantized {quant}", quant
     summary = attach_gguf_weights(lb.model, family, path, embeddings=quant != "gguf")
-    summary.update(gguf_weights(path, name, q), file=str(path))
+    summary.update(gguf_weights(path, name, q), file=str(path), source="file" if quant == "gguf" else "quantized")
     lb.quant, lb.weights = "gguf", summary
     lb.__dict__["identity"] = identity
     return lb

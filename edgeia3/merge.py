@@ -23,6 +23,7 @@ from .base import DEFAULT_BASE, LoadedBase, load_base
 from .errors import EdgeIA3Error
 from .registry import Family, Scaling
 from .validate import load_adapter_for
+from .weights import llama_quant
 from .formats import load_adapter
 
 INTO_CHOICES = ("auto", "full", "nf4", "gguf")
@@ -102,8 +103,7 @@ def merge(base: str = DEFAULT_BASE, adapter: str | Path = "", out: str | Path = 
         into = quant if quant in ("nf4", "gguf") else "full"
     load_as = {"nf4": "nf4", "full": "none"}.get(into)
     if into == "gguf":  # the GGUF blocks it was trained on: the base file, or its llama.cpp quantization
-        named = trained_on.get("name", "").endswith(f"quantized {trained_on.get('quant')}")
-        load_as = trained_on["quant"] if named else "gguf"
+        load_as = llama_quant(trained_on) or "gguf"
     lb = load_base(base, quant=load_as)
     ad = load_adapter_for(adapter, lb)
     model = merge_loaded(lb, ad)

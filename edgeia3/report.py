@@ -28,6 +28,7 @@ from .atomic import atomic_dir
 from .errors import EdgeIA3Error
 from .export import ExportInfo, read_export
 from .runtimes import Runtime, open_runtime
+from .weights import llama_quant
 
 LORA_RANK = 8
 PROMPTS = [  # fixed drift prompts (chat), short so drift runs stay quick
@@ -174,8 +175,7 @@ def trained_as(adapter: Any) -> str:
     """The ``load_base`` quant that rebuilds the model an adapter was trained as."""
     t = adapter.trained_on or {}
     if adapter.quant == "gguf":
-        named = t.get("name", "").endswith(f"quantized {t.get('quant')}")
-        return t["quant"] if named else "gguf"
+        return llama_quant(t) or "gguf"
     return "nf4" if adapter.quant == "nf4" else "none"
 
 

@@ -25,6 +25,16 @@ COST = ("measured on SmolLM2-135M: an adapter trained to 93.8% on one 4-bit grid
         "llama.cpp's Q4_1 and 60% on the ONNX builder's int4 (FACTS.md)")
 
 
+def llama_quant(trained_on: dict) -> str | None:
+    """The llama.cpp type when an adapter was trained on its base quantized once by edgeia3
+    (``edgeia3 train --quant q4_0`` ...: ``base.quantized_gguf``); None for a GGUF base's own
+    file, NF4 or full precision."""
+    if trained_on.get("source") == "quantized" or str(trained_on.get("name", "")).endswith(
+            f"quantized {trained_on.get('quant')}"):
+        return trained_on.get("quant")
+    return None
+
+
 def trained_label(adapter: Any) -> str:
     """Human description of what an adapter was trained on."""
     t = adapter.trained_on or {}

@@ -25,7 +25,7 @@ from edgeia3.atomic import atomic_dir, check_out
 from edgeia3.base import LLAMA_QUANTS, locate_base, quantized_gguf, resolve_base
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.manifest import write_manifest
-from edgeia3.weights import check_deployment
+from edgeia3.weights import check_deployment, llama_quant
 
 from .adapter_file import SUFFIX, write_ia3_gguf
 from .base_gguf import GGUFBase
@@ -143,8 +143,8 @@ def _trained_quant(adapters: dict[str, str]) -> str | None:
             t = load_adapter(path).trained_on
         except EdgeIA3Error:
             continue  # a bare PEFT dir records nothing; loading it for real reports real errors
-        if t.get("name", "").endswith(f"quantized {t.get('quant')}"):
-            quants.add(t["quant"])
+        if llama_quant(t):
+            quants.add(llama_quant(t))
     if len(quants) > 1:
         raise EdgeIA3Error(f"the adapters were trained on different quantizations ({', '.join(sorted(quants))}); "
                            "export them separately or pick one with --quant")

@@ -35,7 +35,7 @@ from edgeia3.fingerprint import num_layers
 from edgeia3.prompts import TEMPLATE_FILE, read_template
 from edgeia3.registry import Family, Scaling
 from edgeia3.validate import expected_length, load_adapter_for
-from edgeia3.weights import check_deployment, same_weights
+from edgeia3.weights import check_deployment, llama_quant, same_weights
 
 from . import builder
 from .adapter_file import SUFFIX, write_onnx_adapter
@@ -215,8 +215,7 @@ def _weights_gguf(lb: LoadedBase, precision: str, weights: str, loaded: dict[str
         return None
     if weights in LLAMA_QUANTS:
         return quantized_gguf(lb.source, weights)
-    trained = sorted({ad.trained_on["quant"] for ad in loaded.values()
-                      if ad.trained_on.get("name", "").endswith(f"quantized {ad.trained_on.get('quant')}")})
+    trained = sorted({llama_quant(ad.trained_on) for ad in loaded.values()} - {None})
     if len(trained) > 1:
         raise EdgeIA3Error(f"the adapters were trained on different quantizations ({', '.join(trained)}); "
                            "export them separately or pick one with --weights")
