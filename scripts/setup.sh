@@ -12,5 +12,6 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-"$VENV/bin/python" -m pip install --quiet -e ".[test]"
+# setuptools warns about every editable install in the build subprocess; keep the output readable
+PYTHONWARNINGS=ignore "$VENV/bin/python" -m pip install --quiet -e ".[test]"
 echo "edgeia3 installed in $VENV ($("$VENV/bin/python" -c 'import edgeia3; print(edgeia3.__version__)'))"

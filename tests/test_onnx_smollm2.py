@@ -61,7 +61,8 @@ def test_int4_merged_matches_side(work):
     """
     from converters.onnx.export import export
 
-    kw = dict(base="default", precision="int4", adapters={"a": work / "a"}, accuracy_level=1)
+    # the builder's own int4 weights, whose MatMulNBits scale rows the merge patches
+    kw = dict(base="default", precision="int4", adapters={"a": work / "a"}, accuracy_level=1, weights="builder")
     side = open_runtime(export(out=work / "int4_side_acc1", **kw).out)
     merged = open_runtime(export(out=work / "int4_merged_acc1", merge="a", **kw).out)
     assert "scale rows" in merged.manifest["merged"]["method"]

@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import os
 import time
 import uuid
 from collections import deque
@@ -30,6 +31,10 @@ from typing import Any, Callable
 
 from ..errors import EdgeIA3Error
 from . import hotload
+
+# Seconds to wait after each generated token. For tests and demos only: it paces a tiny
+# model so that queueing, grouping and disconnects can be observed deterministically.
+TOKEN_DELAY = float(os.environ.get("EDGEIA3_SERVE_TOKEN_DELAY", "0") or 0)
 
 log = logging.getLogger("edgeia3.serve")
 BASE = "base"  # the model id of the base model (no adapter)
@@ -492,6 +497,8 @@ class Engine:
                     break
                 if job.cancelled.is_set():
                     break
+                if TOKEN_DELAY:
+                    time.sleep(TOKEN_DELAY)
         except EdgeIA3Error as e:
             gen.close()
             return self._fail(job, ServeError(400, str(e), "invalid_value"))
