@@ -240,11 +240,22 @@ def resolve_quant(quant: str, src: BaseSource, family: Family) -> str:
     if quant == "auto":
         if src.gguf is not None:
             return "gguf"
-        return "q4_0" if family.gguf_writer and _has_llama_cpp() else "nf4"
+        return "q4_0" if family.gguf_writer and _has_llama_cpp() and _gguf_writable_tokenizer(src) else "nf4"
     if quant == "gguf" and src.gguf is None:
         raise EdgeIA3Error(f"--quant gguf trains on a GGUF file's own tensors, but {src.spec} is not a GGUF; "
                            f"give a .gguf base or quantize this one (--quant {'|'.join(LLAMA_QUANTS[:3])}|...)")
     return quant
+
+
+def _gguf_writable_tokenizer(src: BaseSource) -> bool:
+    """edgeia3's GGUF writer takes BPE tokenizers (or none); others keep auto on NF4."""
+    path = Path(src.hf_path) / "tokenizer.json"
+    if not path.exists():
+        return not (Path(src.hf_path) / "tokenizer_config.json").exists()
+    try:
+        return json.loads(path.read_text()).get("model", {}).get("type") == "BPE"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _has_llama_cpp() -> bool:

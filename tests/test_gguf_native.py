@@ -214,3 +214,16 @@ def test_packed_layers_give_the_dense_gradients(tiny256, autocast):
     assert abs(results[0][0] - results[1][0]) < tol
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.allclose(a, b, atol=tol, rtol=tol)
+
+
+def test_auto_quant_picks_the_weights_that_deploy(tiny_dir, tiny256):
+    """--quant auto: a GGUF base trains on its own blocks; a transformers base on its llama.cpp
+    q4_0 file when edgeia3 can write its GGUF (BPE or no tokenizer), else NF4."""
+    from edgeia3.base import resolve_quant
+    from edgeia3.registry import get_family
+
+    llama = get_family("llama")
+    assert resolve_quant("auto", resolve_base("default"), llama) == "gguf"
+    assert resolve_quant("auto", resolve_base(tiny256), llama) == "q4_0"
+    assert resolve_quant("auto", resolve_base(tiny_dir("llama", tokenizer=True)), llama) == "nf4"  # WordLevel
+    assert resolve_quant("auto", resolve_base(tiny_dir("gpt2")), get_family("gpt2")) == "nf4"  # no GGUF writer
