@@ -69,3 +69,12 @@ def test_adapter_for_another_shape(llama, tiny_dir, tmp_path):
     other = tiny_dir("llama", tokenizer=True, hidden_size=32, intermediate_size=48)
     out = tmp_path / "onnx"
     assert_refused(export_cli(other, out, "--adapter", f"a={adapter}"), out, "shape mismatch")
+
+
+def test_bad_weights_value_is_refused_before_work(llama, tmp_path):
+    base, adapter = llama
+    out = tmp_path / "o"
+    res = export_cli(base, out, "--weights", "q9_z")
+    assert_refused(res, out, "--weights must be auto, builder or a llama.cpp type")
+    res = export_cli(base, out, "--precision", "fp32", "--weights", "q4_0")
+    assert_refused(res, out, "--weights q4_0 needs --precision int4 or int8")

@@ -139,6 +139,8 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
     t0 = time.perf_counter()
     adapters = dict(adapters or {})
     _check_args(precision, provider, adapters, merge)
+    if weights not in ("auto", "builder") + LLAMA_QUANTS:  # checked before the base loads
+        raise EdgeIA3Error(f"--weights must be auto, builder or a llama.cpp type ({', '.join(LLAMA_QUANTS)})")
     out = Path(out)
     check_out(out, force)  # before any work: refuse a non-empty --out unless --force
     lb = load_base(base)
@@ -207,8 +209,6 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
 
 def _weights_gguf(lb: LoadedBase, precision: str, weights: str, loaded: dict[str, IA3Adapter]) -> Path | None:
     """The GGUF whose blocks an int4/int8 export runs (None: the builder quantizes)."""
-    if weights not in ("auto", "builder") + LLAMA_QUANTS:
-        raise EdgeIA3Error(f"--weights must be auto, builder or a llama.cpp type ({', '.join(LLAMA_QUANTS)})")
     if precision not in ("int4", "int8") or weights == "builder":
         if weights in LLAMA_QUANTS:
             raise EdgeIA3Error(f"--weights {weights} needs --precision int4 or int8 (got {precision})")
