@@ -1,9 +1,9 @@
 """Merge step: fold IA3 vectors into a transformers model's weights.
 
 Output sites scale weight rows (and the bias); input sites scale weight
-columns. For an adapter trained on an NF4 base the vectors are folded into
-the *dequantized NF4* weights - the model it was trained with - so the result
-is exact; folding into the original fp32 weights would add the 4-bit
+columns. The vectors are folded into the weights the adapter was trained on -
+the *dequantized GGUF blocks* (the default) or the *dequantized NF4* weights -
+so the result is exact; folding into the original fp32 weights would add the 4-bit
 quantization error (PEFT refuses the 4-bit case altogether, peft #1704).
 """
 
@@ -21,10 +21,10 @@ from .adapter import IA3Adapter
 from .atomic import atomic_dir, atomic_file, check_out
 from .base import DEFAULT_BASE, LoadedBase, load_base
 from .errors import EdgeIA3Error
+from .formats import load_adapter
 from .registry import Family, Scaling
 from .validate import load_adapter_for
 from .weights import llama_quant
-from .formats import load_adapter
 
 INTO_CHOICES = ("auto", "full", "nf4", "gguf")
 
