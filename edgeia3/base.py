@@ -249,6 +249,8 @@ def resolve_quant(quant: str, src: BaseSource, family: Family) -> str:
 
 def _gguf_writable_tokenizer(src: BaseSource) -> bool:
     """edgeia3's GGUF writer takes BPE tokenizers (or none); others keep auto on NF4."""
+    if not Path(src.hf_path).is_dir():
+        return False  # a hub id: nothing local to write from
     path = Path(src.hf_path) / "tokenizer.json"
     if not path.exists():
         return not (Path(src.hf_path) / "tokenizer_config.json").exists()
