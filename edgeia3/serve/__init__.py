@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import EdgeIA3Error
-from .engine import BASE, Engine, Limits, ServeError
+from .engine import Engine
+from .requests import BASE, Limits, ServeError
 
 __all__ = ["BASE", "Engine", "Limits", "ServeError", "build", "create_app", "serve"]
 

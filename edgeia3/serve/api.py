@@ -27,7 +27,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import BASE, Engine, Job, ServeError
+from ..errors import EdgeIA3Error
+from .engine import Engine
+from .requests import BASE, Job, ServeError
+from .hotload import can_load, check_name
 
 SAMPLING_NOTE = "greedy"  # sent as the x-edgeia3-decoding header
 
@@ -302,17 +305,15 @@ def create_app(engine: Engine, api_key: str | None = None, model_label: str = ""
     # -- adapters -------------------------------------------------------------------------------------
     @app.post("/v1/adapters", dependencies=guarded)
     async def load_adapter(request: Request):
-        from . import hotload
-
         req = parse(AdapterRequest, await read_json(request, engine.limits.max_body_bytes))
         try:
-            hotload.check_name(req.name)
-        except Exception as e:
+            check_name(req.name)
+        except EdgeIA3Error as e:
             raise ServeError(400, str(e), "invalid_value", "name") from None
         if req.name in engine.model_names():
             raise ServeError(409, f"a model named '{req.name}' is already served; unload it first",
                              "model_exists", "name")
-        reason = hotload.can_load(engine.rt)
+        reason = can_load(engine.rt)
         if reason:
             raise ServeError(400, reason, "adapter_loading_not_supported")
         path = engine.check_adapter_path(req.path)
