@@ -106,18 +106,24 @@ class TrainResult:
 GRAD_NORM_BAND = (1e-6, 1e3)
 
 
+def gradient_trouble(norm: float) -> str | None:
+    """"non-finite", "vanishing" or "exploding" when the norm leaves the healthy band, else None."""
+    low, high = GRAD_NORM_BAND
+    if not math.isfinite(norm):
+        return "non-finite"
+    return "vanishing" if norm < low else "exploding" if norm > high else None
+
+
 def gradient_warning(step: int, norm: float) -> str | None:
     """A warning when the IA3 gradient norm leaves the healthy band (None: healthy)."""
     low, high = GRAD_NORM_BAND
-    if not math.isfinite(norm):
-        return f"step {step}: IA3 gradient norm is {norm}; updates are skipped or corrupt"
-    if norm < low:
-        return (f"step {step}: IA3 gradient norm {norm:.1e} < {low:.0e} (vanishing): the vectors barely "
-                "move; check that the loss covers the answers and the sites are on the path")
-    if norm > high:
-        return (f"step {step}: IA3 gradient norm {norm:.1e} > {high:.0e} (exploding; clipped to "
-                "--grad-clip): lower --lr or check the data")
-    return None
+    return {
+        "non-finite": f"step {step}: IA3 gradient norm is {norm}; updates are skipped or corrupt",
+        "vanishing": f"step {step}: IA3 gradient norm {norm:.1e} < {low:.0e} (vanishing): the vectors barely "
+                     "move; check that the loss covers the answers and the sites are on the path",
+        "exploding": f"step {step}: IA3 gradient norm {norm:.1e} > {high:.0e} (exploding; clipped to "
+                     "--grad-clip): lower --lr or check the data",
+    }.get(gradient_trouble(norm))
 
 
 def _ia3_params(model: Any) -> dict[str, torch.nn.Parameter]:
@@ -341,6 +347,7 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     losses: list[float] = []
     grad_norms: list[float] = []  # IA3 gradient L2 norm per step, before clipping
     warnings: list[str] = []
+    troubles: set[str] = set()
     tokens = 0
     t0 = time.perf_counter()
     step = 0
@@ -362,10 +369,11 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
                 guard.check_grads(step)
                 grad_norm = float(acc.clip_grad_norm_(list(params.values()), cfg.grad_clip))
                 grad_norms.append(grad_norm)
-                note = gradient_warning(step, grad_norm)
-                if note and note.split(": ", 1)[1][:20] not in {w.split(": ", 1)[1][:20] for w in warnings}:
-                    warnings.append(note)  # the first step of each kind of trouble
-                    progress.warn(note)
+                trouble = gradient_trouble(grad_norm)
+                if trouble and trouble not in troubles:  # warn at the first step of each kind
+                    troubles.add(trouble)
+                    warnings.append(gradient_warning(step, grad_norm))
+                    progress.warn(warnings[-1])
                 for g in optim.param_groups:
                     g["lr"] = cfg.lr * _lr_factor(step, total, warmup)
                 optim.step()

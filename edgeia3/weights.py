@@ -29,10 +29,7 @@ def llama_quant(trained_on: dict) -> str | None:
     """The llama.cpp type when an adapter was trained on its base quantized once by edgeia3
     (``edgeia3 train --quant q4_0`` ...: ``base.quantized_gguf``); None for a GGUF base's own
     file, NF4 or full precision."""
-    if trained_on.get("source") == "quantized" or str(trained_on.get("name", "")).endswith(
-            f"quantized {trained_on.get('quant')}"):
-        return trained_on.get("quant")
-    return None
+    return trained_on.get("quant") if trained_on.get("source") == "quantized" else None
 
 
 def trained_label(adapter: Any) -> str:

@@ -226,11 +226,12 @@ def _weights_gguf(lb: LoadedBase, precision: str, weights: str, loaded: dict[str
 
 def _deployed(lb: LoadedBase, precision: str, gguf: Path | None) -> dict:
     """What the export runs, in edgeia3.weights' terms."""
-    if gguf is not None and not not_carried(gguf):
-        return gguf_weights(gguf, gguf.name if gguf == lb.source.gguf else _quantized_name(lb, gguf))
     if gguf is not None:
-        return {"kind": "requantized", "how": f"the blocks of {gguf.name} except {len(not_carried(gguf))} "
-                "tensors the builder re-quantized"}
+        kept = not_carried(gguf)
+        if kept:
+            return {"kind": "requantized", "how": f"the blocks of {gguf.name} except {len(kept)} "
+                    "tensors the builder re-quantized"}
+        return gguf_weights(gguf, gguf.name if gguf == lb.source.gguf else _quantized_name(lb, gguf))
     if precision == "fp32" and lb.weights:
         return lb.weights  # the GGUF base's blocks, dequantized exactly
     if precision in ("fp32", "fp16"):

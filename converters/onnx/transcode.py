@@ -190,12 +190,12 @@ class _Rewriter:
         """x @ E with E [K, K/block] 0/1: the sum of x over every block (computed once per x)."""
         key = (x, k, block)
         if key not in self.block_sums:
-            e = np.zeros((k, k // block), self.np_act)
-            e[np.arange(k), np.arange(k) // block] = 1
+            ename = f"gguf_block_sum_matrix.{k}.{block}"  # one E per shape, shared by every x
+            if not any(kk == k and b == block for _, kk, b in self.block_sums):
+                e = np.zeros((k, k // block), self.np_act)
+                e[np.arange(k), np.arange(k) // block] = 1
+                self.init(ename, e)
             name = f"{x}/gguf_block_sums{block}"
-            ename = self.init(f"gguf_block_sum_matrix.{k}.{block}", e) if not any(
-                t.name == f"gguf_block_sum_matrix.{k}.{block}" for t in self.graph.initializer) else \
-                f"gguf_block_sum_matrix.{k}.{block}"
             nodes.insert(0, helper.make_node("MatMul", [x, ename], [name], name=f"{name}/MatMul"))
             self.block_sums[key] = name
         return self.block_sums[key]
