@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
-from converters.gguf.adapter_file import write_ia3_gguf  # noqa: E402
-from converters.gguf.base_gguf import GGUFBase  # noqa: E402
-from converters.gguf.merge import merge_gguf, merge_into_file  # noqa: E402
+from edgeia3.converters.gguf.adapter_file import write_ia3_gguf  # noqa: E402
+from edgeia3.converters.gguf.base_gguf import GGUFBase  # noqa: E402
+from edgeia3.converters.gguf.merge import merge_gguf, merge_into_file  # noqa: E402
 from edgeia3.validate import adapter_for_base  # noqa: E402
 from edgeia3.base import default_gguf  # noqa: E402
 from edgeia3.runtimes.llama_runtime import RELOAD, LlamaCppRuntime  # noqa: E402

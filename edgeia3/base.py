@@ -78,7 +78,7 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     gguf = Path(gguf)
     if not gguf.is_file():
         raise EdgeIA3Error(f"GGUF file not found: {gguf}")
-    from converters.gguf.ggml_index import file_digest
+    from edgeia3.converters.gguf.ggml_index import file_digest
 
     out = cache_home() / "hf" / f"{gguf.stem}-{file_digest(gguf)}"
     if (out / "config.json").exists():
@@ -155,9 +155,9 @@ def quantized_gguf(src: BaseSource, quant: str) -> Path:
     dequantized tensors (its transformers twin, written back by edgeia3's GGUF writer so the
     file records the base's identity). q4_0 and q8_0 are "pure" (embedding and LM head too),
     so the ONNX transcode of the file runs entirely on onnxruntime's fast integer kernels."""
-    from converters.gguf.ggml_index import file_digest
-    from converters.gguf.hf_writer import write_hf_gguf
-    from converters.gguf.quantize import quantize
+    from edgeia3.converters.gguf.ggml_index import file_digest
+    from edgeia3.converters.gguf.hf_writer import write_hf_gguf
+    from edgeia3.converters.gguf.quantize import quantize
 
     pure = quant in ("q4_0", "q8_0")
     if src.gguf is not None:
@@ -294,7 +294,7 @@ def load_base(spec: str | os.PathLike = DEFAULT_BASE, quant: str = "none") -> Lo
     if quant == "nf4":
         _disable_bnb_cpu_repack(model)
     # A GGUF base in full precision holds exactly the file's dequantized blocks.
-    from converters.gguf.ggml_index import gguf_weights
+    from edgeia3.converters.gguf.ggml_index import gguf_weights
 
     weights = gguf_weights(src.gguf, src.gguf.name) if src.gguf is not None and quant == "none" else None
     return LoadedBase(src, model, _tokenizer(src), family, quant, weights)
@@ -317,8 +317,8 @@ def _load_on_gguf(src: BaseSource, family: Family, quant: str) -> LoadedBase:
     llama.cpp (``quantized_gguf``) and its embedding / LM head are replaced by the
     GGUF's dequantized ones, so torch computes what llama.cpp and ONNX will run.
     """
-    from converters.gguf.ggml_index import gguf_weights
-    from converters.gguf.torch_weights import attach_gguf_weights
+    from edgeia3.converters.gguf.ggml_index import gguf_weights
+    from edgeia3.converters.gguf.torch_weights import attach_gguf_weights
 
     lb = load_base(src.spec, quant="none")
     identity = lb.identity  # of the base as given (its full-precision / dequantized weights)

@@ -28,7 +28,7 @@ def export_onnx(base: str, out: str | Path, precision: str = "int4",
     has one), "builder" or a llama.cpp type. ``strict``: refuse adapters trained on
     other weights. An existing non-empty ``out`` is refused unless ``force``.
     """
-    from converters.onnx.export import export
+    from edgeia3.converters.onnx.export import export
 
     return export(base=base, out=out, precision=precision, adapters=adapters or {},
                   merge=merge, provider=provider, mobile=mobile, fuse_qkv=fuse_qkv,
@@ -44,7 +44,7 @@ def export_gguf(base: str, out: str | Path, quant: str | None = None,
     as is / q4_0 for a transformers base. ``strict``: refuse adapters trained on
     other weights. An existing non-empty ``out`` is refused unless ``force``.
     """
-    from converters.gguf.export import export
+    from edgeia3.converters.gguf.export import export
 
     return export(base=base, out=out, quant=quant, adapters=adapters or {}, merge=merge, force=force,
                   strict=strict)
@@ -82,7 +82,7 @@ def _typed(value: Any, kind: Any, what: str) -> Any:
 
 
 def _onnx_info(path: Path, m: dict) -> ExportInfo:
-    from converters.onnx.export import plans_of
+    from edgeia3.converters.onnx.export import plans_of
 
     from .registry import get_family
 
@@ -118,8 +118,8 @@ def _onnx_info(path: Path, m: dict) -> ExportInfo:
 
 
 def _onnx_adapters(info: ExportInfo) -> dict[str, Any]:
-    from converters.onnx.adapter_file import read_onnx_adapter
-    from converters.onnx.export import plans_of
+    from edgeia3.converters.onnx.adapter_file import read_onnx_adapter
+    from edgeia3.converters.onnx.export import plans_of
 
     from .adapter import IA3Adapter
 
@@ -150,7 +150,7 @@ def _gguf_info(path: Path, m: dict) -> ExportInfo:
 
 
 def _gguf_adapters(info: ExportInfo) -> dict[str, Any]:
-    from converters.gguf.adapter_file import read_ia3_gguf
+    from edgeia3.converters.gguf.adapter_file import read_ia3_gguf
 
     return {n: read_ia3_gguf(p) for n, p in info.adapter_files.items()}
 

@@ -45,13 +45,16 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _structural(family: Family, config: dict, shapes: dict[str, tuple[int, int]]) -> str:
+def _structural(family: Family, config: Any, shapes: dict[str, tuple[int, int]]) -> str:
+    """Hash of the structure. ``config`` is a transformers config object (its
+    attribute map resolves per-model key names, e.g. gpt2's n_layer) or any
+    object with the same attributes (a GGUF base's view)."""
     doc = {
         "family": family.name,
-        "model_type": config.get("model_type"),
-        "layers": config.get("num_hidden_layers") or config.get("n_layer"),
-        "hidden": config.get("hidden_size") or config.get("n_embd"),
-        "vocab": config.get("vocab_size"),
+        "model_type": config.model_type,
+        "layers": int(config.num_hidden_layers),
+        "hidden": int(config.hidden_size),
+        "vocab": config.vocab_size,
         "shapes": sorted((k, list(v)) for k, v in shapes.items()),
     }
     return _sha(json.dumps(doc, sort_keys=True).encode())
@@ -63,8 +66,17 @@ def _content(norm: np.ndarray, embed_rows: np.ndarray) -> str:
 
 
 def num_layers(config: Any) -> int:
-    c = config if isinstance(config, dict) else config.to_dict()
-    return int(c.get("num_hidden_layers") or c["n_layer"])
+    return int(config.num_hidden_layers)
+
+
+def hf_config(path: str | Path) -> Any:
+    """The transformers config of a model directory (offline), as a clear error if unreadable."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EdgeIA3Error(f"{path}: unreadable config.json ({e})") from None
 
 
 def _module_names(family: Family, layers: int) -> list[str]:
@@ -82,7 +94,7 @@ def module_shape(module: Any, conv1d: bool) -> tuple[int, int]:
 
 def identity_of_model(model: Any, family: Family, name: str = "") -> BaseIdentity:
     """Identity of a loaded transformers model (fp32 or bitsandbytes 4-bit)."""
-    config = model.config.to_dict()
+    config = model.config
     shapes = {
         m: module_shape(model.get_submodule(m), family.conv1d)
         for m in _module_names(family, num_layers(config))
@@ -97,7 +109,7 @@ def identity_of_dir(path: str | Path, family: Family, name: str = "") -> BaseIde
     from safetensors import safe_open
 
     path = Path(path)
-    config = json.loads((path / "config.json").read_text())
+    config = hf_config(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise EdgeIA3Error(f"{path} has no .safetensors weights")

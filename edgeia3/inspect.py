@@ -110,7 +110,7 @@ def _describe_bare_peft(path: Path) -> dict[str, Any]:
 
 
 def describe_model_dir(path: Path) -> dict[str, Any]:
-    from .fingerprint import identity_of_dir, num_layers
+    from .fingerprint import hf_config, identity_of_dir, num_layers
 
     cfg = json.loads((path / "config.json").read_text())
     fam = family_for_config(cfg)
@@ -119,7 +119,7 @@ def describe_model_dir(path: Path) -> dict[str, Any]:
         "kind": "transformers model directory",
         "family": fam.name,
         "model type": cfg.get("model_type"),
-        "layers": num_layers(cfg),
+        "layers": num_layers(hf_config(path)),
         "IA3 sites": ", ".join(f"{s.name} ({s.scaling.value})" for s in fam.sites),
         "default IA3 targets": ", ".join(fam.default_targets),
         "bytes": _dir_bytes(path),
@@ -152,7 +152,7 @@ def describe_gguf(path: Path) -> dict[str, Any]:
     arch = field("general.architecture")
     family = fingerprint = sites = None
     if field("general.type") in (None, "model"):
-        from converters.gguf.base_gguf import GGUFBase
+        from edgeia3.converters.gguf.base_gguf import GGUFBase
 
         try:
             gb = GGUFBase(path)
@@ -160,7 +160,7 @@ def describe_gguf(path: Path) -> dict[str, Any]:
         except EdgeIA3Error as e:
             family = f"unsupported ({e})"
     elif field("adapter.type") == "ia3":
-        from converters.gguf.adapter_file import read_ia3_gguf
+        from edgeia3.converters.gguf.adapter_file import read_ia3_gguf
 
         ad = read_ia3_gguf(path)
         family, sites = ad.family, ", ".join(ad.sites)

@@ -74,7 +74,7 @@ def merge_loaded(base: LoadedBase, adapter: IA3Adapter | None) -> Any:
     if base.quant == "nf4":
         model = dequantize_model(model)
     elif base.quant == "gguf":
-        from converters.gguf.torch_weights import densify
+        from edgeia3.converters.gguf.torch_weights import densify
 
         model = densify(model)
     if adapter is not None:
@@ -127,8 +127,8 @@ def merge(base: str = DEFAULT_BASE, adapter: str | Path = "", out: str | Path = 
 
 def _merge_into_gguf(base: str, adapter: str | Path, out: Path, force: bool) -> MergeResult:
     """Merge straight into an already-quantized GGUF by rescaling block scales."""
-    from converters.gguf.base_gguf import resolve_gguf_base
-    from converters.gguf.merge import merge_gguf
+    from edgeia3.converters.gguf.base_gguf import resolve_gguf_base
+    from edgeia3.converters.gguf.merge import merge_gguf
 
     if out.exists() and out.resolve() == resolve_gguf_base(base).resolve():
         raise EdgeIA3Error("--out must differ from the base GGUF (the base stays pristine)")

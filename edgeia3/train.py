@@ -166,7 +166,7 @@ class _EvalTwin:
         from .merge import dequantize_model
 
         if lb.quant == "gguf":
-            from converters.gguf.torch_weights import densify
+            from edgeia3.converters.gguf.torch_weights import densify
 
             twin = densify(copy.deepcopy(lb.model))
         else:

@@ -297,7 +297,7 @@ def well_formed(ad: IA3Adapter) -> None:
 # -- the valid files read back (the starting point of every fuzz run) ----------------------------
 
 def test_valid_files_read_back(valid):
-    from converters.gguf.adapter_file import read_ia3_gguf
+    from edgeia3.converters.gguf.adapter_file import read_ia3_gguf
     from edgeia3.export import read_export
 
     ad = valid["adapter"]
@@ -381,7 +381,7 @@ def test_fuzz_peft_weights_dtype_shape_names(valid, data):
 # -- .ia3.gguf --------------------------------------------------------------------------------
 
 def _check_gguf(valid, data: bytes):
-    from converters.gguf.adapter_file import read_ia3_gguf
+    from edgeia3.converters.gguf.adapter_file import read_ia3_gguf
 
     d = fresh_dir(valid["work"])
     path = d / "a.ia3.gguf"
@@ -477,7 +477,7 @@ def gguf_rewritten(draw, path: Path, arch: str) -> bytes:
 @FUZZ
 @given(data=st.data())
 def test_fuzz_ia3_gguf_bytes(valid, data):
-    from converters.gguf.adapter_file import read_ia3_gguf  # noqa: F401
+    from edgeia3.converters.gguf.adapter_file import read_ia3_gguf  # noqa: F401
 
     path = valid["gguf"] / "adapters" / "a.ia3.gguf"
     offset, _, _ = _gguf_fields(path)
@@ -493,8 +493,8 @@ def test_fuzz_ia3_gguf_metadata_and_tensors(valid, data):
 # -- .onnx_adapter ----------------------------------------------------------------------------
 
 def _check_onnx_adapter(valid, data: bytes):
-    from converters.onnx.adapter_file import read_onnx_adapter
-    from converters.onnx.export import plans_of
+    from edgeia3.converters.onnx.adapter_file import read_onnx_adapter
+    from edgeia3.converters.onnx.export import plans_of
 
     m = json.loads((valid["onnx"] / "edgeia3.json").read_text())
     d = fresh_dir(valid["work"])
@@ -514,7 +514,7 @@ def _check_onnx_adapter(valid, data: bytes):
 def onnx_adapter_rewritten(draw, path: Path) -> bytes:
     import onnxruntime as ort
 
-    from converters.onnx.adapter_file import read_onnx_adapter_tensors
+    from edgeia3.converters.onnx.adapter_file import read_onnx_adapter_tensors
 
     tensors = read_onnx_adapter_tensors(path)
     for _ in range(draw(st.integers(1, 3))):
@@ -725,7 +725,7 @@ def _peft_config(valid, **changes) -> bytes:
 def _onnx_adapter_with_nan(valid) -> bytes:
     import onnxruntime as ort
 
-    from converters.onnx.adapter_file import read_onnx_adapter_tensors
+    from edgeia3.converters.onnx.adapter_file import read_onnx_adapter_tensors
 
     tensors = read_onnx_adapter_tensors(valid["onnx"] / "adapters" / "a.onnx_adapter")
     tensors[sorted(tensors)[0]].reshape(-1)[-1] = np.nan

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from converters.gguf.base_gguf import GGUFBase
-from converters.gguf.hf_writer import write_hf_gguf
+from edgeia3.converters.gguf.base_gguf import GGUFBase
+from edgeia3.converters.gguf.hf_writer import write_hf_gguf
 from edgeia3 import load_base
 from edgeia3.adapter import IA3Adapter, IA3Vector
 from edgeia3.cli import app
@@ -81,7 +81,7 @@ def test_corrupt_and_wrong_files(tiny_gguf, tmp_path):
     cut.write_bytes(tiny_gguf.read_bytes()[:2000])
     assert_refused(merge(cut, good, out), out, "not a valid gguf")
     # an IA3 adapter GGUF is not a base, and a base GGUF is not an adapter
-    from converters.gguf.adapter_file import write_ia3_gguf
+    from edgeia3.converters.gguf.adapter_file import write_ia3_gguf
 
     ia3 = write_ia3_gguf(load_adapter(good), tmp_path / "a.ia3.gguf", GGUFBase(tiny_gguf))
     assert_refused(merge(ia3, good, out), out, "adapter gguf, not a base")

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T, GGUFReader, quants
 
-from converters.gguf.adapter_file import read_ia3_gguf, write_ia3_gguf
-from converters.gguf.base_gguf import GGUFBase
-from converters.gguf.hf_writer import write_hf_gguf
-from converters.gguf.merge import adapter_plan, merge_gguf
-from converters.gguf.plan import rope_permute
-from converters.gguf.quantize import quantize
+from edgeia3.converters.gguf.adapter_file import read_ia3_gguf, write_ia3_gguf
+from edgeia3.converters.gguf.base_gguf import GGUFBase
+from edgeia3.converters.gguf.hf_writer import write_hf_gguf
+from edgeia3.converters.gguf.merge import adapter_plan, merge_gguf
+from edgeia3.converters.gguf.plan import rope_permute
+from edgeia3.converters.gguf.quantize import quantize
 from edgeia3.adapter import IA3Adapter
 from edgeia3.base import default_gguf
 from edgeia3.validate import adapter_for_base

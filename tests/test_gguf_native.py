@@ -18,10 +18,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, quants
 from onnx import helper, numpy_helper
 from transformers import AutoModelForCausalLM
 
-from converters.gguf.blocks import SCALE_FIELDS
-from converters.gguf.decompose import SUPPORTED, decompose, float_values
-from converters.gguf.torch_weights import GGUFLinear, PackedWeight
-from converters.onnx.export import export as export_onnx
+from edgeia3.converters.gguf.blocks import SCALE_FIELDS
+from edgeia3.converters.gguf.decompose import SUPPORTED, decompose, float_values
+from edgeia3.converters.gguf.torch_weights import GGUFLinear, PackedWeight
+from edgeia3.converters.onnx.export import export as export_onnx
 from edgeia3 import load_base
 from edgeia3.base import quantized_gguf, resolve_base
 from tiny_models import random_peft_adapter
@@ -196,7 +196,7 @@ def test_export_warns_and_strict_refuses_other_weights(tiny256, tmp_path):
 def test_packed_layers_give_the_dense_gradients(tiny256, autocast):
     """Forward and backward through the GGUF-block layers equal a dense copy of the same
     dequantized weights (fp32 exactly; under bf16 autocast within bf16 rounding)."""
-    from converters.gguf.torch_weights import densify
+    from edgeia3.converters.gguf.torch_weights import densify
     from edgeia3.train import wrap_with_ia3
 
     lb = load_base(tiny256, quant="q4_0")

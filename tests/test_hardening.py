@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from converters.gguf.hf_writer import write_hf_gguf
+from edgeia3.converters.gguf.hf_writer import write_hf_gguf
 from edgeia3 import load_base
 from edgeia3.atomic import atomic_dir, atomic_file
 from edgeia3.errors import EdgeIA3Error

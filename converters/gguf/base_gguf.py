@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -59,8 +60,8 @@ class GGUFBase:
         norm_t = idx.tensor(OUTPUT_NORM)
         norm = np.array(mm[norm_t.offset: norm_t.offset + norm_t.nbytes]).view(np.float32)
         del mm
-        config = {"model_type": fam.model_types[0], "num_hidden_layers": self.config.num_hidden_layers,
-                  "hidden_size": self.config.hidden_size, "vocab_size": int(embd.ne[1])}
+        config = SimpleNamespace(model_type=fam.model_types[0], num_hidden_layers=self.config.num_hidden_layers,
+                                 hidden_size=self.config.hidden_size, vocab_size=int(embd.ne[1]))
         return BaseIdentity(_structural(fam, config, shapes), _content(norm, rows), self.name)
 
     @property

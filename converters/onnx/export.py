@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 
-from converters.gguf.ggml_index import gguf_weights
+from edgeia3.converters.gguf.ggml_index import gguf_weights
 from edgeia3.adapter import IA3Adapter
 from edgeia3.atomic import atomic_dir, check_out
 from edgeia3.base import LLAMA_QUANTS, LoadedBase, load_base, quantized_gguf
@@ -245,8 +245,8 @@ def _quantized_name(lb: LoadedBase, gguf: Path) -> str:
 
 def _merged_gguf(gguf: Path, adapter: IA3Adapter, work: Path) -> Path:
     """A copy of ``gguf`` with ``adapter`` folded into its block scales (the exact GGUF merge)."""
-    from converters.gguf.base_gguf import GGUFBase
-    from converters.gguf.merge import merge_into_file
+    from edgeia3.converters.gguf.base_gguf import GGUFBase
+    from edgeia3.converters.gguf.merge import merge_into_file
 
     out = work / "merged.gguf"
     merge_into_file(gguf, adapter, out, GGUFBase(gguf))

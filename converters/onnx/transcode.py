@@ -31,9 +31,9 @@ import onnx
 from gguf import GGMLQuantizationType as T
 from onnx import helper, numpy_helper
 
-from converters.gguf.decompose import FLOAT_TYPES, SUPPORTED, Decomposed, decompose, float_values
-from converters.gguf.ggml_index import OUTPUT, TOKEN_EMBD, GGUFIndex
-from converters.gguf.torch_weights import gguf_row_order
+from edgeia3.converters.gguf.decompose import FLOAT_TYPES, SUPPORTED, Decomposed, decompose, float_values
+from edgeia3.converters.gguf.ggml_index import OUTPUT, TOKEN_EMBD, GGUFIndex
+from edgeia3.converters.gguf.torch_weights import gguf_row_order
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.registry import Family
 

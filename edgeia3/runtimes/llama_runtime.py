@@ -41,7 +41,7 @@ def _llama_cpp() -> Any:
         import llama_cpp
     except ImportError as e:  # optional dependency
         raise EdgeIA3Error("the llama.cpp runtime needs llama-cpp-python: pip install 'edgeia3[gguf]'") from e
-    from converters.gguf.ggml_index import quiet_llama_logs
+    from edgeia3.converters.gguf.ggml_index import quiet_llama_logs
 
     quiet_llama_logs()  # keep load chatter and warnings off stderr
     return llama_cpp
@@ -53,10 +53,10 @@ class LlamaCppRuntime:
     def __init__(self, model: str | Path, adapters: dict[str, str | Path] | None = None, *,
                  merged: str | None = None, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int = 0, swap: str = "auto", workdir: str | Path | None = None):
-        from converters.gguf.base_gguf import GGUFBase
-        from converters.gguf.blocks import row_fields
-        from converters.gguf.ggml_index import OUTPUT_NORM
-        from converters.gguf.merge import adapter_plan
+        from edgeia3.converters.gguf.base_gguf import GGUFBase
+        from edgeia3.converters.gguf.blocks import row_fields
+        from edgeia3.converters.gguf.ggml_index import OUTPUT_NORM
+        from edgeia3.converters.gguf.merge import adapter_plan
 
         if swap not in ("auto", IN_PLACE, RELOAD):
             raise EdgeIA3Error(f"swap must be auto, {IN_PLACE} or {RELOAD}")
@@ -119,7 +119,7 @@ class LlamaCppRuntime:
         self._model = self._ctx = self._batch = None
 
     def _choose_swap_mode(self, swap: str) -> tuple[str, str]:
-        from converters.gguf.ggml_index import OUTPUT_NORM
+        from edgeia3.converters.gguf.ggml_index import OUTPUT_NORM
 
         if swap == RELOAD:
             return RELOAD, "requested"

@@ -235,7 +235,7 @@ class OnnxRuntime:
         if name is None:
             return np.ones((1, inp["size"]), dtype=np.float32)
         if name not in self._vectors:
-            from converters.onnx.adapter_file import read_onnx_adapter_tensors
+            from edgeia3.converters.onnx.adapter_file import read_onnx_adapter_tensors
 
             self._vectors[name] = read_onnx_adapter_tensors(self._files[name])
         return self._vectors[name][inp["name"]].reshape(1, -1)

@@ -146,8 +146,8 @@ def remove_adapter(rt: Any, name: str, workdir: Path | None = None) -> None:
 
 # -- llama.cpp ------------------------------------------------------------------------------------
 def _llama_add(rt: Any, name: str, path: Path) -> dict:
-    from converters.gguf.blocks import row_fields
-    from converters.gguf.merge import adapter_plan
+    from edgeia3.converters.gguf.blocks import row_fields
+    from edgeia3.converters.gguf.merge import adapter_plan
 
     adapter = rt.base.load_adapter(path)  # family, base identity (or the GGUF's source), lengths, finite
     plan = adapter_plan(adapter, rt.base)
@@ -166,8 +166,8 @@ def _llama_add(rt: Any, name: str, path: Path) -> dict:
 
 # -- onnxruntime-genai --------------------------------------------------------------------------------
 def _onnx_add(rt: Any, name: str, path: Path, workdir: Path) -> dict:
-    from converters.onnx.adapter_file import SUFFIX, read_onnx_adapter, write_onnx_adapter
-    from converters.onnx.export import plans_of
+    from edgeia3.converters.onnx.adapter_file import SUFFIX, read_onnx_adapter, write_onnx_adapter
+    from edgeia3.converters.onnx.export import plans_of
 
     m = rt.manifest
     plans = plans_of(m)
@@ -201,7 +201,7 @@ def _read_any_adapter(path: Path, family: str):
     from ..adapter import CANONICAL_FILE
 
     if path.is_file() and path.suffix == ".gguf":
-        from converters.gguf.adapter_file import read_ia3_gguf
+        from edgeia3.converters.gguf.adapter_file import read_ia3_gguf
 
         return read_ia3_gguf(path)
     if path.is_dir() and not (path / CANONICAL_FILE).exists():
@@ -252,7 +252,7 @@ def _check_onnx_adapter_file(path: Path, plans: list, dtype: Any) -> None:
 def _onnx_ia3_dtype(rt: Any) -> Any:
     cached = getattr(rt, "_serve_ia3_dtype", None)
     if cached is None:
-        from converters.onnx.export import _np_activation_dtype  # what the export wrote its adapters in
+        from edgeia3.converters.onnx.export import _np_activation_dtype  # what the export wrote its adapters in
 
         cached = np.dtype(_np_activation_dtype(rt.path))
         rt._serve_ia3_dtype = cached
