@@ -57,6 +57,10 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+CHAT_TEMPLATE_HELP = ("chat template for chat rows/messages: 'chatml' or a Jinja file (default: the adapter's "
+                      "recorded one, else the model's own)")
+
+
 @app.command()
 @user_errors
 def train(
@@ -79,6 +83,7 @@ def train(
                                         "on where the hardware has bf16 arithmetic, e.g. AVX512-BF16)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
     force: bool = typer.Option(False, "--force", help="replace --out if it already exists (atomically, once done)"),
+    chat_template: Optional[str] = typer.Option(None, help=CHAT_TEMPLATE_HELP + "; recorded in the adapter"),
 ) -> None:
     """Train an IA3 adapter on a frozen (4-bit by default) base."""
     from .train import TrainConfig, train as train_fn
@@ -88,7 +93,7 @@ def train(
                       seed=seed, targets=targets.split(",") if targets else None, max_eval=max_eval,
                       bf16=bf16)
     res = train_fn(base=base, data=data, out=out, eval_data=eval_data, quant=quant, config=cfg, quiet=quiet,
-                   force=force)
+                   force=force, chat_template=chat_template)
     if not quiet and res.main_process:
         console.print(f"trained {res.adapter.num_params:,} IA3 parameters in {res.steps} steps, "
                       f"{res.seconds:.0f} s ({res.tokens_per_s:.0f} tok/s); loss "
@@ -179,13 +184,14 @@ def run(
     attach: Optional[list[str]] = typer.Option(None, "--with", help="NAME=ADAPTER_PATH to attach (torch)"),
     max_tokens: int = typer.Option(64, help="maximum new tokens"),
     raw: bool = typer.Option(False, help="send the prompt as plain text, without the chat template"),
+    chat_template: Optional[str] = typer.Option(None, help=CHAT_TEMPLATE_HELP),
 ) -> None:
     """Answer a prompt with an adapter active (greedy decoding)."""
     from .run import run as run_fn
 
     _quiet_libraries()
     res = run_fn(model, prompt, adapter=adapter, max_tokens=max_tokens, chat=not raw,
-                 adapters=parse_named(attach, "--with"))
+                 adapters=parse_named(attach, "--with"), chat_template=chat_template)
     err_console.print(f"[dim]{res.runtime}, adapter {res.adapter or '(none: base)'}: {res.how}[/]",
                       highlight=False)
     console.print(res.text, highlight=False, markup=False)
@@ -259,6 +265,7 @@ def serve(
                                          "requests for the active adapter are served first"),
     provider: Optional[str] = typer.Option(None, help="onnxruntime execution provider (ONNX exports)"),
     log_level: str = typer.Option("warning", help="uvicorn log level (info shows each request)"),
+    chat_template: Optional[str] = typer.Option(None, help=CHAT_TEMPLATE_HELP + "; for every adapter"),
 ) -> None:
     """Serve an export over a local OpenAI-compatible HTTP API; the request's model picks the adapter."""
     from .serve import Limits
@@ -272,7 +279,7 @@ def serve(
     limits = Limits(max_queue=max_queue, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
                     max_body_bytes=max_body_bytes, max_group_wait=max_group_wait)
     serve_fn(model, host=host, port=port, api_key=api_key, adapters_dir=adapters_dir, limits=limits,
-             provider=provider, log_level=log_level,
+             provider=provider, log_level=log_level, chat_template=chat_template,
              announce=lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgeIA3Error
-from .prompts import render_chat
+from .prompts import OPTION, NoChatTemplate, render_chat
 
 IGNORE = -100
 ROLES = {"system", "user", "assistant", "tool"}
@@ -89,11 +89,12 @@ def _check_row(row: Any, where: str) -> None:
             raise EdgeIA3Error(f"{where}: a string holds an unpaired surrogate (\\ud800-\\udfff)") from None
 
 
-def encode(row: dict, tokenizer: Any, max_length: int) -> Example:
-    """Tokenize one row; labels mask everything the model should not learn to write."""
+def encode(row: dict, tokenizer: Any, max_length: int, chat_template: str | None = None) -> Example:
+    """Tokenize one row; labels mask everything the model should not learn to write.
+    Chat rows render with ``chat_template`` (None: the tokenizer's own)."""
     if "messages" in row:
         msgs = row["messages"]
-        template = tokenizer.chat_template
+        template = chat_template or tokenizer.chat_template
         text = render_chat(template, msgs, add_generation_prompt=False)
         spans = []  # character ranges of assistant turns (content + end-of-turn marker)
         for k, m in enumerate(msgs):
@@ -118,13 +119,19 @@ def encode(row: dict, tokenizer: Any, max_length: int) -> Example:
     return Example(ids[:max_length], labels[:max_length], prompt, target)
 
 
-def load_examples(path: str | Path, tokenizer: Any, max_length: int) -> list[Example]:
-    """Read and encode a JSONL file; rows left with no trainable token are refused."""
+def load_examples(path: str | Path, tokenizer: Any, max_length: int,
+                  chat_template: str | None = None) -> list[Example]:
+    """Read and encode a JSONL file; rows left with no trainable token are refused.
+    ``chat_template``: renders chat rows (None: the tokenizer's own)."""
     if tokenizer is None:
         raise EdgeIA3Error("the base model has no tokenizer; cannot encode training text")
     examples = []
     for n, row in enumerate(read_jsonl(path), start=1):
-        ex = encode(row, tokenizer, max_length)
+        try:
+            ex = encode(row, tokenizer, max_length, chat_template)
+        except NoChatTemplate:
+            raise NoChatTemplate(f"{path}: row {n} is a chat row but the base has no chat template; give one "
+                                 f"with {OPTION} (or write prompt/completion rows)") from None
         if all(label == IGNORE for label in ex.labels):
             raise EdgeIA3Error(f"{path}: row {n} has no answer tokens within --max-length {max_length}")
         examples.append(ex)

@@ -46,16 +46,18 @@ def eval_loss(model: Any, examples: list[Example], pad: int) -> float:
     return total / max(1, count)
 
 
-def prompt_text(tokenizer: Any, prompt: Any) -> str:
-    return prompt if isinstance(prompt, str) else render_chat(tokenizer.chat_template, prompt)
+def prompt_text(tokenizer: Any, prompt: Any, chat_template: str | None = None) -> str:
+    """``prompt`` as text; chat renders with ``chat_template`` (None: the tokenizer's own)."""
+    return prompt if isinstance(prompt, str) else render_chat(chat_template or tokenizer.chat_template, prompt)
 
 
-def greedy_answers(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int) -> list[str]:
+def greedy_answers(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int,
+                   chat_template: str | None = None) -> list[str]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
     with torch.no_grad():
         for i in range(0, len(prompts), BATCH):
-            seqs = [tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"]
+            seqs = [tokenizer(prompt_text(tokenizer, p, chat_template), add_special_tokens=False)["input_ids"]
                     for p in prompts[i:i + BATCH]]
             ids, mask = _left_pad(seqs, pad)
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -65,8 +67,9 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[Any], max_new_token
 
 
 def evaluate(model: Any, tokenizer: Any, examples: list[Example] | None,
-             accuracy: bool | None = None) -> dict | None:
-    """Eval loss, plus exact-match accuracy (None = auto: only for short answers)."""
+             accuracy: bool | None = None, chat_template: str | None = None) -> dict | None:
+    """Eval loss, plus exact-match accuracy (None = auto: only for short answers).
+    ``chat_template``: what the training rows were rendered with (None: the tokenizer's)."""
     if not examples:
         return None
     was_training = model.training
@@ -77,7 +80,8 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example] | None,
     if accuracy is None:
         accuracy = all(0 < n <= SHORT_ANSWER_TOKENS for n in target_lens)
     if accuracy:
-        preds = greedy_answers(model, tokenizer, [e.prompt for e in examples], max(target_lens) + 4)
+        preds = greedy_answers(model, tokenizer, [e.prompt for e in examples], max(target_lens) + 4,
+                               chat_template)
         hits = [p.strip() == e.target.strip() for p, e in zip(preds, examples)]
         result["accuracy"] = round(sum(hits) / len(hits), 4)
         result["samples"] = [{"target": e.target, "prediction": p}

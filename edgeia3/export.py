@@ -30,9 +30,12 @@ def export_onnx(base: str, out: str | Path, precision: str = "int4",
     """
     from edgeia3.converters.onnx.export import export
 
-    return export(base=base, out=out, precision=precision, adapters=adapters or {},
-                  merge=merge, provider=provider, mobile=mobile, fuse_qkv=fuse_qkv,
-                  accuracy_level=accuracy_level, force=force, weights=weights, strict=strict)
+    def build(where: Path, force_it: bool) -> Any:
+        return export(base=base, out=where, precision=precision, adapters=adapters or {},
+                      merge=merge, provider=provider, mobile=mobile, fuse_qkv=fuse_qkv,
+                      accuracy_level=accuracy_level, force=force_it, weights=weights, strict=strict)
+
+    return _with_chat_templates(build, "onnx", out, force, adapters or {})
 
 
 def export_gguf(base: str, out: str | Path, quant: str | None = None,
@@ -46,8 +49,85 @@ def export_gguf(base: str, out: str | Path, quant: str | None = None,
     """
     from edgeia3.converters.gguf.export import export
 
-    return export(base=base, out=out, quant=quant, adapters=adapters or {}, merge=merge, force=force,
-                  strict=strict)
+    def build(where: Path, force_it: bool) -> Any:
+        return export(base=base, out=where, quant=quant, adapters=adapters or {}, merge=merge, force=force_it,
+                      strict=strict)
+
+    return _with_chat_templates(build, "gguf", out, force, adapters or {})
+
+
+# -- chat templates the adapters were trained with (train --chat-template) ------------------------
+def _with_chat_templates(build: Any, kind: str, out: str | Path, force: bool, adapters: dict[str, str]) -> Any:
+    """Run the converter ``build(dir, force)``; when adapters recorded a chat template, carry it into the
+    export: the manifest's adapter entry (where it differs from the export's own template) and, for a
+    base with none, ``chat_template.jinja`` beside the model - what a stock runtime user picks up (the
+    base GGUF is not rewritten for it). Done inside one temp dir, so ``out`` still appears complete or
+    not at all."""
+    from .atomic import atomic_dir
+    from .manifest import read_manifest
+
+    recorded = _recorded_templates(adapters)
+    if not recorded:
+        return build(Path(out), force)
+    with atomic_dir(out, force=force) as tmp:
+        res = build(tmp, False)  # the converter renames its finished dir over our empty temp one
+        notes = _carry_templates(tmp, kind, recorded)
+    res = dataclasses.replace(res, out=Path(out))
+    res.notes.extend(notes)
+    if kind == "onnx":
+        res.manifest.update(read_manifest(out))
+    else:
+        res.adapters.update(read_manifest(out)["adapters"])
+    return res
+
+
+def _recorded_templates(adapters: dict[str, str]) -> dict[str, str]:
+    """NAME -> the chat template each adapter recorded at training (none: left out)."""
+    from .errors import EdgeIA3Error
+    from .formats import load_adapter
+    from .prompts import recorded_template
+
+    found = {}
+    for name, path in adapters.items():
+        try:
+            if Path(path).suffix == ".gguf":
+                from edgeia3.converters.gguf.adapter_file import read_ia3_gguf
+
+                ad = read_ia3_gguf(Path(path))
+            else:
+                ad = load_adapter(path)
+        except EdgeIA3Error:
+            continue  # a bare PEFT dir records nothing; the converter reports real errors
+        if recorded_template(ad):
+            found[name] = recorded_template(ad)
+    return found
+
+
+def _carry_templates(directory: Path, kind: str, recorded: dict[str, str]) -> list[str]:
+    from .manifest import MANIFEST, read_manifest, write_manifest
+    from .prompts import RECORD_KEY, TEMPLATE_FILE, read_template
+
+    m = read_manifest(directory)
+    own = read_template(directory)  # ONNX: what the converter wrote beside the model
+    if kind == "gguf":
+        from edgeia3.converters.gguf.ggml_index import GGUFIndex
+
+        own = GGUFIndex(directory / m["model"]).kv.get("tokenizer.chat_template")
+    notes = []
+    distinct = set(recorded.values())
+    if not own and len(distinct) == 1:
+        own = distinct.pop()
+        (directory / TEMPLATE_FILE).write_text(own)
+        notes.append(f"the base has no chat template: {TEMPLATE_FILE} is the one the adapters were trained with")
+    elif not own:
+        notes.append(f"the base has no chat template and the adapters were trained with different ones: no "
+                     f"{TEMPLATE_FILE}; each adapter's is in its manifest entry ({MANIFEST})")
+    for name, template in recorded.items():
+        if name in m["adapters"] and template != own:
+            m["adapters"][name][RECORD_KEY] = template
+    m["notes"] = list(m.get("notes") or []) + notes
+    write_manifest(directory, kind, {k: v for k, v in m.items() if k not in ("kind", "format_version")})
+    return notes
 
 
 @dataclass
@@ -129,11 +209,20 @@ def _onnx_adapters(info: ExportInfo) -> dict[str, Any]:
         ad = read_onnx_adapter(p, plans_of(m), m["family"], m["adapters"][n]["sites"])
         # the file holds only tensors; what it was trained on is in the manifest
         ad = dataclasses.replace(ad, quant=m["adapters"][n].get("trained_on", "none"),
-                                 trained_on=m["adapters"][n].get("trained_weights") or {})
+                                 trained_on=m["adapters"][n].get("trained_weights") or {},
+                                 extra=_template_extra(m["adapters"][n]))
         out[n] = ad
     if info.merged:  # folded into the weights; the export keeps its canonical vectors
         out[info.merged] = IA3Adapter.load(info.path / m["adapters"][info.merged]["canonical"])
     return out
+
+
+def _template_extra(entry: dict) -> dict:
+    """The chat template a manifest entry carries, as adapter metadata (IA3Adapter.extra)."""
+    from .prompts import RECORD_KEY
+
+    t = entry.get(RECORD_KEY)
+    return {RECORD_KEY: t} if isinstance(t, str) and t else {}
 
 
 def _gguf_info(path: Path, m: dict) -> ExportInfo:

@@ -85,9 +85,21 @@ def describe_adapter(path: Path) -> dict[str, Any]:
         "bytes (vectors)": ad.nbytes,
         "bytes (files)": _dir_bytes(path) if path.is_dir() else path.stat().st_size,
         "trained on": trained_label(ad),
+        "chat template": _template_label(ad),
         "base": ad.base.name if ad.base else "unknown",
         "base fingerprint": f"{ad.base.fingerprint}/{ad.base.content}" if ad.base else "unknown",
     }
+
+
+def _template_label(ad: Any) -> str | None:
+    """The chat template the adapter recorded at training, named when it is a built-in one."""
+    from .prompts import NAMED_TEMPLATES, recorded_template
+
+    t = recorded_template(ad)
+    if t is None:
+        return None
+    name = next((n for n, text in NAMED_TEMPLATES.items() if text == t), None)
+    return f"{name} (built-in)" if name else f"recorded ({len(t)} characters)"
 
 
 def _describe_bare_peft(path: Path) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import numpy as np
 from .atomic import atomic_dir
 from .errors import EdgeIA3Error
 from .export import ExportInfo, read_export
+from .prompts import OPTION, NoChatTemplate
 from .runtimes import Runtime, open_runtime
 from .weights import llama_quant
 
@@ -217,6 +218,8 @@ def report_export(info: ExportInfo, opts: ReportOptions, eval_sets: dict[str, li
                     "params": ad.num_params, "lora_r8_bytes": lora_equivalent_bytes(ad, base)}
              for name, ad in adapters.items()}
     rt, load_s = _timed_open(info.path)
+    for _, ref, _ in refs.values():  # references render chat exactly as the export does, per adapter
+        ref.templates.own, ref.templates.recorded = rt.templates.own, dict(rt.templates.recorded)
     speed_ids = first_ref.prompt_ids(SPEED_PROMPT)
     drift_ids = [first_ref.prompt_ids(p) for p in PROMPTS]
     result: dict[str, Any] = {"path": str(info.path), "label": info.label, "kind": info.kind,
@@ -243,8 +246,9 @@ def report_export(info: ExportInfo, opts: ReportOptions, eval_sets: dict[str, li
         rt.use_adapter(name)
         ref_base, ref, label = refs[trained_as(adapters[name])]
         ref.use_adapter(name)
+        ids = [ref.prompt_ids(p) for p in PROMPTS]  # with the template this adapter was trained with
         entry = {"size": sizes.get(name), "reference": label,
-                 "drift": drift(rt, ref, drift_ids, opts.greedy_tokens),
+                 "drift": drift(rt, ref, ids, opts.greedy_tokens),
                  "speed": measure_speed(rt, speed_ids, opts)}
         if name in eval_sets:
             rows = eval_sets[name][: opts.eval_rows]
@@ -273,7 +277,11 @@ def report(exports: list[str | Path], out: str | Path, eval_data: dict[str, str]
             raise EdgeIA3Error(f"--eval {name}: accuracy needs chat rows ({{\"messages\": [...]}})")
     doc = {"machine": machine(), "options": opts.__dict__, "exports": []}
     for info in infos:
-        doc["exports"].append(report_export(info, opts, eval_sets))
+        try:
+            doc["exports"].append(report_export(info, opts, eval_sets))
+        except NoChatTemplate:  # report has no template option: the export must carry one
+            raise NoChatTemplate(f"{info.path}: the export has no chat template for report's chat prompts; "
+                                 f"train its adapters with {OPTION} and export again") from None
     with atomic_dir(out) as tmp:
         (tmp / "report.json").write_text(json.dumps(doc, indent=2) + "\n")
         charts = write_charts(doc, tmp)

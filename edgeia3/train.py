@@ -290,17 +290,22 @@ class _Guard:
 
 def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
           eval_data: str | Path | None = None, quant: str = "auto", config: TrainConfig | None = None,
-          quiet: bool = False, force: bool = False) -> TrainResult:
+          quiet: bool = False, force: bool = False, chat_template: str | Path | None = None) -> TrainResult:
     """Train an IA3 adapter and write it (canonical + PEFT) with training.json to ``out``.
 
     An existing non-empty ``out`` is refused before training unless ``force``.
+    ``chat_template``: "chatml" or a Jinja file, rendering chat rows instead of the base's
+    own template (needed when the base has none); the template chat rows were rendered
+    with is recorded in the adapter, so every runtime renders its prompts the same way.
     """
     from accelerate import Accelerator
 
     from .progress import TrainProgress
+    from .prompts import RECORD_KEY, resolve_template
 
     cfg = config or TrainConfig()
     cfg.validate()
+    given = resolve_template(chat_template)  # a bad name/file fails before any work
     check_out(out, force)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     random.seed(cfg.seed)
@@ -311,8 +316,12 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     sites = list(cfg.targets or fam.default_targets)
     for s in sites:
         fam.site(s)  # unknown site names fail here, with the list of known ones
-    train_set = load_examples(data, lb.tokenizer, cfg.max_length)
-    eval_set = load_examples(eval_data, lb.tokenizer, cfg.max_length) if eval_data else None
+    template = given or getattr(lb.tokenizer, "chat_template", None)
+    train_set = load_examples(data, lb.tokenizer, cfg.max_length, template)
+    eval_set = load_examples(eval_data, lb.tokenizer, cfg.max_length, template) if eval_data else None
+    # Recorded when given, or when the base's own rendered chat rows (it may change or be lost later).
+    chat_rows = any(not isinstance(e.prompt, str) for e in train_set + (eval_set or []))
+    recorded = template if given or (template and chat_rows) else None
     if eval_set and cfg.max_eval:
         eval_set = eval_set[: cfg.max_eval]
 
@@ -335,7 +344,7 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
         if not eval_set or not acc.is_main_process:
             return None
         trained = acc.unwrap_model(model)
-        return evaluate(twin.sync(trained) if twin else trained, lb.tokenizer, eval_set, want_acc)
+        return evaluate(twin.sync(trained) if twin else trained, lb.tokenizer, eval_set, want_acc, template)
 
     before = run_eval()
     import psutil
@@ -389,20 +398,22 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     after = run_eval()
     model = acc.unwrap_model(model)
     adapter = adapter_from_peft(model, lb, sites, quant)
-    adapter = dataclasses.replace(adapter, extra={"trained_on": str(data), "steps": step})
+    extra = {"trained_on": str(data), "steps": step, **({RECORD_KEY: recorded} if recorded else {})}
+    adapter = dataclasses.replace(adapter, extra=extra)
     result = TrainResult(Path(out), step, seconds, tokens / seconds, losses, before, after, adapter,
                          acc.is_main_process, {"bf16_autocast": use_bf16,
                                                "base_weights_mb": round(weights_mb, 1),
                                                "rss_at_loop_start_mb": round(rss_start_mb, 1)},
                          grad_norms, warnings)
     if acc.is_main_process:
-        _save(result, lb, cfg, quant, acc.num_processes, str(acc.state.backend or "none"), force)
+        source = (str(chat_template) if given else "base") if recorded else None
+        _save(result, lb, cfg, quant, acc.num_processes, str(acc.state.backend or "none"), force, source)
     acc.wait_for_everyone()
     return result
 
 
 def _save(res: TrainResult, lb: LoadedBase, cfg: TrainConfig, quant: str, processes: int,
-          backend: str, force: bool = False) -> None:
+          backend: str, force: bool = False, chat_template: str | None = None) -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
         "base": lb.source.name,
@@ -414,6 +425,8 @@ def _save(res: TrainResult, lb: LoadedBase, cfg: TrainConfig, quant: str, proces
         "scaling": {s: lb.family.site(s).scaling.value for s in res.adapter.sites},
         "parameters": res.adapter.num_params,
         "config": asdict(cfg),
+        # where the recorded chat template came from (its text is in the adapter's metadata)
+        "chat_template": chat_template,
         "processes": processes,
         "backend": backend,
         "steps": res.steps,

@@ -14,12 +14,13 @@ from typing import Iterator, Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import EdgeIA3Error
-
+from ..prompts import ChatTemplates, resolve_template
 
 
 @runtime_checkable
 class Runtime(Protocol):
     name: str  # e.g. "torch", "onnxruntime-genai", "llama.cpp"
+    templates: ChatTemplates  # which chat template renders chat for which adapter (edgeia3.prompts)
 
     @property
     def adapters(self) -> list[str]: ...
@@ -28,8 +29,8 @@ class Runtime(Protocol):
         """Activate adapter ``name`` for the next requests (None: the base model)."""
 
     def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
-        """Token ids of a plain-text prompt, or of chat messages rendered with
-        the artifact's chat template (edgeia3.prompts.render_chat)."""
+        """Token ids of a plain-text prompt, or of chat messages rendered with the
+        active adapter's chat template (``templates``: given > recorded > the artifact's)."""
 
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64,
                      ignore_eos: bool = False) -> Iterator[int]:
@@ -54,6 +55,14 @@ def generate(rt: Runtime, prompt: str | list[dict], max_tokens: int = 64) -> str
     return rt.detokenize(list(rt.generate_ids(rt.prompt_ids(prompt), max_tokens)))
 
 
+def prompt_ids_for(rt: Runtime, prompt: str | list[dict], adapter: str | None) -> list[int]:
+    """``rt.prompt_ids`` as it will be once ``adapter`` is active (the server tokenizes
+    a request before swapping to its adapter)."""
+    if not isinstance(prompt, str):
+        prompt = rt.templates.render(prompt, adapter)
+    return rt.prompt_ids(prompt)
+
+
 # Openers tried in order: (can_open(path) -> bool, open(path, adapters, provider) -> Runtime).
 # Each opener refuses options its runtime cannot honour instead of ignoring them.
 
@@ -69,23 +78,28 @@ def register_runtime(can_open, opener) -> None:
 
 
 def open_runtime(path: str | Path, adapters: dict[str, str | Path] | None = None,
-                 provider: str | None = None, **options) -> Runtime:
+                 provider: str | None = None, chat_template: str | Path | None = None, **options) -> Runtime:
     """Open the runtime that fits the artifact at ``path`` (an export: by its manifest's kind).
 
     ``adapters``: NAME -> adapter path to attach at open time (transformers dirs and
     GGUF; an ONNX export carries its own). ``provider``: onnxruntime execution provider.
+    ``chat_template``: "chatml" or a Jinja file rendering chat for every adapter (None: each
+    adapter's recorded template, else the artifact's own).
     ``options``: runtime-specific (llama.cpp: n_ctx, n_threads, n_gpu_layers, swap);
     a runtime refuses options it does not know.
     """
     from . import torch_runtime  # noqa: F401  (registers itself; others register on import)
 
+    given = resolve_template(chat_template)  # a bad name/file fails before any loading
     _import_optional_runtimes()
     path = Path(path)
     if not path.exists():
         raise EdgeIA3Error(f"model not found: {path}")
     for can_open, opener in _OPENERS:
         if can_open(path):
-            return opener(path, adapters=adapters, provider=provider, **options)
+            rt = opener(path, adapters=adapters, provider=provider, **options)
+            rt.templates.given = given
+            return rt
     raise EdgeIA3Error(f"{path}: not a model edgeia3 can run (transformers dir, ONNX or GGUF export)")
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import EdgeIA3Error
 from ..manifest import export_kind, merged_name, read_manifest
-from ..prompts import render_chat
+from ..prompts import RECORD_KEY, ChatTemplates, read_template
 from . import refuse_options, register_runtime
 
 IN_PLACE, RELOAD = "in-place", "reload"
@@ -64,7 +64,8 @@ class LlamaCppRuntime:
         self.base = GGUFBase(self.source)
         self.merged = merged  # adapter already folded into the file (a merged export)
         self.adapter_paths = {n: Path(p) for n, p in (adapters or {}).items()}
-        plans = {n: adapter_plan(self.base.load_adapter(p), self.base) for n, p in self.adapter_paths.items()}
+        loaded = {n: self.base.load_adapter(p) for n, p in self.adapter_paths.items()}
+        plans = {n: adapter_plan(ad, self.base) for n, ad in loaded.items()}
         self.n_ctx = min(n_ctx, self.base.index.arch_int("context_length", n_ctx))
         self.n_gpu_layers = n_gpu_layers
         self.n_threads = n_threads or os.cpu_count() or 1
@@ -87,7 +88,9 @@ class LlamaCppRuntime:
         self._stored = {n: {t: self._fields[t].scaled(self._pristine[t], l) for t, l in plan.items()}
                         for n, plan in plans.items()}
         self._load()
-        self.chat_template = self.base.index.kv.get("tokenizer.chat_template")
+        self.templates = ChatTemplates(self.base.index.kv.get("tokenizer.chat_template"))
+        for n, ad in loaded.items():  # the template each adapter was trained with (its file's metadata)
+            self.templates.record(n, ad)
         self.swap_mode, self.swap_reason = self._choose_swap_mode(swap)
         self.last_switch_seconds: float | None = None
 
@@ -188,7 +191,7 @@ class LlamaCppRuntime:
 
     def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
         if not isinstance(prompt, str):
-            prompt = render_chat(self.chat_template, prompt)
+            prompt = self.templates.render(prompt, self._active)
         return self._model.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
 
     def detokenize(self, ids: list[int]) -> str:
@@ -267,7 +270,14 @@ def open_gguf(path: str | Path, adapters: dict[str, str | Path] | None = None, p
     if merged:
         found = {}  # the weights already hold the merged adapter; others would stack on it
     found.update(adapters or {})
-    return LlamaCppRuntime(path / manifest.get("model", "model.gguf"), found, merged=merged, **kwargs)
+    rt = LlamaCppRuntime(path / manifest.get("model", "model.gguf"), found, merged=merged, **kwargs)
+    # A base without a template: the one its adapters were trained with, carried by the export.
+    rt.templates.own = rt.templates.own or read_template(path)
+    entry = manifest.get("adapters", {}).get(merged) if merged else None
+    if isinstance(entry, dict) and isinstance(entry.get(RECORD_KEY), str):  # the weights are that model
+        rt.templates.own = entry[RECORD_KEY]
+        rt.templates.record(merged, template=entry[RECORD_KEY])
+    return rt
 
 
 register_runtime(_is_gguf_artifact, open_gguf)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import EdgeIA3Error
 from ..manifest import MANIFEST, export_kind, merged_name, read_manifest
-from ..prompts import read_template, render_chat
+from ..prompts import RECORD_KEY, ChatTemplates, read_template
 from . import refuse_options, register_runtime
 
 
@@ -59,7 +59,13 @@ class OnnxRuntime:
                     self._og_adapters.load(str(self._files[name]), name)
         self.open_seconds = time.perf_counter() - t0
         self._active: str | None = None
-        self._template = read_template(self.path)
+        self.templates = ChatTemplates(read_template(self.path))
+        for name, entry in self.manifest.get("adapters", {}).items():  # what each was trained with
+            if isinstance(entry, dict) and isinstance(entry.get(RECORD_KEY), str):
+                self.templates.record(name, template=entry[RECORD_KEY])
+        merged = merged_name(self.manifest)
+        if merged in self.templates.recorded:  # the weights are that adapter's model
+            self.templates.own = self.templates.recorded[merged]
         self._tokenizer: Any = None  # created on first use (see the tokenizer property)
         self._hf_tokenizer = False
         self._session = None  # plain onnxruntime session for full logits / mixed batches
@@ -88,7 +94,7 @@ class OnnxRuntime:
 
     def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
         if not isinstance(prompt, str):
-            prompt = render_chat(self._template, prompt)
+            prompt = self.templates.render(prompt, self._active)
         tok = self.tokenizer
         if self._hf_tokenizer:
             return tok(prompt, add_special_tokens=False)["input_ids"]

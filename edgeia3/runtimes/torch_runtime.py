@@ -17,7 +17,7 @@ from ..adapter import IA3Adapter
 from ..base import LoadedBase, load_base
 from ..errors import EdgeIA3Error
 from ..formats.peft_dir import write_peft_dir
-from ..prompts import render_chat
+from ..prompts import ChatTemplates
 from . import refuse_options, register_runtime
 
 
@@ -25,13 +25,17 @@ class TorchRuntime:
     name = "torch"
     adapter_mechanism = "PEFT IA3 adapters on one loaded base (set_adapter, no reload)"
 
-    def __init__(self, base: LoadedBase, adapters: dict[str, IA3Adapter] | None = None):
+    def __init__(self, base: LoadedBase, adapters: dict[str, IA3Adapter] | None = None,
+                 chat_template: str | None = None):
+        """``chat_template``: template text for chat, for every adapter (None: each adapter's
+        recorded one, else the tokenizer's own)."""
         import tempfile
 
         from peft import PeftModel
 
         self.base = base
         self.tokenizer = base.tokenizer
+        self.templates = ChatTemplates(getattr(self.tokenizer, "chat_template", None), chat_template)
         self._active: str | None = None
         self._names: list[str] = []
         self.model: Any = base.model
@@ -43,6 +47,7 @@ class TorchRuntime:
                 else:
                     self.model = PeftModel.from_pretrained(self.model, tmp, adapter_name=name)
             self._names.append(name)
+            self.templates.record(name, adapter)
         self.model.eval()
 
     def describe(self) -> str:
@@ -71,7 +76,7 @@ class TorchRuntime:
         if self.tokenizer is None:
             raise EdgeIA3Error("this model has no tokenizer; cannot encode text")
         if not isinstance(prompt, str):
-            prompt = render_chat(self.tokenizer.chat_template, prompt)
+            prompt = self.templates.render(prompt, self._active)
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def detokenize(self, ids: list[int]) -> str:

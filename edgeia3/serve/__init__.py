@@ -28,14 +28,17 @@ def create_app(engine: Engine, api_key: str | None = None, model_label: str = ""
 
 
 def build(model: str | Path, adapters_dir: str | Path | None = None, limits: Limits | None = None,
-          provider: str | None = None, progress: Callable[[str], None] | None = None) -> Engine:
+          provider: str | None = None, progress: Callable[[str], None] | None = None,
+          chat_template: str | Path | None = None) -> Engine:
     """Open ``model`` (an ONNX or GGUF export dir; a transformers dir works without run-time adapter
-    loading) and load every adapter found in ``adapters_dir`` (validated like ``POST /v1/adapters``)."""
+    loading) and load every adapter found in ``adapters_dir`` (validated like ``POST /v1/adapters``).
+    ``chat_template``: "chatml" or a Jinja file for every request (None: each adapter's recorded
+    template, else the model's own)."""
     from ..runtimes import open_runtime
     from .hotload import discover
 
     found = discover(adapters_dir) if adapters_dir is not None else {}
-    rt = open_runtime(model, provider=provider)
+    rt = open_runtime(model, provider=provider, chat_template=chat_template)
     engine = Engine(rt, limits, adapters_dir=adapters_dir)
     try:
         for i, (name, path) in enumerate(found.items()):
@@ -53,7 +56,8 @@ def build(model: str | Path, adapters_dir: str | Path | None = None, limits: Lim
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           adapters_dir: str | Path | None = None, limits: Limits | None = None, provider: str | None = None,
-          log_level: str = "warning", announce: Callable[[str], None] | None = print) -> None:
+          log_level: str = "warning", announce: Callable[[str], None] | None = print,
+          chat_template: str | Path | None = None) -> None:
     """Serve ``model`` over HTTP until interrupted."""
     try:
         import fastapi  # noqa: F401
@@ -61,7 +65,7 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key:
     except ImportError as e:  # optional dependency
         raise EdgeIA3Error("edgeia3 serve needs FastAPI and uvicorn: pip install 'edgeia3[serve]'") from e
 
-    engine = build(model, adapters_dir, limits, provider, progress=announce)
+    engine = build(model, adapters_dir, limits, provider, progress=announce, chat_template=chat_template)
     app = create_app(engine, api_key=api_key, model_label=str(model))
     if announce:
         names = engine.model_names()

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import EdgeIA3Error
+from ..prompts import NoChatTemplate
+from ..runtimes import prompt_ids_for
 from .hotload import NotLoadable, add_adapter, remove_adapter
 from .requests import BASE, Job, Limits, ServeError, TextStream, not_found
 
@@ -341,8 +343,11 @@ class Engine:
                 if self.vocab is not None and any(not 0 <= t < self.vocab for t in ids):
                     return self._fail(job, ServeError(400, f"prompt token ids must lie in [0, {self.vocab})",
                                                       "invalid_value", "prompt"))
-            else:
-                ids = rt.prompt_ids(job.prompt)
+            else:  # rendered with the job's adapter's template, before the swap to it
+                ids = prompt_ids_for(rt, job.prompt, job.adapter)
+        except NoChatTemplate as e:
+            return self._fail(job, ServeError(400, f"{e} when starting edgeia3 serve, or send plain text to "
+                                                   "/v1/completions", "invalid_value", "messages"))
         except EdgeIA3Error as e:
             return self._fail(job, ServeError(400, str(e), "invalid_value", "messages"))
         n_prompt = len(ids)

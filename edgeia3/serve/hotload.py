@@ -130,6 +130,7 @@ def remove_adapter(rt: Any, name: str, workdir: Path | None = None) -> None:
         # internals: LlamaCppRuntime keeps each adapter's precomputed scale fields in _stored
         del rt._stored[name]
         rt.adapter_paths.pop(name, None)
+        rt.templates.forget(name)
     elif rt.name == "onnxruntime-genai":
         if rt._active == name:
             rt.use_adapter(None)
@@ -140,6 +141,7 @@ def remove_adapter(rt: Any, name: str, workdir: Path | None = None) -> None:
             Path(path).unlink(missing_ok=True)
         rt._ort_adapters.pop(name, None)
         rt._vectors.pop(name, None)
+        rt.templates.forget(name)
     else:
         raise NotLoadable(f"the {rt.name} runtime cannot unload adapters at run time")
 
@@ -161,6 +163,7 @@ def _llama_add(rt: Any, name: str, path: Path) -> dict:
             rt._pristine[t] = np.array(fields.view)
     rt._stored[name] = {t: rt._fields[t].scaled(rt._pristine[t], lv) for t, lv in plan.items()}
     rt.adapter_paths[name] = path
+    rt.templates.record(name, adapter)  # its prompts render as it was trained
     return {"sites": adapter.sites, "params": adapter.num_params, "format": _format_of(path)}
 
 
@@ -186,6 +189,7 @@ def _onnx_add(rt: Any, name: str, path: Path, workdir: Path) -> dict:
         _check_onnx_identity(adapter, m)
         adapter.check_finite()
         write_onnx_adapter(adapter, plans, target, dtype)  # refuses vectors of other lengths / sites
+        rt.templates.record(name, adapter)  # its prompts render as it was trained (.onnx_adapter: none recorded)
         info = {"sites": adapter.sites, "params": adapter.num_params, "format": _format_of(path)}
     try:
         # internals: OnnxRuntime loads the file into genai's Adapters and keeps its path in _files
