@@ -83,11 +83,12 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     out = cache_home() / "hf" / f"{gguf.stem}-{file_digest(gguf)}"
     if (out / "config.json").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = _complete_gguf_config(gguf, AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config)
     except Exception as e:  # transformers raises many types for unsupported/corrupt files
         raise EdgeIA3Error(f"transformers cannot load GGUF {gguf}: {e}") from e
     # The weights are already dequantized; transformers refuses to save a model
@@ -100,6 +101,24 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
         tok.save_pretrained(tmp)
         (tmp / "edgeia3_source.json").write_text(json.dumps({"gguf": str(gguf)}))
     return out
+
+
+def _complete_gguf_config(gguf: Path, config: Any) -> Any:
+    """Sizes transformers' GGUF reader leaves at its config defaults for some
+    architectures (qwen3's head_dim, gpt2's context length, Gemma's attention
+    scale), taken from the file: the model is what llama.cpp computes from it."""
+    from edgeia3.converters.gguf.ggml_index import GGUFIndex
+
+    index = GGUFIndex(gguf)
+    key_length = index.arch_int("attention.key_length", 0)
+    if key_length and getattr(config, "head_dim", None) not in (None, key_length):
+        config.head_dim = key_length
+    if key_length and getattr(config, "query_pre_attn_scalar", None) not in (None, key_length):
+        config.query_pre_attn_scalar = key_length  # llama.cpp's Gemma scales attention by head_dim
+    context = index.arch_int("context_length", 0)
+    if context:
+        config.max_position_embeddings = context
+    return config
 
 
 @dataclass
@@ -280,6 +299,9 @@ def load_base(spec: str | os.PathLike = DEFAULT_BASE, quant: str = "none") -> Lo
     except (OSError, ValueError) as e:
         raise EdgeIA3Error(f"cannot read the model config of {src.spec}: {e}") from e
     family = family_for_config(config)
+    for s in family.sites:  # row functions refuse fused layouts they cannot describe: before any work
+        if s.fused_rows is not None:
+            s.fused_rows(config)
     quant = resolve_quant(quant, src, family)
     if quant == "gguf" or quant in LLAMA_QUANTS:
         return _load_on_gguf(src, family, quant)

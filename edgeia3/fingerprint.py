@@ -51,7 +51,9 @@ def _structural(family: Family, config: Any, shapes: dict[str, tuple[int, int]])
     object with the same attributes (a GGUF base's view)."""
     doc = {
         "family": family.name,
-        "model_type": config.model_type,
+        # the family's own name for the architecture: a mistral dir and its GGUF (written
+        # as llama, loaded back by transformers as llama) are one structure
+        "model_type": family.model_types[0],
         "layers": int(config.num_hidden_layers),
         "hidden": int(config.hidden_size),
         "vocab": config.vocab_size,
@@ -61,6 +63,9 @@ def _structural(family: Family, config: Any, shapes: dict[str, tuple[int, int]])
 
 
 def _content(norm: np.ndarray, embed_rows: np.ndarray) -> str:
+    """``norm`` as llama.cpp stores it (``Family.gguf_norm_shift`` added): a transformers
+    dir, its GGUF and that GGUF loaded back by transformers then hash the same bits
+    (subtracting and re-adding 1.0 is exact in float32 where adding it was not)."""
     parts = [np.ascontiguousarray(a, dtype=np.float16).tobytes() for a in (norm, embed_rows)]
     return _sha(b"".join(parts))
 
@@ -99,7 +104,7 @@ def identity_of_model(model: Any, family: Family, name: str = "") -> BaseIdentit
         m: module_shape(model.get_submodule(m), family.conv1d)
         for m in _module_names(family, num_layers(config))
     }
-    norm = model.get_parameter(family.final_norm).detach().float().cpu().numpy()
+    norm = model.get_parameter(family.final_norm).detach().float().cpu().numpy() + np.float32(family.gguf_norm_shift)
     embed = model.get_parameter(family.embed)[:EMBED_ROWS].detach().float().cpu().numpy()
     return BaseIdentity(_structural(family, config, shapes), _content(norm, embed), name)
 
@@ -131,7 +136,8 @@ def identity_of_dir(path: str | Path, family: Family, name: str = "") -> BaseIde
 
     shapes = {m: shape(m) for m in _module_names(family, num_layers(config))}
     embed = get(family.embed)[:EMBED_ROWS]
-    return BaseIdentity(_structural(family, config, shapes), _content(get(family.final_norm), embed), name)
+    norm = get(family.final_norm) + np.float32(family.gguf_norm_shift)
+    return BaseIdentity(_structural(family, config, shapes), _content(norm, embed), name)
 
 
 

@@ -1,7 +1,7 @@
 """Check an adapter against a base: one clear error per problem.
 
 The checks run against anything that can describe its shape - a loaded
-transformers model (``LoadedBase``) or a GGUF file (``edgeia3.converters.gguf.GGUFBase``) -
+transformers model (``LoadedBase``) or a GGUF file (``edgeia3.converters.gguf.base_gguf.GGUFBase``) -
 so a GGUF base is never loaded into torch just to validate an adapter.
 """
 

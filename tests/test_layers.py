@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Installed module name -> folder (converters/ installs as edgeia3.converters).
 FOLDERS = {"edgeia3": ROOT / "edgeia3", "edgeia3.converters": ROOT / "converters"}
 CORE = {"edgeia3.errors", "edgeia3.atomic", "edgeia3.registry", "edgeia3.registry.base",
-        "edgeia3.registry.builtin", "edgeia3.adapter", "edgeia3.fingerprint", "edgeia3.manifest"}
+        "edgeia3.registry.builtin", "edgeia3.registry.gguf_hparams", "edgeia3.registry.onnx_config",
+        "edgeia3.adapter", "edgeia3.fingerprint", "edgeia3.manifest"}
 
 
 def _modules() -> dict[str, Path]:

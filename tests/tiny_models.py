@@ -30,10 +30,13 @@ def _config(family: str):
         return tf.Phi3Config(**common, pad_token_id=0)
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    if family == "falcon":  # FalconConfig's defaults (multi_query, parallel attention, no biases)
+        return tf.FalconConfig(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=128)
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "falcon"]
 
 
 def make_tiny_model(family: str, out: Path, seed: int = 0, **overrides) -> Path:

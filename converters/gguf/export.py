@@ -106,6 +106,7 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
         info: dict[str, dict] = {}
         (tmp / "adapters").mkdir()
         for name, ad in loaded.items():
+            adapter_plan(ad, gb)  # the runtime swaps by this plan: refuse what it cannot apply, now
             rel = f"adapters/{name}{SUFFIX}"
             write_ia3_gguf(ad, tmp / rel, gb, name)
             info[name] = {"file": rel, "sites": ad.sites, "params": ad.num_params,

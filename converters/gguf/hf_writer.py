@@ -1,25 +1,24 @@
 """transformers directory -> GGUF (f32 or f16) with gguf-py, for llama.cpp.
 
 Tensor names come from gguf-py's own HF->GGUF name map (the one llama.cpp's
-converter uses); the RoPE row permutation of q/k and which families are
-supported come from the registry (``Site.gguf_permute``, ``Family.gguf_writer``).
-The identity of the transformers base is recorded (``edgeia3.source.*``) so
+converter uses). Each family's hyperparameters and tensor conventions come from
+its registry entry (``Family.gguf_hparams``, ``gguf_norm_shift``, ``conv1d``,
+``Site.gguf_permute``). The identity of the transformers base is recorded (``edgeia3.source.*``) so
 adapters made for it are accepted by the GGUF even after its embedding is
 quantized. Quantization is llama.cpp's job (quantize.py).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from edgeia3.atomic import atomic_file
 from edgeia3.errors import EdgeIA3Error
-from edgeia3.fingerprint import BaseIdentity, identity_of_dir
+from edgeia3.fingerprint import BaseIdentity, hf_config, identity_of_dir, num_layers
 from edgeia3.registry import Family, families, family_for_config
 
 from .plan import rope_permute
@@ -46,35 +45,13 @@ def _arch_enum(arch: str) -> Any:
     raise EdgeIA3Error(f"gguf-py does not know architecture '{arch}'")
 
 
-def _hparams(config: dict, family: Family, dtype: str):
-    """A function adding the llama-style architecture metadata to a GGUFWriter."""
+def _hparams(config: Any, family: Family, dtype: str) -> Callable[[Any], None]:
+    """A function adding the family's architecture metadata (registry) to a GGUFWriter."""
     import gguf
 
-    heads = config["num_attention_heads"]
-    hidden = config["hidden_size"]
-    head_dim = config.get("head_dim") or hidden // heads
-    rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0),
-                                             "rope_type": (config.get("rope_scaling") or {}).get("rope_type", "default")}
-    if rope.get("rope_type", "default") != "default":
-        raise EdgeIA3Error(f"RoPE scaling '{rope.get('rope_type')}' is not supported by edgeia3's GGUF writer")
-    if config.get("use_sliding_window"):
-        raise EdgeIA3Error("sliding-window attention is not supported by edgeia3's GGUF writer")
-
     def add(w: Any) -> None:
-        w.add_name(config.get("_name_or_path") or config.get("_model_name_or_path") or family.name)
-        w.add_context_length(int(config.get("max_position_embeddings", 2048)))
-        w.add_embedding_length(hidden)
-        w.add_block_count(config["num_hidden_layers"])
-        w.add_feed_forward_length(config["intermediate_size"])
-        w.add_head_count(heads)
-        w.add_head_count_kv(config.get("num_key_value_heads") or heads)
-        w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-        w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-        w.add_rope_dimension_count(head_dim)
-        if head_dim != hidden // heads:
-            w.add_key_length(head_dim)
-            w.add_value_length(head_dim)
-        w.add_vocab_size(config["vocab_size"])
+        w.add_name(getattr(config, "_name_or_path", "") or family.name)
+        family.gguf_hparams(config, w)
         w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
 
     return add
@@ -100,34 +77,36 @@ def write_hf_gguf(hf_dir: str | Path, out: str | Path, dtype: str = "f32") -> Wr
     hf_dir, out = Path(hf_dir), Path(out)
     if dtype not in DTYPES:
         raise EdgeIA3Error(f"GGUF writer dtype must be one of {', '.join(DTYPES)}")
-    try:
-        config = json.loads((hf_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise EdgeIA3Error(f"{hf_dir}: cannot read config.json: {e}") from e
+    config = hf_config(hf_dir)
     family = family_for_config(config)
     if not family.gguf_writer:
         ok = ", ".join(sorted(f.name for f in families().values() if f.gguf_writer))
         raise EdgeIA3Error(f"edgeia3 writes GGUF from transformers only for {ok}; convert '{family.name}' with "
                            "llama.cpp's convert_hf_to_gguf.py and pass the .gguf as --base")
+    add_hparams = _hparams(config, family, dtype)
+    add_hparams(gguf.GGUFWriter(None, family.gguf_arch))  # refuses an unsupported config before any work
     source = identity_of_dir(hf_dir, family, hf_dir.name)
-    n_layers = config["num_hidden_layers"]
+    n_layers = num_layers(config)
     names = gguf.get_tensor_name_map(_arch_enum(family.gguf_arch), n_layers)
-    heads = {"q": config["num_attention_heads"], "k": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    heads = {"q": config.num_attention_heads, "k": getattr(config, "num_key_value_heads", None)
+             or config.num_attention_heads}
     permute = {f"{family.layers}.{i}.{s.module}": heads[s.gguf_permute]
                for i in range(n_layers) for s in family.sites if s.gguf_permute}
-    add_hparams = _hparams(config, family, dtype)
+    # GPT-2's Conv1D modules store [in, out]; GGUF wants [out, in] like a Linear.
+    conv1d = {f"{family.layers}.{i}.{s.module}" for i in range(n_layers) for s in family.sites} \
+        if family.conv1d else set()
     pre, verified = choose_pre_tokenizer(hf_dir, family.gguf_pre_tokenizers, family.gguf_arch,
-                                         config["vocab_size"], add_hparams)
+                                         config.vocab_size, add_hparams)
 
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), family.gguf_arch)
         add_hparams(w)
-        note = write_vocab(w, hf_dir, config["vocab_size"], pre=pre)
+        note = write_vocab(w, hf_dir, config.vocab_size, pre=pre)
         w.add_string("edgeia3.source.fingerprint", source.fingerprint)
         w.add_string("edgeia3.source.content", source.content)
         w.add_string("edgeia3.source.name", source.name)
         for hf_name, data in _hf_tensors(hf_dir):
-            if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            if hf_name == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # llama.cpp reuses token_embd as the output matrix
             name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
@@ -135,6 +114,10 @@ def write_hf_gguf(hf_dir: str | Path, out: str | Path, dtype: str = "f32") -> Wr
             module = hf_name.rsplit(".", 1)[0]
             if module in permute:  # llama-style RoPE pairs rows differently from HF
                 data = rope_permute_rows(data, permute[module])
+            if module in conv1d and data.ndim == 2:
+                data = data.T
+            if hf_name.endswith("norm.weight"):  # llama.cpp's converter shifts every such norm
+                data = data + np.float32(family.gguf_norm_shift)
             if data.ndim > 1 and dtype == "f16":
                 data = data.astype(np.float16)
             w.add_tensor(name, np.ascontiguousarray(data))

@@ -33,14 +33,14 @@ from edgeia3.errors import EdgeIA3Error
 from edgeia3.manifest import write_manifest
 from edgeia3.fingerprint import num_layers
 from edgeia3.prompts import TEMPLATE_FILE, read_template
-from edgeia3.registry import Family, Scaling
+from edgeia3.registry import Family, Scaling, families
 from edgeia3.validate import expected_length, load_adapter_for
 from edgeia3.weights import check_deployment, llama_quant, same_weights
 
 from . import builder
 from .adapter_file import SUFFIX, write_onnx_adapter
 from .graph import IA3Input, activation_type, add_side_inputs, find_node, plan_inputs, scale_output_rows
-from .transcode import fusable_qkv, not_carried, transcode
+from .transcode import carries, fusable_qkv, not_carried, transcode
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 PROVIDERS = ("cpu", "cuda")
@@ -99,12 +99,34 @@ def _check_args(precision: str, provider: str, adapters: dict[str, Any], merge: 
                                "(export the others as side-tensors in a separate export)")
 
 
-def _check_family(family: Family) -> None:
+def _check_family(lb: LoadedBase) -> dict:
+    """Refuse what the builder cannot build as transformers computes it; the config it reads."""
+    family = lb.family
     if not any(s.onnx_node for s in family.sites):
+        known = ", ".join(sorted(f.name for f in families().values() if any(s.onnx_node for s in f.sites)))
         raise EdgeIA3Error(
             f"ONNX export does not support the '{family.name}' family: onnxruntime-genai's model "
-            "builder has no such model (supported: families with ONNX node names in the registry)"
+            f"builder has no such model (supported families: {known})"
         )
+    view = lb.config.to_dict()
+    view = family.onnx_config(view) if family.onnx_config else view
+    vocab = view.get("vocab_size")
+    for name, mod in lb.model.named_modules():  # the builder takes any such Linear for the LM head
+        if getattr(mod, "out_features", None) == vocab and name.split(".")[-1] != "lm_head":
+            raise EdgeIA3Error(f"ONNX export: {name} has vocab_size={vocab} outputs, which onnxruntime-genai's "
+                               "model builder would take for the LM head")
+    return view
+
+
+def _builder_options(view: dict, fuse_qkv: bool, accuracy_level: int | None) -> dict[str, str]:
+    extra = {} if fuse_qkv else {"fuse_qkv": "false"}
+    if accuracy_level is not None:
+        extra["accuracy_level"] = str(accuracy_level)
+    if "sliding_attention" in (view.get("layer_types") or []):
+        # Window-sized KV buffers for sliding layers need past caches of at least the window; the
+        # runtime's full-logits session feeds empty ones. Full caches + the window as a mask instead.
+        extra["windowed_kv_cache"] = "false"
+    return extra
 
 
 def model_bytes(model_dir: Path, model_file: str = MODEL_FILE) -> int:
@@ -116,6 +138,15 @@ def _save_hf(model: Any, tokenizer: Any, where: Path) -> Path:
     model.save_pretrained(where)
     tokenizer.save_pretrained(where)
     return where
+
+
+def _build(lb: LoadedBase, hf: str | Path, tmp: Path, precision: str, provider: str, extra: dict,
+           work: str | Path) -> None:
+    """The builder on ``hf`` with the family's config translation (a hub id is saved first:
+    the translation needs a local folder)."""
+    if lb.family.onnx_config and not Path(hf).is_dir():
+        hf = _save_hf(lb.model, lb.tokenizer, Path(work) / "hub_hf")
+    builder.build(hf, tmp, precision, provider, extra, config_fix=lb.family.onnx_config)
 
 
 def export(base: str = "default", out: str | Path = "", precision: str = "int4",
@@ -144,7 +175,7 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
     out = Path(out)
     check_out(out, force)  # before any work: refuse a non-empty --out unless --force
     lb = load_base(base)
-    _check_family(lb.family)
+    view = _check_family(lb)
     if lb.tokenizer is None:
         raise EdgeIA3Error(f"base {base} has no tokenizer; onnxruntime-genai exports need one")
     identity = lb.identity  # before any in-place merge changes the weights
@@ -157,14 +188,12 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
     deployed = _deployed(lb, precision, gguf)
     for name, ad in loaded.items():
         check_deployment(name, ad, deployed, strict, notes)
-    extra = {} if fuse_qkv else {"fuse_qkv": "false"}
-    if accuracy_level is not None:
-        extra["accuracy_level"] = str(accuracy_level)
+    extra = _builder_options(view, fuse_qkv, accuracy_level)
     with atomic_dir(out, force=force) as tmp, tempfile.TemporaryDirectory(prefix="edgeia3-onnx-") as work:
         transcoded = None
         if merge is not None and gguf is not None:  # the merged GGUF's blocks, transcoded
             merged_gguf = _merged_gguf(gguf, loaded[merge], Path(work))
-            builder.build(lb.source.hf_path, tmp, precision, provider, extra)
+            _build(lb, lb.source.hf_path, tmp, precision, provider, extra, work)
             transcoded = _transcode(tmp, merged_gguf, lb, accuracy_level, notes)
             merged = {"method": "block scales of the GGUF it runs (exact, no re-quantization)",
                       "into": "quantized weights", "name": merge}
@@ -175,7 +204,7 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
             plans = []
         else:
             merged = None
-            builder.build(lb.source.hf_path, tmp, precision, provider, extra)
+            _build(lb, lb.source.hf_path, tmp, precision, provider, extra, work)
             plans = _add_side_inputs(tmp, lb, loaded, notes)
             if gguf is not None:
                 transcoded = _transcode(tmp, gguf, lb, accuracy_level, notes)
@@ -212,6 +241,11 @@ def _weights_gguf(lb: LoadedBase, precision: str, weights: str, loaded: dict[str
     if precision not in ("int4", "int8") or weights == "builder":
         if weights in LLAMA_QUANTS:
             raise EdgeIA3Error(f"--weights {weights} needs --precision int4 or int8 (got {precision})")
+        return None
+    if not carries(lb.family):  # a GGUF tensor of it feeds several builder nodes: not transcoded
+        if weights in LLAMA_QUANTS:
+            raise EdgeIA3Error(f"--weights {weights}: the {lb.family.name} family's fused GGUF tensors cannot be "
+                               "put into the builder's graph; use --weights builder")
         return None
     if weights in LLAMA_QUANTS:
         return quantized_gguf(lb.source, weights)
@@ -321,7 +355,7 @@ def _export_merged(lb: LoadedBase, adapter: IA3Adapter, tmp: Path, work: Path, p
     from edgeia3.merge import fold_into_model, merge_loaded
 
     if precision in ("int4", "int8") and adapter.quant != "nf4":
-        builder.build(lb.source.hf_path, tmp, precision, provider, extra)
+        _build(lb, lb.source.hf_path, tmp, precision, provider, extra, work)
         model = _load_graph(tmp)
         ops = _row_ops(lb.family, adapter, lb.config, model.graph)
         if ops is not None:
@@ -343,7 +377,7 @@ def _export_merged(lb: LoadedBase, adapter: IA3Adapter, tmp: Path, work: Path, p
         model = lb.model
         into = "full-precision weights"
     hf = _save_hf(model, lb.tokenizer, work / "merged_hf")
-    builder.build(hf, tmp, precision, provider, extra)
+    _build(lb, hf, tmp, precision, provider, extra, work)
     return {"method": f"folded in torch before the {precision} build", "into": into}
 
 

@@ -317,6 +317,12 @@ def transcode(model_dir: str | Path, gguf: str | Path, family: Family, config: A
             "not_carried": sorted(set(kept))}
 
 
+def carries(family: Family) -> bool:
+    """False where an HF-fused module's GGUF tensor feeds several builder nodes (phi3's ffn_up:
+    gate_up_proj, which the builder splits); node_weights skips such sites."""
+    return not any(s.fused_rows is not None and s.onnx_node for s in family.sites)
+
+
 def fusable_qkv(gguf: str | Path, family: Family, n_layers: int) -> bool:
     """True when every layer's fused-q|k|v tensors share one GGML type (so one MatMulNBits can hold them)."""
     index = GGUFIndex(gguf)

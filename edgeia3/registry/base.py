@@ -59,11 +59,21 @@ class Family:
     conv1d: bool = False  # weights stored [in, out] (GPT-2 Conv1D)
     gated_mlp: bool = True  # down(act(gate x) * up x): down's input == up's rows
     gguf_arch: str | None = None
-    # edgeia3's transformers -> GGUF writer handles this family (llama-style hparams/tensors)
-    gguf_writer: bool = False
+    # Adds this family's GGUF hyperparameters to a gguf.GGUFWriter, llama.cpp's way
+    # (gguf_hparams.py); None: edgeia3's transformers -> GGUF writer does not handle it.
+    gguf_hparams: Callable[[Any, Any], None] | None = None
+    # llama.cpp stores RMSNorm weights as shift + w (Gemma's norms compute x * (1 + w)).
+    gguf_norm_shift: float = 0.0
     # llama.cpp pre-tokenizer names to try for its BPE tokenizers, checked against HF's
     gguf_pre_tokenizers: tuple[str, ...] = ()
+    # config.json (dict) -> the config.json onnxruntime-genai's builder must read to build
+    # what transformers computes (onnx_config.py); raises EdgeIA3Error where it cannot.
+    onnx_config: Callable[[dict], dict] | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def gguf_writer(self) -> bool:
+        return self.gguf_hparams is not None
 
     def site(self, name: str) -> Site:
         for s in self.sites:

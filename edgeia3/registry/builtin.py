@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import gguf_hparams as gh
+from . import onnx_config as oc
 from .base import Family, Scaling, Site, register
 
 OUT, IN = Scaling.OUTPUT, Scaling.INPUT
@@ -44,27 +46,29 @@ def _gate_up_rows(which: str):
     return rows
 
 
-def _llama_like_sites(rope_permute: bool) -> tuple[Site, ...]:
-    """Separate q/k/v/o and gate/up/down Linear modules (llama, qwen, gemma).
+def _onnx(name: str) -> dict:
+    """A site's MatMul names in onnxruntime-genai's builder graph, which are the same for every
+    family it builds here: it splits HF's fused modules (phi3 qkv_proj, gate_up_proj) into
+    q/k/v and gate/up, then fuses q, k and v into one qkv_proj MatMul unless told not to."""
+    layer = "/model/layers.{i}/" + ("mlp/" if name in ("gate", "up", "down") else "attn/")
+    if name not in ("q", "k", "v"):
+        return {"onnx_node": f"{layer}{name}_proj/MatMul"}
+    return {"onnx_node": f"{layer}{name}_proj/MatMul", "onnx_fused_node": layer + "qkv_proj/MatMul",
+            "onnx_fused_rows": _qkv_rows(name)}
 
-    ONNX names are those of onnxruntime-genai's model builder, which fuses
-    q, k and v into one qkv_proj MatMul unless told not to.
-    """
-    attn, mlp, qkv = "/model/layers.{i}/attn/", "/model/layers.{i}/mlp/", "/model/layers.{i}/attn/qkv_proj/MatMul"
+
+def _llama_like_sites(rope_permute: bool) -> tuple[Site, ...]:
+    """Separate q/k/v/o and gate/up/down Linear modules (llama, qwen, gemma)."""
     return (
         Site("q", "self_attn.q_proj", OUT, gguf_tensor="blk.{i}.attn_q",
-             gguf_permute="q" if rope_permute else None, onnx_node=attn + "q_proj/MatMul",
-             onnx_fused_node=qkv, onnx_fused_rows=_qkv_rows("q")),
+             gguf_permute="q" if rope_permute else None, **_onnx("q")),
         Site("k", "self_attn.k_proj", OUT, gguf_tensor="blk.{i}.attn_k",
-             gguf_permute="k" if rope_permute else None, onnx_node=attn + "k_proj/MatMul",
-             onnx_fused_node=qkv, onnx_fused_rows=_qkv_rows("k")),
-        Site("v", "self_attn.v_proj", OUT, gguf_tensor="blk.{i}.attn_v", onnx_node=attn + "v_proj/MatMul",
-             onnx_fused_node=qkv, onnx_fused_rows=_qkv_rows("v")),
-        Site("o", "self_attn.o_proj", OUT, gguf_tensor="blk.{i}.attn_output", onnx_node=attn + "o_proj/MatMul"),
-        Site("gate", "mlp.gate_proj", OUT, gguf_tensor="blk.{i}.ffn_gate", onnx_node=mlp + "gate_proj/MatMul"),
-        Site("up", "mlp.up_proj", OUT, gguf_tensor="blk.{i}.ffn_up", onnx_node=mlp + "up_proj/MatMul"),
-        Site("down", "mlp.down_proj", IN, gguf_tensor="blk.{i}.ffn_down", onnx_node=mlp + "down_proj/MatMul",
-             input_fold="up"),
+             gguf_permute="k" if rope_permute else None, **_onnx("k")),
+        Site("v", "self_attn.v_proj", OUT, gguf_tensor="blk.{i}.attn_v", **_onnx("v")),
+        Site("o", "self_attn.o_proj", OUT, gguf_tensor="blk.{i}.attn_output", **_onnx("o")),
+        Site("gate", "mlp.gate_proj", OUT, gguf_tensor="blk.{i}.ffn_gate", **_onnx("gate")),
+        Site("up", "mlp.up_proj", OUT, gguf_tensor="blk.{i}.ffn_up", **_onnx("up")),
+        Site("down", "mlp.down_proj", IN, gguf_tensor="blk.{i}.ffn_down", input_fold="up", **_onnx("down")),
     )
 
 
@@ -72,31 +76,36 @@ _LLAMA_COMMON = dict(layers="model.layers", embed="model.embed_tokens.weight",
                      final_norm="model.norm.weight")
 
 # llama.cpp's converter permutes q/k rows for llama-style RoPE only.
-register(Family("llama", ("llama", "mistral"), sites=_llama_like_sites(True),
-                default_targets=("k", "v", "down"), gguf_arch="llama", gguf_writer=True,
+register(Family("llama", ("llama", "mistral"), sites=_llama_like_sites(True), onnx_config=oc.sliding_all_layers,
+                default_targets=("k", "v", "down"), gguf_arch="llama", gguf_hparams=gh.llama,
                 gguf_pre_tokenizers=("smollm", "llama-bpe", "default"), **_LLAMA_COMMON))
 register(Family("qwen2", ("qwen2",), sites=_llama_like_sites(False),
-                default_targets=("q", "v", "down"), gguf_arch="qwen2", gguf_writer=True,
+                default_targets=("q", "v", "down"), gguf_arch="qwen2", gguf_hparams=gh.llama,
                 gguf_pre_tokenizers=("qwen2",), **_LLAMA_COMMON))
 register(Family("qwen3", ("qwen3",), sites=_llama_like_sites(False),
-                default_targets=("q", "v", "down"), gguf_arch="qwen3", **_LLAMA_COMMON))
+                default_targets=("q", "v", "down"), gguf_arch="qwen3", gguf_hparams=gh.llama,
+                gguf_pre_tokenizers=("qwen2",), **_LLAMA_COMMON))
 register(Family("gemma2", ("gemma2",), sites=_llama_like_sites(False),
-                default_targets=("q", "v", "down"), gguf_arch="gemma2", **_LLAMA_COMMON))
-register(Family("gemma3_text", ("gemma3_text",), sites=_llama_like_sites(False),
-                default_targets=("q", "v", "down"), gguf_arch="gemma3", **_LLAMA_COMMON))
+                default_targets=("q", "v", "down"), gguf_arch="gemma2", gguf_hparams=gh.gemma2,
+                gguf_norm_shift=1.0, **_LLAMA_COMMON))
+register(Family("gemma3_text", ("gemma3_text",), sites=_llama_like_sites(False), onnx_config=oc.gemma3,
+                default_targets=("q", "v", "down"), gguf_arch="gemma3", gguf_hparams=gh.gemma3,
+                gguf_norm_shift=1.0, **_LLAMA_COMMON))
 
 register(Family(
     "phi3", ("phi3",),
     sites=(
-        Site("q", "self_attn.qkv_proj", OUT, fused_rows=_qkv_rows("q"), gguf_tensor="blk.{i}.attn_qkv"),
-        Site("k", "self_attn.qkv_proj", OUT, fused_rows=_qkv_rows("k"), gguf_tensor="blk.{i}.attn_qkv"),
-        Site("v", "self_attn.qkv_proj", OUT, fused_rows=_qkv_rows("v"), gguf_tensor="blk.{i}.attn_qkv"),
-        Site("o", "self_attn.o_proj", OUT, gguf_tensor="blk.{i}.attn_output"),
-        Site("gate", "mlp.gate_up_proj", OUT, fused_rows=_gate_up_rows("gate"), gguf_tensor="blk.{i}.ffn_up"),
-        Site("up", "mlp.gate_up_proj", OUT, fused_rows=_gate_up_rows("up"), gguf_tensor="blk.{i}.ffn_up"),
-        Site("down", "mlp.down_proj", IN, gguf_tensor="blk.{i}.ffn_down", input_fold="up"),
+        Site("q", "self_attn.qkv_proj", OUT, fused_rows=_qkv_rows("q"), gguf_tensor="blk.{i}.attn_qkv", **_onnx("q")),
+        Site("k", "self_attn.qkv_proj", OUT, fused_rows=_qkv_rows("k"), gguf_tensor="blk.{i}.attn_qkv", **_onnx("k")),
+        Site("v", "self_attn.qkv_proj", OUT, fused_rows=_qkv_rows("v"), gguf_tensor="blk.{i}.attn_qkv", **_onnx("v")),
+        Site("o", "self_attn.o_proj", OUT, gguf_tensor="blk.{i}.attn_output", **_onnx("o")),
+        Site("gate", "mlp.gate_up_proj", OUT, fused_rows=_gate_up_rows("gate"), gguf_tensor="blk.{i}.ffn_up",
+             **_onnx("gate")),
+        Site("up", "mlp.gate_up_proj", OUT, fused_rows=_gate_up_rows("up"), gguf_tensor="blk.{i}.ffn_up",
+             **_onnx("up")),
+        Site("down", "mlp.down_proj", IN, gguf_tensor="blk.{i}.ffn_down", input_fold="up", **_onnx("down")),
     ),
-    default_targets=("k", "v", "down"), gguf_arch="phi3", **_LLAMA_COMMON,
+    default_targets=("k", "v", "down"), gguf_arch="phi3", onnx_config=oc.phi3, **_LLAMA_COMMON,
 ))
 
 register(Family(
@@ -113,5 +122,79 @@ register(Family(
     # PEFT targets the whole fused c_attn, i.e. q, k and v.
     default_targets=("q", "k", "v", "down"),
     embed="transformer.wte.weight", final_norm="transformer.ln_f.weight",
-    conv1d=True, gated_mlp=False, gguf_arch="gpt2",
+    conv1d=True, gated_mlp=False, gguf_arch="gpt2", gguf_hparams=gh.gpt2,
+    gguf_pre_tokenizers=("gpt-2",),
+))
+
+
+# -- Falcon -------------------------------------------------------------------
+from ..errors import EdgeIA3Error  # noqa: E402  (falcon's layout refusal)
+
+
+def _falcon_kv_heads(c: Any) -> int:
+    """KV heads of Falcon's fused query_key_value, refusing layouts that interleave q, k, v.
+
+    transformers views its output as (groups, q heads per group + 2, head_dim):
+    multi_query has one group, [all q; k; v]; new_decoder_architecture has
+    num_kv_heads groups and plain multi-head (multi_query=False) one group per
+    head, [q_h; k_h; v_h]. Only one group gives q/k/v contiguous row ranges,
+    which every format here (fused_layout, GGUF plans, training masks) assumes.
+    A GGUF view (no multi_query field) is [all q; all k; all v] - llama.cpp's
+    converter regroups the rows - but a PEFT vector for the same model is in
+    transformers' grouped order: they agree only for one KV head.
+    """
+    if not hasattr(c, "multi_query"):
+        groups, what = _kv_heads(c), f"GGUF attention.head_count_kv={_kv_heads(c)}"
+    elif c.new_decoder_architecture:
+        groups, what = c.num_kv_heads, f"new_decoder_architecture=True with num_kv_heads={c.num_kv_heads}"
+    elif not c.multi_query:
+        groups, what = c.num_attention_heads, "multi_query=False (one [q; k; v] group per head)"
+    else:
+        return 1
+    if groups != 1:
+        raise EdgeIA3Error(
+            f"falcon {what}: transformers' query_key_value interleaves q, k and v rows per head group, "
+            "which edgeia3's q/k/v sites (contiguous row ranges) cannot describe; supported: one "
+            "KV head (multi_query=True, new_decoder_architecture=True with num_kv_heads=1, "
+            "or a GGUF with head_count_kv=1)")
+    return 1
+
+
+def _falcon_qkv_rows(which: str):
+    """Rows of q, k or v in Falcon's query_key_value: [q (heads); k (kv); v (kv)]."""
+
+    def rows(c: Any) -> tuple[int, int]:
+        hd, kv = c.hidden_size // c.num_attention_heads, _falcon_kv_heads(c)
+        q = c.num_attention_heads * hd
+        return {"q": (0, q), "k": (q, q + kv * hd), "v": (q + kv * hd, q + 2 * kv * hd)}[which]
+
+    return rows
+
+
+# MLP: dense_4h_to_h(GELU(dense_h_to_4h x)), not gated. ``down`` scales the input
+# columns of dense_4h_to_h: the torch merge folds that exactly (float column
+# scaling), but no fold into the previous rows exists - GELU(l z) != l GELU(z)
+# (a ReLU MLP could fold a positive l into dense_h_to_4h's rows; GELU cannot) - so
+# there is no input_fold, and a GGUF block-scale merge of ``down`` is refused.
+# No onnx_node: onnxruntime-genai's builder has no Falcon, so ONNX export refuses it.
+# edgeia3's own transformers -> GGUF writer does not cover it (gguf_writer False: convert
+# with llama.cpp); "falcon" is llama.cpp's architecture name, so such GGUFs are bases here.
+register(Family(
+    "falcon", ("falcon",),
+    layers="transformer.h",
+    sites=(
+        Site("q", "self_attention.query_key_value", OUT, fused_rows=_falcon_qkv_rows("q"),
+             gguf_tensor="blk.{i}.attn_qkv"),
+        Site("k", "self_attention.query_key_value", OUT, fused_rows=_falcon_qkv_rows("k"),
+             gguf_tensor="blk.{i}.attn_qkv"),
+        Site("v", "self_attention.query_key_value", OUT, fused_rows=_falcon_qkv_rows("v"),
+             gguf_tensor="blk.{i}.attn_qkv"),
+        Site("o", "self_attention.dense", OUT, gguf_tensor="blk.{i}.attn_output"),
+        Site("up", "mlp.dense_h_to_4h", OUT, gguf_tensor="blk.{i}.ffn_up"),
+        Site("down", "mlp.dense_4h_to_h", IN, gguf_tensor="blk.{i}.ffn_down"),
+    ),
+    # PEFT: target_modules [query_key_value, dense_4h_to_h], feedforward [dense_4h_to_h].
+    default_targets=("q", "k", "v", "down"),
+    embed="transformer.word_embeddings.weight", final_norm="transformer.ln_f.weight",
+    gated_mlp=False, gguf_arch="falcon",
 ))

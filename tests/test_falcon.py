@@ -1,0 +1,195 @@
+"""Falcon: fused query_key_value layouts, the non-gated GELU MLP, training, inspect and refusals.
+
+Merge parity and PEFT round trips on the default tiny Falcon also run in
+test_merge_parity.py (FAMILIES); here: the other layouts, and that the
+registry's q/k/v rows are the ones transformers' own ``_split_heads`` uses.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from edgeia3 import EdgeIA3Error, load_adapter_for, load_base, merge_loaded, write_peft_dir
+from edgeia3.formats import load_adapter
+from edgeia3.registry import get_family
+from edgeia3.validate import adapter_for_base
+from cli_checks import assert_refused, invoke, merge_cli
+from tiny_models import logits, random_peft_adapter, write_label_task
+
+ALL_SITES = ["q", "k", "v", "o", "up", "down"]
+# Layouts whose q/k/v rows are contiguous: [q (4 heads); k (1 head); v (1 head)].
+SUPPORTED = {
+    "multi_query": {},  # FalconConfig's default (Falcon-7B)
+    "new_arch_1kv": {"new_decoder_architecture": True, "num_kv_heads": 1},  # two layer norms
+    "bias_sequential": {"bias": True, "parallel_attn": False},  # biases scale with their rows
+}
+# Layouts that interleave q, k, v per head group: refused, naming the config field.
+REFUSED = {
+    "new_arch_2kv": ({"new_decoder_architecture": True, "num_kv_heads": 2}, "num_kv_heads=2"),
+    "multi_head": ({"multi_query": False}, "multi_query=False"),
+}
+
+
+def _scale_after_split(model, adapter) -> None:
+    """Apply the adapter's q/k/v vectors after transformers' own _split_heads (no registry rows)."""
+    for i, layer in enumerate(model.transformer.h):
+        attn = layer.self_attention
+
+        def split(fused, orig=attn._split_heads, i=i):
+            parts = []
+            for name, t in zip("qkv", orig(fused)):
+                vec = adapter.get(i, name)
+                parts.append(t if vec is None else t * torch.from_numpy(vec.values).view(-1, t.shape[-1]))
+            return tuple(parts)
+
+        attn._split_heads = split
+
+
+@pytest.mark.parametrize("variant", list(SUPPORTED))
+def test_supported_layouts_merge_like_peft(variant, tiny_dir, tmp_path):
+    base = load_base(tiny_dir("falcon", **SUPPORTED[variant]))
+    assert base.family.name == "falcon"
+    hd = 64 // 4
+    assert [base.family.site(s).fused_rows(base.config) for s in "qkv"] == [(0, 4 * hd), (4 * hd, 5 * hd),
+                                                                              (5 * hd, 6 * hd)]
+    pm = random_peft_adapter(copy.deepcopy(base.model), "falcon", tmp_path / "peft", sites=ALL_SITES)
+    reference = logits(pm.merge_and_unload())
+    assert (reference - logits(base.model)).abs().max() > 1e-3
+    adapter = load_adapter_for(tmp_path / "peft", base)
+    assert adapter.sites == ALL_SITES and adapter.get(0, "k").values.size == hd
+    write_peft_dir(adapter, tmp_path / "ours")  # and it goes back to PEFT unchanged
+    again = PeftModel.from_pretrained(load_base(tiny_dir("falcon", **SUPPORTED[variant])).model, tmp_path / "ours")
+    assert (logits(again) - reference).abs().max() <= 1e-5
+    assert (logits(merge_loaded(base, adapter)) - reference).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", list(SUPPORTED))
+def test_qkv_rows_are_transformers_split(variant, tiny_dir):
+    """Merging q/k/v rows equals scaling the q, k, v that transformers splits out itself."""
+    path = tiny_dir("falcon", **SUPPORTED[variant])
+    hooked = load_base(path)
+    adapter = adapter_for_base(hooked, ["q", "k", "v"], seed=3)
+    _scale_after_split(hooked.model, adapter)
+    merged = merge_loaded(load_base(path), adapter)
+    assert (logits(hooked.model) - logits(merged)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", list(REFUSED))
+def test_interleaved_layouts_are_refused(variant, tiny_dir, tmp_path):
+    overrides, field = REFUSED[variant]
+    path = tiny_dir("falcon", **overrides)
+    with pytest.raises(EdgeIA3Error, match=field) as err:
+        load_base(path)
+    assert "interleaves q, k and v" in str(err.value)
+    # a PEFT adapter made on it by transformers directly: the CLI merge refuses, leaves nothing
+    from transformers import AutoModelForCausalLM
+
+    random_peft_adapter(AutoModelForCausalLM.from_pretrained(path), "falcon", tmp_path / "peft")
+    out = tmp_path / "merged"
+    assert_refused(merge_cli(path, tmp_path / "peft", out), out, field, "falcon")
+    # inspect still describes the directory (it needs no row ranges)
+    res = invoke("inspect", path)
+    assert res.exit_code == 0 and "falcon" in res.output
+
+
+def test_down_folds_only_as_float_columns(tiny_dir, tmp_path):
+    """down scales dense_4h_to_h's input: exact as float column scaling (the torch merge),
+    impossible as a fold into dense_h_to_4h's rows under GELU, exact under ReLU for l > 0."""
+    fam = get_family("falcon")
+    assert not fam.gated_mlp and fam.input_fold_site("down") is None
+    for act, exact in (("gelu", False), ("relu", True)):
+        base = load_base(tiny_dir("falcon", activation=act))
+        pm = random_peft_adapter(copy.deepcopy(base.model), "falcon", tmp_path / act, sites=["down"])
+        with torch.no_grad():  # positive scales, so the ReLU fold is exact
+            for p in (p for n, p in pm.named_parameters() if "ia3_l" in n):
+                p.abs_()
+        reference = logits(pm)
+        adapter = load_adapter_for(tmp_path / act, base)
+        assert (logits(merge_loaded(load_base(tiny_dir("falcon", activation=act)), adapter))
+                - reference).abs().max() <= 1e-5
+        with torch.no_grad():
+            for v in adapter.vectors:
+                base.model.transformer.h[v.layer].mlp.dense_h_to_4h.weight.mul_(torch.from_numpy(v.values)[:, None])
+        assert bool((logits(base.model) - reference).abs().max() <= 1e-5) is exact, act
+
+
+def _falcon_gguf(path, kv_heads: int = 1):
+    """A tiny falcon GGUF in llama.cpp's layout (attn_qkv rows already [q; k; v])."""
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "falcon")
+    w.add_block_count(1)
+    w.add_embedding_length(32)
+    w.add_feed_forward_length(64)
+    w.add_head_count(4)
+    w.add_head_count_kv(kv_heads)
+    qkv = 32 + 2 * 8 * kv_heads
+    tensors = {"token_embd.weight": (16, 32), "output_norm.weight": (32,), "blk.0.attn_qkv.weight": (qkv, 32),
+               "blk.0.attn_output.weight": (32, 32), "blk.0.ffn_up.weight": (64, 32),
+               "blk.0.ffn_down.weight": (32, 64)}
+    for name, shape in tensors.items():
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_block_merge_refuses_down(tmp_path):
+    from edgeia3.converters.gguf.base_gguf import GGUFBase
+
+    path = _falcon_gguf(tmp_path / "falcon.gguf")
+    base = GGUFBase(path)
+    assert base.family.name == "falcon"
+    assert [base.family.site(s).fused_rows(base.config) for s in "qkv"] == [(0, 32), (32, 40), (40, 48)]
+    out = tmp_path / "out.gguf"
+    down = adapter_for_base(base, ["k", "down"], seed=1).save(tmp_path / "d.safetensors")
+    assert_refused(merge_cli(path, down, out), out, "no gated mlp", "ffn_down", "falcon")
+    kv = adapter_for_base(base, ["k", "v"], seed=1).save(tmp_path / "kv.safetensors")
+    assert merge_cli(path, kv, out).exit_code == 0  # fused qkv rows merge as block scales
+    # several KV heads: llama.cpp's [q; k; v] rows are not transformers' (PEFT's) order
+    grouped = GGUFBase(_falcon_gguf(tmp_path / "falcon2.gguf", kv_heads=2))
+    with pytest.raises(EdgeIA3Error, match="head_count_kv=2"):
+        adapter_for_base(grouped, ["k"])
+
+
+def test_onnx_export_and_gguf_writer_refuse_falcon(tiny_dir, tmp_path):
+    from edgeia3.converters.gguf.hf_writer import write_hf_gguf
+    from edgeia3.converters.onnx.export import export
+
+    with pytest.raises(EdgeIA3Error, match="does not support the 'falcon' family"):
+        export(base=str(tiny_dir("falcon", tokenizer=True)), out=tmp_path / "onnx")
+    with pytest.raises(EdgeIA3Error, match="convert 'falcon' with llama.cpp"):
+        write_hf_gguf(tiny_dir("falcon"), tmp_path / "f.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_train_lowers_loss_and_loads_back(tiny_dir, tmp_path):
+    from edgeia3.train import TrainConfig, train
+
+    base = tiny_dir("falcon", tokenizer=True)
+    data = write_label_task(tmp_path / "train.jsonl", 48, seed=0)
+    held = write_label_task(tmp_path / "eval.jsonl", 16, seed=1)
+    cfg = TrainConfig(max_steps=12, batch_size=8, lr=3e-2)
+    res = train(str(base), data, tmp_path / "ad", eval_data=held, quant="none", config=cfg, quiet=True)
+    assert res.eval_after["loss"] < res.eval_before["loss"]
+    assert np.mean(res.loss_curve[-3:]) < np.mean(res.loss_curve[:3])
+    lb = load_base(base)
+    adapter = load_adapter_for(tmp_path / "ad", lb)
+    assert adapter.family == "falcon" and adapter.sites == ["q", "k", "v", "down"]
+    assert max(float(np.abs(v.values - 1).max()) for v in adapter.vectors) > 1e-3
+    peft = PeftModel.from_pretrained(load_base(base).model, tmp_path / "ad")  # PEFT reads it too
+    assert (logits(peft) - logits(merge_loaded(lb, load_adapter(tmp_path / "ad")))).abs().max() <= 1e-5
+
+
+def test_inspect_shows_falcon(tiny_dir):
+    res = invoke("inspect", tiny_dir("falcon"))
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "falcon" in text and "q, k, v, down" in text
