@@ -259,24 +259,30 @@ def resolve_quant(quant: str, src: BaseSource, family: Family) -> str:
     if quant == "auto":
         if src.gguf is not None:
             return "gguf"
-        return "q4_0" if family.gguf_writer and _has_llama_cpp() and _gguf_writable_tokenizer(src) else "nf4"
+        # GGUF-block training swaps nn.Linear layers: Conv1D families (GPT-2) stay on NF4
+        on_blocks = family.gguf_writer and not family.conv1d
+        return "q4_0" if on_blocks and _has_llama_cpp() and _gguf_writable(src, family) else "nf4"
     if quant == "gguf" and src.gguf is None:
         raise EdgeIA3Error(f"--quant gguf trains on a GGUF file's own tensors, but {src.spec} is not a GGUF; "
                            f"give a .gguf base or quantize this one (--quant {'|'.join(LLAMA_QUANTS[:3])}|...)")
     return quant
 
 
-def _gguf_writable_tokenizer(src: BaseSource) -> bool:
-    """edgeia3's GGUF writer takes BPE tokenizers (or none); others keep auto on NF4."""
-    if not Path(src.hf_path).is_dir():
-        return False  # a hub id: nothing local to write from
-    path = Path(src.hf_path) / "tokenizer.json"
-    if not path.exists():
-        return not (Path(src.hf_path) / "tokenizer_config.json").exists()
+def _gguf_writable(src: BaseSource, family: Family) -> bool:
+    """edgeia3's GGUF writer takes this base: a local dir whose tokenizer is BPE, SentencePiece
+    or absent, and a config llama.cpp computes like transformers (the family's gguf_hparams)."""
+    import gguf
+
+    from edgeia3.converters.gguf.vocab import tokenizer_kind
+    from .fingerprint import hf_config
+
+    if not Path(src.hf_path).is_dir() or tokenizer_kind(Path(src.hf_path)) is None:
+        return False  # a hub id has nothing local to write from
     try:
-        return json.loads(path.read_text()).get("model", {}).get("type") == "BPE"
-    except (OSError, ValueError, AttributeError):
+        family.gguf_hparams(hf_config(src.hf_path), gguf.GGUFWriter(None, family.gguf_arch))
+    except EdgeIA3Error:
         return False
+    return True
 
 
 def _has_llama_cpp() -> bool:

@@ -218,7 +218,8 @@ def test_packed_layers_give_the_dense_gradients(tiny256, autocast):
 
 def test_auto_quant_picks_the_weights_that_deploy(tiny_dir, tiny256):
     """--quant auto: a GGUF base trains on its own blocks; a transformers base on its llama.cpp
-    q4_0 file when edgeia3 can write its GGUF (BPE or no tokenizer), else NF4."""
+    q4_0 file when edgeia3 can write its GGUF (BPE, SentencePiece or no tokenizer) and train on
+    its blocks (Linear layers), else NF4."""
     from edgeia3.base import resolve_quant
     from edgeia3.registry import get_family
 
@@ -226,4 +227,5 @@ def test_auto_quant_picks_the_weights_that_deploy(tiny_dir, tiny256):
     assert resolve_quant("auto", resolve_base("default"), llama) == "gguf"
     assert resolve_quant("auto", resolve_base(tiny256), llama) == "q4_0"
     assert resolve_quant("auto", resolve_base(tiny_dir("llama", tokenizer=True)), llama) == "nf4"  # WordLevel
-    assert resolve_quant("auto", resolve_base(tiny_dir("gpt2")), get_family("gpt2")) == "nf4"  # no GGUF writer
+    assert resolve_quant("auto", resolve_base(tiny_dir("gpt2")), get_family("gpt2")) == "nf4"  # Conv1D layers
+    assert resolve_quant("auto", resolve_base(tiny_dir("falcon")), get_family("falcon")) == "nf4"  # no writer

@@ -50,7 +50,8 @@ def _hparams(config: Any, family: Family, dtype: str) -> Callable[[Any], None]:
     import gguf
 
     def add(w: Any) -> None:
-        w.add_name(getattr(config, "_name_or_path", "") or family.name)
+        # the directory's name, not its path: llama.cpp reads meaning into some names (phi3)
+        w.add_name(Path(getattr(config, "_name_or_path", "") or family.name).name)
         family.gguf_hparams(config, w)
         w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
 
@@ -125,7 +126,7 @@ def write_hf_gguf(hf_dir: str | Path, out: str | Path, dtype: str = "f32") -> Wr
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    if pre and not verified:
+    if not verified and "placeholder" not in note:
         note += " (unverified: llama.cpp tokenizes differently from transformers)"
     return WrittenGGUF(out, family, source, note, verified)
 

@@ -1,6 +1,9 @@
 """Tokenizer metadata for a GGUF written from a transformers directory.
 
-BPE tokenizers (SmolLM2, Qwen2, Llama 3) are written the way llama.cpp's
+A SentencePiece ``tokenizer.model`` (Gemma, Phi-3, Llama 2: llama.cpp's
+"llama" tokenizer) is written with its pieces, scores and piece types and its
+dummy-prefix setting, as llama.cpp's converter does (it too tries SentencePiece
+first). BPE tokenizers (SmolLM2, Qwen2, Llama 3) are written the way llama.cpp's
 converter writes them: ``tokenizer.ggml.model = "gpt2"``, tokens with types,
 merges, special token ids (gguf.SpecialVocab) and the chat template. The
 pre-tokenizer name (``tokenizer.ggml.pre``) picks llama.cpp's split regex; it
@@ -59,35 +62,108 @@ def _bpe_tokens(tok: Any, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
+def _spm_proto(hf_dir: Path) -> Any | None:
+    """The SentencePiece model of ``hf_dir/tokenizer.model`` (None: absent or not one)."""
+    path = hf_dir / "tokenizer.model"
+    if not path.is_file():
+        return None
+    from google.protobuf.message import DecodeError
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except DecodeError:
+        return None  # e.g. Llama 3's tiktoken file under the same name
+    return proto if len(proto.pieces) else None
+
+
+def tokenizer_kind(hf_dir: Path) -> str | None:
+    """"spm", "bpe", "none" (no tokenizer: placeholders) or None (not writable to GGUF)."""
+    hf_dir = Path(hf_dir)
+    if _spm_proto(hf_dir) is not None:
+        return "spm"
+    path = hf_dir / "tokenizer.json"
+    if not path.exists():
+        return None if (hf_dir / "tokenizer_config.json").exists() else "none"
+    try:
+        return "bpe" if json.loads(path.read_text()).get("model", {}).get("type") == "BPE" else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _spm_tokens(proto: Any, tok: Any, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and types in id order; SentencePiece's piece types are GGUF's token
+    types (same numbers); tokens transformers adds beyond the model; [PAD] up to the vocab."""
+    import gguf
+
+    tokens = [p.piece for p in proto.pieces]
+    scores = [float(p.score) for p in proto.pieces]
+    types = [int(p.type) for p in proto.pieces]
+    for i, added in sorted(tok.added_tokens_decoder.items()):
+        if i == len(tokens):
+            tokens.append(added.content)
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED)
+    if len(tokens) > vocab_size:
+        raise EdgeIA3Error(f"the tokenizer has {len(tokens)} tokens but the model's vocabulary is {vocab_size}")
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    return tokens, scores, types
+
+
 def write_vocab(w: Any, hf_dir: Path, vocab_size: int, pre: str | None = None) -> str:
     """Add the tokenizer of ``hf_dir`` to GGUFWriter ``w``; returns a note on what was written."""
     import gguf
 
     tok = _load_tokenizer(hf_dir)
     if tok is None:
-        w.add_tokenizer_model("llama")  # SentencePiece-style placeholders: no merges needed
-        w.add_token_list([f"<t{i}>" for i in range(vocab_size)])
+        # SentencePiece-style placeholders (no merges needed), with a newline byte token:
+        # llama.cpp looks the newline up while loading some architectures (phi3) and aborts without it
+        tokens = [f"<t{i}>" for i in range(vocab_size)]
+        types = [gguf.TokenType.NORMAL] * vocab_size
+        tokens[3], types[3] = "<0x0A>", gguf.TokenType.BYTE
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
         w.add_token_scores([0.0] * vocab_size)
-        w.add_token_types([gguf.TokenType.NORMAL] * vocab_size)
+        w.add_token_types(types)
         w.add_bos_token_id(1)
         w.add_eos_token_id(2)
         w.add_unk_token_id(0)
         return "no tokenizer: placeholder vocabulary (drive the model by token ids)"
-    backend = json.loads((hf_dir / "tokenizer.json").read_text()) if (hf_dir / "tokenizer.json").exists() else {}
-    if backend.get("model", {}).get("type") != "BPE":
-        raise EdgeIA3Error(f"{hf_dir}: only BPE tokenizers (tokenizer.json) can be written to GGUF by edgeia3")
+    proto = _spm_proto(hf_dir)
+    if proto is not None:
+        tokens, scores, types = _spm_tokens(proto, tok, vocab_size)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_add_space_prefix(bool(proto.normalizer_spec.add_dummy_prefix))
+        _add_specials_and_template(w, hf_dir, vocab_size, merges=False)
+        return f"SentencePiece tokenizer, {len(proto.pieces)} pieces"
+    if tokenizer_kind(hf_dir) != "bpe":
+        raise EdgeIA3Error(f"{hf_dir}: edgeia3 writes BPE (tokenizer.json) and SentencePiece (tokenizer.model) "
+                           "tokenizers to GGUF; convert this one with llama.cpp's convert_hf_to_gguf.py")
     tokens, types = _bpe_tokens(tok, vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre or "default")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=vocab_size)
+    _add_specials_and_template(w, hf_dir, vocab_size, merges=True)
+    return f"BPE tokenizer, {len(tokens)} tokens, pre-tokenizer '{pre or 'default'}'"
+
+
+def _add_specials_and_template(w: Any, hf_dir: Path, vocab_size: int, merges: bool) -> None:
+    import gguf
+
+    special = gguf.SpecialVocab(hf_dir, load_merges=merges, n_vocab=vocab_size)
     special.chat_template = None  # written below from edgeia3's own reader (chat_template.jinja too)
     special.add_to_gguf(w, quiet=True)
     template = read_template(hf_dir)
     if template:
         w.add_chat_template(template)
-    return f"BPE tokenizer, {len(tokens)} tokens, pre-tokenizer '{pre or 'default'}'"
 
 
 def choose_pre_tokenizer(hf_dir: Path, candidates: tuple[str, ...], arch: str, vocab_size: int,
@@ -98,7 +174,11 @@ def choose_pre_tokenizer(hf_dir: Path, candidates: tuple[str, ...], arch: str, v
     loaded by llama.cpp with vocab_only. Returns (name, verified).
     """
     tok = _load_tokenizer(hf_dir)
-    if tok is None or not candidates:
+    if tok is None:
+        return None, False
+    if _spm_proto(hf_dir) is not None:
+        candidates = (None,)  # SentencePiece has no pre-tokenizer to choose: check it once
+    elif not candidates:
         return None, False
     import gguf
     import llama_cpp
@@ -107,7 +187,7 @@ def choose_pre_tokenizer(hf_dir: Path, candidates: tuple[str, ...], arch: str, v
     want = tok(PROBE, add_special_tokens=False)["input_ids"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in candidates:
-            path = Path(tmp) / f"vocab-{name}.gguf"
+            path = Path(tmp) / f"vocab-{name or 'spm'}.gguf"
             w = gguf.GGUFWriter(str(path), arch)
             add_hparams(w)
             write_vocab(w, hf_dir, vocab_size, pre=name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import EdgeIA3Error
 from . import gguf_hparams as gh
 from . import onnx_config as oc
 from .base import Family, Scaling, Site, register
@@ -105,7 +106,7 @@ register(Family(
              **_onnx("up")),
         Site("down", "mlp.down_proj", IN, gguf_tensor="blk.{i}.ffn_down", input_fold="up", **_onnx("down")),
     ),
-    default_targets=("k", "v", "down"), gguf_arch="phi3", onnx_config=oc.phi3, **_LLAMA_COMMON,
+    default_targets=("k", "v", "down"), gguf_arch="phi3", gguf_hparams=gh.phi3, onnx_config=oc.phi3, **_LLAMA_COMMON,
 ))
 
 register(Family(
@@ -128,7 +129,6 @@ register(Family(
 
 
 # -- Falcon -------------------------------------------------------------------
-from ..errors import EdgeIA3Error  # noqa: E402  (falcon's layout refusal)
 
 
 def _falcon_kv_heads(c: Any) -> int:

@@ -78,6 +78,21 @@ def llama(c: Any, w: Any) -> None:
     w.add_value_length(head_dim)
 
 
+def phi3(c: Any, w: Any) -> None:
+    """Phi-3: llama-like with fused qkv / gate_up and partial rotary; no LongRoPE factors."""
+    rope = _rope(c)
+    if rope["rope_type"] != "default":
+        _refuse(c, "LongRoPE scaling needs rope factor tensors edgeia3's GGUF writer does not write")
+    if getattr(c, "sliding_window", None):
+        _refuse(c, f"sliding_window={c.sliding_window} is set")
+    _common(c, w, rope["rope_theta"])
+    w.add_feed_forward_length(int(c.intermediate_size))
+    w.add_head_count_kv(int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads))
+    w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    rotary = float(getattr(c, "partial_rotary_factor", None) or 1.0)
+    w.add_rope_dimension_count(int(rotary * _head_dim(c)))
+
+
 def _gemma_common(c: Any, w: Any, rope_theta: float) -> None:
     _check_attention_scale(c)
     _common(c, w, rope_theta)

@@ -6,7 +6,8 @@ generator activates, so switching costs microseconds and reloads nothing.
 
 Two paths over the same export:
 - generation (``generate_ids``): onnxruntime-genai, greedy, KV cache;
-- full logits (``logits``) and mixed-adapter batches (``forward_mixed``): a
+- full logits (``logits``), mixed-adapter batches (``forward_mixed``) and
+  batched decoding with a KV cache (``batch_decoder``, see ``onnx_batch``): a
   plain ``onnxruntime.InferenceSession`` on model.onnx (created on first use),
   adapters activated with ``RunOptions.add_active_adapter`` - genai exposes
   only last-position logits, and mixed batches need per-row IA3 inputs
@@ -84,13 +85,24 @@ class OnnxRuntime:
         return list(self._files)
 
     def use_adapter(self, name: str | None) -> None:
+        self._active = self.side_adapter(name)
+
+    def side_adapter(self, name: str | None) -> str | None:
+        """The adapter whose side tensors serve ``name`` (None: none to feed, e.g. the merged one)."""
         merged = merged_name(self.manifest)
         if name is not None and name == merged:
-            name = None  # already in the weights: no side tensors to feed
+            return None  # already in the weights: no side tensors to feed
         if name is not None and name not in self._files:
             hint = f" (this export has adapter '{merged}' merged into its weights)" if merged else ""
             raise EdgeIA3Error(f"unknown adapter '{name}' (in this export: {', '.join(self._files) or 'none'}){hint}")
-        self._active = name
+        return name
+
+    def batch_decoder(self, max_rows: int = 16) -> Any:
+        """Greedy decoding of up to ``max_rows`` requests at once, each with its own adapter
+        (``onnx_batch.BatchDecoder``; for the server)."""
+        from .onnx_batch import BatchDecoder
+
+        return BatchDecoder(self, max_rows)
 
     def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
         if not isinstance(prompt, str):

@@ -5,14 +5,21 @@ the runtime (tokenizing, swapping adapters, generating, loading adapters).
 HTTP handlers put a ``Job`` into the queue and read its events (start, text
 deltas, done or error) from an asyncio queue the worker feeds.
 
-Scheduling (``Scheduler``): waiting requests are served in adapter turns - all
-requests for the oldest request's adapter, then the next - which saves swaps
-without starving anyone. A swap only ever happens between two requests. Every request
-decodes greedily from an empty KV cache with its adapter's exact weights, so
-its answer never depends on which other requests were in flight.
+Two ways to schedule, by what the runtime can do:
+- batched (runtimes with ``batch_decoder``, i.e. ONNX exports, unless
+  ``Limits.max_batch`` is 1): up to ``max_batch`` requests decode together,
+  each row with its own adapter's vectors and its own KV cache; requests join
+  and leave between steps (``batching.BatchLoop``).
+- one request at a time (llama.cpp, or ``max_batch`` 1), in adapter turns
+  (``Scheduler``): all requests for the oldest request's adapter, then the
+  next - which saves swaps without starving anyone. A swap only ever happens
+  between two requests.
+Either way every request decodes greedily with its adapter's exact weights from
+its own KV cache, so its answer never depends on which other requests were in flight.
 
 Control tasks (loading / unloading an adapter) run on the same thread, between
-requests, before the next waiting request.
+requests (batched: between steps; a running row keeps its own copy of its
+adapter's vectors), before the next waiting request.
 """
 
 from __future__ import annotations
@@ -82,6 +89,9 @@ class Metrics:
         self.decode_seconds = 0.0  # time spent generating (prefill included)
         self.adapter_swaps = 0
         self.swap_seconds = 0.0
+        self.batch_steps = 0  # batched decoding: steps run, and rows decoded over those steps
+        self.batch_rows = 0
+        self.batch_peak = 0
         self.by_model: dict[str, int] = {}
         self.latency: deque = deque(maxlen=2048)  # submit -> done, seconds
         self.ttft: deque = deque(maxlen=2048)  # submit -> first token
@@ -136,7 +146,8 @@ class Engine:
         self.waiting: list[Job] = []
         self.controls: deque = deque()
         self.scheduler = Scheduler(self.limits.max_group_wait)
-        self.running: Job | None = None
+        self.running: list[Job] = []  # decoding now (one, or a batch's rows)
+        self.max_batch = self.limits.max_batch if hasattr(runtime, "batch_decoder") else 1
         self.active: str | None = getattr(runtime, "_active", None)
         self.closed = False
         self.names: dict[str, dict] = {n: {"source": "export"} for n in runtime.adapters}
@@ -144,7 +155,13 @@ class Engine:
         if merged:
             self.names.setdefault(merged, {"source": "export"})["merged"] = True
         self.created = int(time.time())
-        self.thread = threading.Thread(target=self._loop, name="edgeia3-serve-worker", daemon=True)
+        if self.max_batch > 1:
+            from .batching import BatchLoop
+
+            loop = BatchLoop(self).run
+        else:
+            loop = self._loop
+        self.thread = threading.Thread(target=loop, name="edgeia3-serve-worker", daemon=True)
 
     def _merged_name(self) -> str | None:
         from ..manifest import merged_name
@@ -165,9 +182,9 @@ class Engine:
                 return
             self.closed = True
             dropped, self.waiting = self.waiting, []
-            if self.running is not None:  # stop the running request at its next token
-                self.running.cancelled.set()
-                dropped.append(self.running)
+            for job in self.running:  # stop the running requests at their next token
+                job.cancelled.set()
+                dropped.append(job)
             self.cond.notify_all()
         for job in dropped:
             job.post("error", ServeError(503, "the server is shutting down", "shutting_down"))
@@ -302,7 +319,7 @@ class Engine:
                     return
                 else:
                     job = self.waiting.pop(self.scheduler.pick(self.waiting, self.active, time.perf_counter()))
-                    self.running = job
+                    self.running = [job]
             if job is None:
                 if fut.set_running_or_notify_cancel():
                     try:
@@ -318,33 +335,36 @@ class Engine:
             finally:
                 job.finished = job.finished or time.perf_counter()
                 with self.cond:
-                    self.running = None
+                    self.running = []
 
     def _fail(self, job: Job, err: ServeError) -> None:
         job.finished = time.perf_counter()
         job.post("error", err)
+        return None
 
-    def _run(self, job: Job) -> None:
-        rt, lim, m = self.rt, self.limits, self.metrics
+    def _admit(self, job: Job) -> tuple[list[int], int] | None:
+        """A job about to run: its prompt ids and max_tokens, or None once it was answered (an
+        error) or dropped (cancelled). Shared by both schedules."""
+        lim = self.limits
         job.started = time.perf_counter()
         if job.cancelled.is_set():
-            with m.lock:
-                m.cancelled += 1
-            return
+            job.finished = job.finished or time.perf_counter()
+            with self.metrics.lock:
+                self.metrics.cancelled += 1
+            return None
         with self.cond:
             known = job.adapter is None or job.adapter in self.names
         if not known:
             return self._fail(job, ServeError(404, f"The model '{job.adapter}' was unloaded before this request "
                                                    "ran", "model_not_found", "model"))
-        # -- the prompt
         try:
             if isinstance(job.prompt, list) and all(isinstance(t, int) for t in job.prompt):
                 ids = list(job.prompt)
                 if self.vocab is not None and any(not 0 <= t < self.vocab for t in ids):
                     return self._fail(job, ServeError(400, f"prompt token ids must lie in [0, {self.vocab})",
                                                       "invalid_value", "prompt"))
-            else:  # rendered with the job's adapter's template, before the swap to it
-                ids = prompt_ids_for(rt, job.prompt, job.adapter)
+            else:  # rendered with the job's adapter's template (before any swap to it)
+                ids = prompt_ids_for(self.rt, job.prompt, job.adapter)
         except NoChatTemplate as e:
             return self._fail(job, ServeError(400, f"{e} when starting edgeia3 serve, or send plain text to "
                                                    "/v1/completions", "invalid_value", "messages"))
@@ -361,14 +381,21 @@ class Engine:
                 "context_length_exceeded", "messages"))
         room = self.context - n_prompt
         if job.max_tokens is None:
-            max_tokens = min(lim.max_tokens, room)
-        else:
-            max_tokens = job.max_tokens
-            if n_prompt + max_tokens > self.context:
-                return self._fail(job, ServeError(
-                    400, f"this model's maximum context length is {self.context} tokens; you requested "
-                         f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the "
-                         "completion)", "context_length_exceeded", "max_tokens"))
+            return ids, min(lim.max_tokens, room)
+        if n_prompt + job.max_tokens > self.context:
+            return self._fail(job, ServeError(
+                400, f"this model's maximum context length is {self.context} tokens; you requested "
+                     f"{n_prompt + job.max_tokens} tokens ({n_prompt} in the prompt, {job.max_tokens} for the "
+                     "completion)", "context_length_exceeded", "max_tokens"))
+        return ids, job.max_tokens
+
+    def _run(self, job: Job) -> None:
+        rt, m = self.rt, self.metrics
+        admitted = self._admit(job)
+        if admitted is None:
+            return
+        ids, max_tokens = admitted
+        n_prompt = len(ids)
         # -- the adapter (only ever between requests)
         if job.adapter != self.active:
             t0 = time.perf_counter()
@@ -402,22 +429,27 @@ class Engine:
             return self._fail(job, ServeError(400, str(e), "invalid_value"))
         finally:
             gen.close()
-            dt = time.perf_counter() - t0
             with m.lock:
                 m.generated_tokens += n
                 m.prompt_tokens += n_prompt
-                m.decode_seconds += dt
+                m.decode_seconds += time.perf_counter() - t0
+        return self._complete(job, text, finish, n, max_tokens, n_prompt)
+
+    def _complete(self, job: Job, text: TextStream, finish: str | None, n: int, max_tokens: int,
+                  n_prompt: int) -> None:
+        """A job's generation ended (``finish`` None: by EOS or max_tokens): its last delta and done,
+        or nothing if it was cancelled."""
+        m = self.metrics
+        job.finished = time.perf_counter()
         if job.cancelled.is_set():
-            job.finished = time.perf_counter()
             with m.lock:
                 m.cancelled += 1
-            return None
+            return
         if finish is None:
             finish = "length" if n >= max_tokens else "stop"
         rest = text.finish()
         if rest:
             job.post("delta", rest)
-        job.finished = time.perf_counter()
         with m.lock:
             m.completed += 1
             m.latency.append(job.finished - job.submitted)
@@ -425,13 +457,12 @@ class Engine:
             if job.first_token is not None:
                 m.ttft.append(job.first_token - job.submitted)
         job.post("done", finish, n_prompt, n)
-        return None
 
     # -- metrics --------------------------------------------------------------------------------
     def snapshot(self) -> dict:
         m = self.metrics
         with self.cond:
-            depth, running, adapters = len(self.waiting), int(self.running is not None), len(self.names)
+            depth, running, adapters = len(self.waiting), len(self.running), len(self.names)
         with m.lock:
             uptime = time.time() - m.t0
             return {
@@ -448,6 +479,9 @@ class Engine:
                 "generated_tokens": m.generated_tokens,
                 "tokens_per_s": round(m.generated_tokens / m.decode_seconds, 3) if m.decode_seconds else 0.0,
                 "tokens_per_s_uptime": round(m.generated_tokens / uptime, 3) if uptime else 0.0,
+                "batch": {"max_rows": self.max_batch, "steps": m.batch_steps, "rows_decoded": m.batch_rows,
+                          "mean_rows": round(m.batch_rows / m.batch_steps, 3) if m.batch_steps else 0.0,
+                          "peak_rows": m.batch_peak},
                 "adapter_swaps": m.adapter_swaps,
                 "swap_seconds_total": round(m.swap_seconds, 6),
                 "adapters_loaded": adapters,

@@ -40,11 +40,12 @@ def not_found(model: str, names: list[str]) -> ServeError:
 
 @dataclass
 class Limits:
-    max_queue: int = 64  # requests waiting (not counting the one running); more: 429
+    max_queue: int = 64  # requests waiting (not counting those running); more: 429
     max_tokens: int = 1024  # cap on a request's max_tokens (and the default for chat)
     max_prompt_tokens: int = 4096  # cap on prompt tokens (the model's context caps too)
     max_body_bytes: int = 1 << 20  # request body; more: 413
     max_group_wait: float = 1.0  # seconds another adapter's oldest request may wait while one adapter is served
+    max_batch: int = 16  # requests decoded together (runtimes that batch: ONNX); 1: one at a time
 
 
 class Job:
