@@ -1,12 +1,17 @@
 """Serving benchmark: ``edgeia3 serve`` on the embedded SmolLM2-135M-Instruct, GGUF and ONNX int4.
 
     python bench/bench_serve.py [--work DIR] [--kinds gguf,onnx] [--concurrency 1,4,16]
-                                [--requests 48] [--tokens 32] [--resident 100,1000] [--switches 20]
+                                [--requests 48] [--tokens 32] [--max-batch 16]
+                                [--resident 100,1000] [--switches 20]
 
 1. Throughput and latency: requests/s and client-side p50/p99 latency at 1, 4 and 16
    concurrent clients, single-adapter (every request names one adapter) vs mixed-adapter
    (requests cycle over the base and 7 adapters), each request a chat completion of exactly
-   ``--tokens`` tokens (``ignore_eos``). One server process per export, one worker.
+   ``--tokens`` tokens (``ignore_eos``). One server process per export and scheduling, one
+   worker. ONNX runs twice: batched (``Limits.max_batch`` = ``--max-batch``: requests decode
+   together, each row with its own adapter) and one request at a time (``max_batch`` 1, the
+   onnxruntime-genai path); the goals table gives mixed / single-adapter and batched /
+   one-at-a-time requests/s at the highest concurrency. GGUF (llama.cpp) is one at a time.
 2. Resident adapters: the server started with ``--adapters-dir`` holding N adapters:
    start-up time (N adapters validated and loaded), resident memory (RSS) against the
    same server without them, and time to the first token of a streamed 1-token answer
@@ -101,12 +106,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# ``edgeia3 serve`` with a given Limits.max_batch (the CLI has no flag for it)
+LAUNCH = ("import sys; from edgeia3.serve import Limits, serve; serve(sys.argv[1], port=int(sys.argv[2]), "
+          "limits=Limits(max_queue=1024, max_batch=int(sys.argv[3])), announce=None)")
+
+
 class Server:
-    def __init__(self, model: Path, log_path: Path, *extra: str):
+    def __init__(self, model: Path, log_path: Path, *extra: str, max_batch: int | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "edgeia3", "serve", "--model", str(model), "--port", str(self.port),
                "--max-queue", "1024", *extra]
+        if max_batch is not None:
+            cmd = [sys.executable, "-c", LAUNCH, str(model), str(self.port), str(max_batch)]
         self._log = open(log_path, "w")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
@@ -176,8 +188,56 @@ def load_test(srv: Server, models: list[str], concurrency: int, n: int, tokens: 
             f.result()
     wall = time.perf_counter() - t0
     after = srv.metrics()
-    return {"rps": n / wall, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99),
-            "tok_s": n * tokens / wall, "swaps": after["adapter_swaps"] - before["adapter_swaps"]}
+    steps = after["batch"]["steps"] - before["batch"]["steps"]
+    rows = (after["batch"]["rows_decoded"] - before["batch"]["rows_decoded"]) / steps if steps else 1.0
+    return {"rps": n / wall, "lat": lat, "swaps": after["adapter_swaps"] - before["adapter_swaps"], "rows": rows}
+
+
+def throughput(kind: str, export: Path, names: list[str], args: argparse.Namespace, levels: list[int]) -> tuple:
+    """The throughput table's rows for one export, the requests/s per cell, its first server's
+    resident-adapter row, runtime name and RSS. ONNX: a batched and a one-at-a-time server, both up, their cells
+    interleaved (and repeated ``--repeat`` times: req/s is the median) so that a busy machine's
+    drift hits both alike; GGUF: one at a time."""
+    schedules = (("batched", args.max_batch), ("one at a time", 1)) if kind == "onnx" else (("one at a time", None),)
+    modes = (("single", [names[0]]), ("mixed", ["base"] + names[:EXPORT_ADAPTERS - 1]))
+    servers = {}
+    try:
+        for sched, max_batch in schedules:
+            servers[sched] = srv = Server(export, args.work / f"server-{kind}-{max_batch}.log", max_batch=max_batch)
+            srv.baseline_rss = srv.rss_mb()
+            for m in ["base"] + names[:EXPORT_ADAPTERS - 1]:  # warm up every model once
+                srv.http.post("/v1/chat/completions", json=chat_body(m, 0, 4))
+        cells: dict = {}
+        for rnd in range(args.repeat):
+            for c in levels:
+                for mode, models in modes:
+                    for sched, _ in schedules:
+                        n = max(args.requests, 2 * c)
+                        log(f"{kind} {sched} {mode} c={c} n={n} (round {rnd + 1}/{args.repeat})")
+                        cells.setdefault((sched, mode, c), []).append(load_test(servers[sched], models, c, n,
+                                                                                args.tokens))
+        first = servers[schedules[0][0]]
+        rt_name = first.metrics()["runtime"]
+        # scheduled like the resident-adapter servers (the CLI's default)
+        sw = switch_test(first, names[:EXPORT_ADAPTERS], min(args.switches, EXPORT_ADAPTERS - 1))
+        resident = _resident_row(kind, rt_name, EXPORT_ADAPTERS, first, first.baseline_rss, sw, first.baseline_rss)
+    finally:
+        for srv in servers.values():
+            srv.close()
+    rows, rps = [], {}
+    for sched, _ in schedules:
+        for mode, _ in modes:
+            for c in levels:
+                runs = cells[(sched, mode, c)]
+                lat = [x for r in runs for x in r["lat"]]
+                rps[(kind, sched, mode, c)] = r_s = statistics.median(r["rps"] for r in runs)
+                rows.append({"export": f"{kind} ({rt_name})", "scheduling": sched, "adapters": mode, "clients": c,
+                             "requests": len(lat), "req/s": f"{r_s:.2f}", "tok/s": f"{r_s * args.tokens:.0f}",
+                             "p50 latency": f"{1000 * pct(lat, 0.5):.0f} ms",
+                             "p99 latency": f"{1000 * pct(lat, 0.99):.0f} ms",
+                             "rows per step": f"{statistics.mean(r['rows'] for r in runs):.1f}",
+                             "adapter swaps": sum(r["swaps"] for r in runs)})
+    return rows, rps, resident, rt_name, first.baseline_rss
 
 
 # -- 2. resident adapters --------------------------------------------------------------------------------------
@@ -212,6 +272,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--requests", type=int, default=48, help="requests per (concurrency, mode) cell")
     ap.add_argument("--tokens", type=int, default=32, help="tokens per answer")
+    ap.add_argument("--max-batch", type=int, default=16, help="rows of the batched ONNX server")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of the throughput cells (req/s: the median)")
     ap.add_argument("--resident", default="100,1000", help="resident adapter counts ('' to skip)")
     ap.add_argument("--switches", type=int, default=20)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -228,32 +290,13 @@ def main() -> None:
     t_all = time.perf_counter()
     prep = prepare(args.work, kinds, EXPORT_ADAPTERS + max(resident, default=0))
     names = prep["names"]
-    results: dict = {"throughput": [], "resident": []}
+    results: dict = {"throughput": [], "goals": [], "resident": []}
     for kind in kinds:
         export = prep["exports"][kind]
-        srv = Server(export, args.work / f"server-{kind}.log")
-        try:
-            rt_name = srv.metrics()["runtime"]
-            baseline_rss = srv.rss_mb()
-            # warm up every model once
-            for m in ["base"] + names[:EXPORT_ADAPTERS - 1]:
-                srv.http.post("/v1/chat/completions", json=chat_body(m, 0, 4))
-            for mode, models in (("single", [names[0]]), ("mixed", ["base"] + names[:EXPORT_ADAPTERS - 1])):
-                for c in levels:
-                    n = max(args.requests, 2 * c)
-                    log(f"{kind} {mode} c={c} n={n}")
-                    r = load_test(srv, models, c, n, args.tokens)
-                    results["throughput"].append({"export": f"{kind} ({rt_name})", "adapters": mode, "clients": c,
-                                                  "requests": n, "req/s": f"{r['rps']:.2f}",
-                                                  "tok/s": f"{r['tok_s']:.0f}",
-                                                  "p50 latency": f"{1000 * r['p50']:.0f} ms",
-                                                  "p99 latency": f"{1000 * r['p99']:.0f} ms",
-                                                  "adapter swaps": r["swaps"]})
-            sw = switch_test(srv, names[:EXPORT_ADAPTERS], min(args.switches, EXPORT_ADAPTERS - 1))
-            results["resident"].append(_resident_row(kind, rt_name, EXPORT_ADAPTERS, srv, baseline_rss, sw,
-                                                     baseline_rss))
-        finally:
-            srv.close()
+        rows, rps, row, rt_name, baseline_rss = throughput(kind, export, names, args, levels)
+        results["throughput"] += rows
+        results["resident"].append(row)
+        results["goals"] += _goals(kind, rps, max(levels))
         for n_res in resident:
             d = resident_dir(args.work, prep["store"], names, n_res)
             log(f"{kind}: server with {n_res} resident adapters")
@@ -269,10 +312,15 @@ def main() -> None:
     print()
     print(f"Each request: a chat completion of exactly {args.tokens} tokens (greedy, ignore_eos); "
           "latency is client-side (queueing included). single: every request names the same adapter; "
-          f"mixed: requests cycle over the base and {EXPORT_ADAPTERS - 1} adapters.")
+          f"mixed: requests cycle over the base and {EXPORT_ADAPTERS - 1} adapters. batched: up to "
+          f"{args.max_batch} requests decode together; one at a time: the onnxruntime-genai / llama.cpp path. "
+          f"req/s: the median of {args.repeat} interleaved round(s); latency percentiles over all of them.")
     print()
     print(table(results["throughput"]))
     print()
+    if results["goals"]:
+        print(table(results["goals"]))
+        print()
     print("## Resident adapters")
     print()
     print("first token: a streamed 1-token chat answer, median of "
@@ -286,6 +334,23 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2))
     if tmp is not None:
         tmp.cleanup()
+
+
+def _goals(kind: str, rps: dict, c: int) -> list[dict]:
+    """The serving goals at ``c`` clients, from the measured requests/s."""
+    rows = []
+    pairs = ((f"mixed / single-adapter req/s, batched, {c} clients", (kind, "batched", "mixed", c),
+              (kind, "batched", "single", c), 0.9),
+             (f"batched / one-at-a-time req/s, single-adapter, {c} clients", (kind, "batched", "single", c),
+              (kind, "one at a time", "single", c), 2.0),
+             (f"batched / one-at-a-time req/s, mixed-adapter, {c} clients", (kind, "batched", "mixed", c),
+              (kind, "one at a time", "mixed", c), 2.0))
+    for what, num, den, goal in pairs:
+        if num in rps and den in rps:
+            ratio = rps[num] / rps[den]
+            rows.append({"export": kind, "figure": what, "measured": f"{ratio:.2f}x",
+                         "goal": f">= {goal}x: {'met' if ratio >= goal else 'not met'}"})
+    return rows
 
 
 def _resident_row(kind: str, rt_name: str, n: int, srv: Server, rss: float, sw: dict, baseline: float) -> dict:

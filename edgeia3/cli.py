@@ -263,6 +263,8 @@ def serve(
     max_body_bytes: int = typer.Option(1 << 20, help="cap on a request body; more get 413"),
     max_group_wait: float = typer.Option(1.0, help="seconds a request for another adapter may wait while "
                                          "requests for the active adapter are served first"),
+    max_batch: int = typer.Option(16, help="ONNX exports: requests decoded together in one batch, each "
+                                  "with its own adapter (1: one at a time)"),
     provider: Optional[str] = typer.Option(None, help="onnxruntime execution provider (ONNX exports)"),
     log_level: str = typer.Option("warning", help="uvicorn log level (info shows each request)"),
     chat_template: Optional[str] = typer.Option(None, help=CHAT_TEMPLATE_HELP + "; for every adapter"),
@@ -273,11 +275,12 @@ def serve(
 
     _quiet_libraries()
     for name, value in (("--max-queue", max_queue), ("--max-tokens", max_tokens),
-                        ("--max-prompt-tokens", max_prompt_tokens), ("--max-body-bytes", max_body_bytes)):
+                        ("--max-prompt-tokens", max_prompt_tokens), ("--max-body-bytes", max_body_bytes),
+                        ("--max-batch", max_batch)):
         if value < 1:
             raise EdgeIA3Error(f"{name} must be at least 1")
     limits = Limits(max_queue=max_queue, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
-                    max_body_bytes=max_body_bytes, max_group_wait=max_group_wait)
+                    max_body_bytes=max_body_bytes, max_group_wait=max_group_wait, max_batch=max_batch)
     serve_fn(model, host=host, port=port, api_key=api_key, adapters_dir=adapters_dir, limits=limits,
              provider=provider, log_level=log_level, chat_template=chat_template,
              announce=lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True))

@@ -3,7 +3,8 @@
 with two adapters each.
 
 Tests that need requests to wait in the queue first keep the worker busy with a few long
-base-model requests (``ignore_eos``), then synchronize on ``/metrics`` - never on sleeps.
+base-model requests (``ignore_eos``; a full batch of them where the server batches, ONNX),
+then synchronize on ``/metrics`` - never on sleeps. Batching itself: tests/test_serve_batching.py.
 """
 
 from __future__ import annotations
@@ -205,17 +206,20 @@ def srv(request, tiny, tmp_path_factory):
 
 
 class Blocker:
-    """Keeps the worker busy for >= ``seconds``: k long base-model requests, accepted before entry returns."""
+    """Keeps the worker busy for >= ``seconds``: k long base-model requests, accepted before entry returns.
+    A batching server gets a full batch of them (all running at once), so later requests wait."""
 
     def __init__(self, srv: Server, seconds: float = 4.0):
         self.srv = srv
-        self.k = min(8, max(2, math.ceil(seconds / srv.long_s)))
+        self.rows = srv.metrics()["batch"]["max_rows"]
+        self.k = max(self.rows, min(8, max(2, math.ceil(seconds / srv.long_s))))
 
     def __enter__(self) -> "Blocker":
         before = self.srv.metrics()["requests"]
         self.pool = ThreadPoolExecutor(self.k)
         self.futures = [self.pool.submit(long_request, self.srv) for _ in range(self.k)]
-        wait_until(lambda: (m := self.srv.metrics())["requests"] - before >= self.k and m["running"] == 1
+        running = min(self.k, self.rows)
+        wait_until(lambda: (m := self.srv.metrics())["requests"] - before >= self.k and m["running"] == running
                    and m["active_adapter"] == "base", 60, "the blocking requests to be accepted")
         return self
 
@@ -312,9 +316,16 @@ def test_concurrent_requests_answer_as_alone(srv):
         barrier.wait()
         return chat(client, *case)
 
+    before = srv.metrics()["batch"]
     with ThreadPoolExecutor(24) as ex:
         got = list(ex.map(one, cases))
     assert got == [alone[c] for c in cases]
+    after = srv.metrics()["batch"]
+    if srv.kind == "onnx":  # decoded in batches of several rows (mixed adapters), not one at a time
+        assert after["max_rows"] == 16 and after["peak_rows"] > 1
+        assert after["rows_decoded"] - before["rows_decoded"] > 2 * (after["steps"] - before["steps"])
+    else:  # llama.cpp: one request at a time, in adapter turns
+        assert after["max_rows"] == 1 and after["steps"] == 0
 
 
 def test_waiting_requests_are_grouped_by_adapter(srv):

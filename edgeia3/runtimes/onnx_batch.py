@@ -27,8 +27,9 @@ logits are those it computes alone (tests/test_serve_batching.py checks it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Hashable
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,6 @@ class Row:
     last: int = -1  # the newest token: the next step's input
     generated: int = 0
     done: bool = False
-    vectors: dict = field(default_factory=dict)
 
 
 class BatchDecoder:
@@ -90,9 +90,6 @@ class BatchDecoder:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def keys(self) -> list:
-        return [r.key for r in self.rows]
-
     def join(self, key: Hashable, prompt_ids: list[int], adapter: str | None, max_tokens: int,
              ignore_eos: bool = False) -> int | None:
         """Prefill a new row; its first token (None: the model ended at once). A row that is done
@@ -105,17 +102,22 @@ class BatchDecoder:
         if n == 0 or n + max_tokens > self.context or max_tokens < 1:
             raise EdgeIA3Error(f"prompt of {n} tokens + {max_tokens} new ones does not fit the context "
                                f"({self.context})")
+        vectors = self._vectors_of(adapter)
         row = Row(key, adapter, max_tokens, frozenset() if ignore_eos else frozenset(self.eos),
-                  self.eos if ignore_eos else (), vectors=self._vectors_of(adapter))
+                  self.eos if ignore_eos else ())
         self._ensure(len(self.rows) + 1, n + 1)
         slot = len(self.rows)
         self.rows.append(row)
         for (name, _), buf in zip(self.ia3, self.vec):
-            buf[slot] = row.vectors[name]
+            buf[slot] = vectors[name]
         ids = np.asarray([prompt_ids], dtype=self.ids_dtype)
         mask = np.ones((1, n), dtype=self.mask_dtype)
         logits = np.empty((1, n, self.vocab), dtype=self.logits_dtype)
-        self._run(ids, mask, logits, slice(slot, slot + 1))
+        try:
+            self._run(ids, mask, logits, slice(slot, slot + 1))
+        except BaseException:
+            self.rows.pop()
+            raise
         row.length = n
         tok = self._take(row, logits[0, -1])
         self._drop_done()
@@ -149,9 +151,6 @@ class BatchDecoder:
             if r.key == key:
                 r.done = True
         self._drop_done()
-
-    def uses(self, adapter: str) -> bool:
-        return any(r.adapter == adapter for r in self.rows)
 
     # -- internals -------------------------------------------------------------------------------
     def _take(self, row: Row, logits: np.ndarray) -> int | None:

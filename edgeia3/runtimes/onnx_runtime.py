@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -230,6 +231,7 @@ class OnnxRuntime:
             model_file = self.path / self.manifest.get("model_file", "model.onnx")
             so = ort.SessionOptions()
             so.log_severity_level = 3  # IA3 inputs are overridable initializers by design; no warning per input
+            _genai_threads(so, self.genai_config["model"]["decoder"].get("session_options", {}))
             with _load_errors(self.path, model_file.name, "onnxruntime"):
                 self._session = ort.InferenceSession(str(model_file), so, providers=providers)
             types = {i.name: i.type for i in (*self._session.get_inputs(),
@@ -296,6 +298,15 @@ def _read_json(path: Path, export: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise EdgeIA3Error(f"{export}: cannot read {path.name}: {e}") from None
+
+
+def _genai_threads(so: Any, config: dict) -> None:
+    """The thread counts onnxruntime-genai gives its own session (half the logical cores, at most 16,
+    unless genai_config.json says): ORT's default (every core, spinning) is ~2x slower on a busy
+    machine, and the two paths over one export should be timed alike."""
+    so.intra_op_num_threads = int(config.get("intra_op_num_threads") or min(16, max(1, (os.cpu_count() or 2) // 2)))
+    if config.get("inter_op_num_threads"):
+        so.inter_op_num_threads = int(config["inter_op_num_threads"])
 
 
 def _np_type(ort_type: str):

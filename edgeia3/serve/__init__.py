@@ -4,9 +4,11 @@
     serve("out/gguf", port=8000)          # blocks; Ctrl-C stops it
 
 A request's ``model`` field picks the adapter ("base": none). One worker thread
-owns the runtime and serves a bounded queue, grouping waiting requests by
-adapter; decoding is greedy, so an answer never depends on the other requests
-in flight. See ``engine`` (scheduling) and ``api`` (the HTTP surface).
+owns the runtime and serves a bounded queue: ONNX exports decode up to
+``Limits.max_batch`` requests together, each with its own adapter (``batching``);
+llama.cpp serves one at a time, grouping waiting requests by adapter. Decoding is
+greedy, so an answer never depends on the other requests in flight. See ``engine``
+(scheduling) and ``api`` (the HTTP surface).
 """
 
 from __future__ import annotations

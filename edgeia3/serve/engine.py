@@ -147,7 +147,7 @@ class Engine:
         self.controls: deque = deque()
         self.scheduler = Scheduler(self.limits.max_group_wait)
         self.running: list[Job] = []  # decoding now (one, or a batch's rows)
-        self.max_batch = self.limits.max_batch if hasattr(runtime, "batch_decoder") else 1
+        self.max_batch = max(1, int(self.limits.max_batch)) if hasattr(runtime, "batch_decoder") else 1
         self.active: str | None = getattr(runtime, "_active", None)
         self.closed = False
         self.names: dict[str, dict] = {n: {"source": "export"} for n in runtime.adapters}
@@ -422,8 +422,7 @@ class Engine:
                     break
                 if job.cancelled.is_set():
                     break
-                if TOKEN_DELAY:
-                    time.sleep(TOKEN_DELAY)
+                self.pace()
         except EdgeIA3Error as e:
             gen.close()
             return self._fail(job, ServeError(400, str(e), "invalid_value"))
@@ -459,6 +458,11 @@ class Engine:
         job.post("done", finish, n_prompt, n)
 
     # -- metrics --------------------------------------------------------------------------------
+    def pace(self) -> None:
+        """Test/demo pacing (EDGEIA3_SERVE_TOKEN_DELAY): one wait per token or batch step."""
+        if TOKEN_DELAY:
+            time.sleep(TOKEN_DELAY)
+
     def snapshot(self) -> dict:
         m = self.metrics
         with self.cond:

@@ -1,0 +1,159 @@
+"""The batched worker loop: up to ``max_batch`` requests decode together (runtimes with
+``batch_decoder``: ONNX exports).
+
+Between two steps the worker runs pending control tasks (adapter loads and
+unloads), then admits waiting requests (oldest first) into free rows - each is
+checked like any request (``Engine._admit``) and prefilled alone - then decodes
+one token for every row. A row leaves on EOS, ``max_tokens``, a stop string, or
+when its client went away; a step never waits for a slow client (events are
+queued to the HTTP handlers).
+
+Every row has its own adapter vectors (copied when it joins, so an unload
+cannot change a running request: it finishes with the adapter it started with,
+while waiting requests for that adapter fail with 404, as without batching) and
+its own KV cache; decoding is greedy. See ``edgeia3.runtimes.onnx_batch``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from ..errors import EdgeIA3Error
+from .requests import Job, ServeError, TextStream
+
+log = logging.getLogger("edgeia3.serve")
+
+
+class _Row:
+    """A request decoding in the batch: what its response has so far."""
+
+    __slots__ = ("job", "text", "n", "n_prompt", "max_tokens")
+
+    def __init__(self, job: Job, text: TextStream, n_prompt: int, max_tokens: int):
+        self.job, self.text, self.n_prompt, self.max_tokens = job, text, n_prompt, max_tokens
+        self.n = 0  # tokens generated
+
+
+class BatchLoop:
+    """The worker thread's loop for an engine whose runtime decodes batches."""
+
+    def __init__(self, engine: Any):
+        self.e = engine
+        self.dec: Any = None  # the runtime's BatchDecoder, made on the worker thread at first use
+        self.rows: dict[str, _Row] = {}
+
+    def run(self) -> None:
+        e = self.e
+        while True:
+            with e.cond:
+                while not (e.controls or e.waiting or self.rows or e.closed):
+                    e.cond.wait()
+                if e.closed:
+                    return  # close() answered every waiting and running request
+                control, admit = (e.controls.popleft() if e.controls else None), []
+                if control is None:
+                    free = e.max_batch - len(self.rows)
+                    admit, e.waiting = e.waiting[:free], e.waiting[free:]
+                    e.running.extend(admit)  # so that close() reaches them
+            if control is not None:
+                fn, fut = control
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as ex:  # handed to whoever awaits the control task
+                        fut.set_exception(ex)
+                continue
+            for job in admit:
+                try:
+                    self._join(job)
+                except Exception as ex:  # a bug or a runtime failure: answer 500, keep serving
+                    log.exception("request %s failed", job.id)
+                    self._drop(job, ServeError(500, f"internal error: {type(ex).__name__}: {ex}", "internal_error"))
+            for row in [r for r in self.rows.values() if r.job.cancelled.is_set()]:
+                self._end(row, None)  # gone before this step: no token spent on it
+            if self.rows:
+                self._step()
+
+    # -- rows --------------------------------------------------------------------------------------
+    def _join(self, job: Job) -> None:
+        e, m = self.e, self.e.metrics
+        admitted = e._admit(job)
+        if admitted is None:
+            return self._forget(job)
+        ids, max_tokens = admitted
+        job.post("start", len(ids), max_tokens)
+        row = _Row(job, TextStream(e.rt.detokenize, job.stop), len(ids), max_tokens)
+        if self.dec is None:
+            self.dec = e.rt.batch_decoder(e.max_batch)
+        t0 = time.perf_counter()
+        try:
+            tok = self.dec.join(job.id, ids, job.adapter, max_tokens, ignore_eos=job.ignore_eos)
+        except EdgeIA3Error as ex:
+            return self._drop(job, ServeError(400, str(ex), "invalid_value"))
+        finally:
+            with m.lock:
+                m.prompt_tokens += len(ids)
+                m.decode_seconds += time.perf_counter() - t0
+        self.rows[job.id] = row
+        self._token(row, tok)
+        return None
+
+    def _step(self) -> None:
+        m = self.e.metrics
+        t0 = time.perf_counter()
+        try:
+            out = self.dec.step()
+        except Exception as ex:  # which row failed is unknown: fail them all, start a fresh decoder
+            log.exception("a batch step failed")
+            err = ServeError(500, f"internal error: {type(ex).__name__}: {ex}", "internal_error")
+            self.dec = None
+            for row in list(self.rows.values()):
+                del self.rows[row.job.id]
+                self._drop(row.job, err)
+            return
+        with m.lock:
+            m.decode_seconds += time.perf_counter() - t0
+            m.batch_steps += 1
+            m.batch_rows += len(out)
+            m.batch_peak = max(m.batch_peak, len(out))
+        for key, tok in out:
+            self._token(self.rows[key], tok)
+        self.e.pace()
+
+    def _token(self, row: _Row, tok: int | None) -> None:
+        """A row's new token (None: the model ended it)."""
+        job = row.job
+        if tok is None:
+            return self._end(row, None)
+        row.n += 1
+        with self.e.metrics.lock:
+            self.e.metrics.generated_tokens += 1
+        if row.n == 1:
+            job.first_token = time.perf_counter()
+        delta = row.text.push(tok)
+        if delta:
+            job.post("delta", delta)
+        if row.text.stopped_at is not None:
+            return self._end(row, "stop")
+        if job.cancelled.is_set() or row.n >= row.max_tokens:
+            return self._end(row, None)
+        return None
+
+    def _end(self, row: _Row, finish: str | None) -> None:
+        self.dec.leave(row.job.id)  # no-op if the decoder already let it go (EOS, max_tokens)
+        del self.rows[row.job.id]
+        self._forget(row.job)
+        self.e._complete(row.job, row.text, finish, row.n, row.max_tokens, row.n_prompt)
+
+    def _drop(self, job: Job, err: ServeError) -> None:
+        if self.dec is not None:
+            self.dec.leave(job.id)
+        self._forget(job)
+        self.e._fail(job, err)
+
+    def _forget(self, job: Job) -> None:
+        with self.e.cond:
+            if job in self.e.running:
+                self.e.running.remove(job)

@@ -1,0 +1,235 @@
+"""Batched decoding of an ONNX export: the decoder (``edgeia3.runtimes.onnx_batch``) and the server's
+batch loop (``edgeia3.serve.batching``), on tiny random models with real onnxruntime(-genai).
+
+The reference for every request is the same request decoded alone by onnxruntime-genai (the
+one-at-a-time path): greedy ids must be identical, and each row's logits must equal those it
+computes alone (and those of a forward pass over the whole sequence without a KV cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("onnxruntime_genai")
+
+from edgeia3 import load_base  # noqa: E402
+from edgeia3.runtimes import open_runtime  # noqa: E402
+from edgeia3.runtimes import onnx_batch  # noqa: E402
+from edgeia3.serve import Limits  # noqa: E402
+from test_serve import PROMPTS, ascii_bpe_tokenizer, chat, free_port, wait_until  # noqa: E402
+from tiny_models import make_tiny_model, random_peft_adapter  # noqa: E402
+
+MODELS = ["base", "a", "b"]
+LONG_B = 400  # tokens of the answer that runs through an unload of its adapter
+
+
+def side_export(base_dir: Path, root: Path) -> Path:
+    from edgeia3.export import export_onnx
+
+    lb = load_base(base_dir)
+    adapters = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        random_peft_adapter(copy.deepcopy(lb.model), lb.config.model_type, root / f"peft_{name}", seed=seed)
+        adapters[name] = str(root / f"peft_{name}")
+    return export_onnx(str(base_dir), root / "onnx", "fp32", adapters=adapters).out
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def rt(request, tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"batch_{request.param}")
+    runtime = open_runtime(side_export(tiny_dir(request.param, tokenizer=True), root))
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Path:
+    """The serve tests' tiny llama (2048 context, byte-level BPE, chat template) as a side export."""
+    root = tmp_path_factory.mktemp("batch_serve")
+    base = make_tiny_model("llama", root / "base", seed=0, max_position_embeddings=2048)
+    ascii_bpe_tokenizer(base)
+    return side_export(base, root)
+
+
+# -- the decoder -----------------------------------------------------------------------------------------
+def alone(rt, ids, adapter, max_tokens, ignore_eos=False) -> list[int]:
+    rt.use_adapter(adapter)
+    return list(rt.generate_ids(ids, max_tokens, ignore_eos=ignore_eos))
+
+
+def early_enders(rt, n: int, max_tokens: int) -> list[tuple[list[int], str | None]]:
+    """Prompts (and adapters) whose greedy answer ends with EOS before ``max_tokens``."""
+    rng, vocab, found = np.random.RandomState(1), rt._vocab(), []
+    for _ in range(200):
+        ids = [int(x) for x in rng.randint(3, vocab, rng.randint(2, 20))]
+        for adapter in (None, "a", "b"):
+            if len(alone(rt, ids, adapter, max_tokens)) < max_tokens:
+                found.append((ids, adapter))
+                break
+        if len(found) == n:
+            return found
+    pytest.skip("no prompt of this tiny model ends early")
+
+
+def test_batched_rows_decode_exactly_as_alone(rt, monkeypatch):
+    monkeypatch.setattr(onnx_batch, "FIRST_CAPACITY", 8)  # the KV buffers grow (and get copied) mid-batch
+    rng, vocab, T = np.random.RandomState(0), rt._vocab(), 30
+    prompts = [[int(x) for x in rng.randint(3, vocab, n)] for n in (5, 17, 9, 23, 3, 12)]
+    # (prompt, adapter, max_tokens, ignore_eos, step it may join at, steps after which the server drops it)
+    cases = [(prompts[0], "a", T, False, 0, None), (prompts[1], None, T, False, 0, None),
+             (prompts[2], "b", 7, False, 1, None),  # leaves early: max_tokens
+             (prompts[3], "a", T, True, 1, None), (prompts[4], "b", T, False, 2, 4),  # leaves early: dropped
+             (prompts[5], None, 1, False, 4, None)]  # one token: done as it joins
+    cases += [(ids, ad, T, ie, 3 + k, None) for k, ((ids, ad), ie) in
+              enumerate(zip(early_enders(rt, 2, T) * 2, (False, False, True, True)))]  # EOS, and EOS ignored
+    want = [alone(rt, ids, ad, n, ie) for ids, ad, n, ie, _, _ in cases]
+    assert sum(len(w) < T for (_, _, n, ie, _, _), w in zip(cases, want) if n == T and not ie) >= 2  # EOS
+
+    seen: dict = {}  # key -> logits the decoder chose each token from
+    take = onnx_batch.BatchDecoder._take
+
+    def recording_take(self, row, logits):
+        seen.setdefault(row.key, []).append(np.array(logits, dtype=np.float32))
+        return take(self, row, logits)
+
+    monkeypatch.setattr(onnx_batch.BatchDecoder, "_take", recording_take)
+    dec = rt.batch_decoder(max_rows=4)  # fewer rows than requests: some wait for a free row
+    got: dict[int, list[int]] = {i: [] for i in range(len(cases))}
+    pending, joined, step, widest = list(range(len(cases))), {}, 0, 0
+    while pending or len(dec):
+        for i in [i for i in pending if cases[i][4] <= step][: dec.max_rows - len(dec)]:
+            pending.remove(i)
+            ids, ad, n, ie, _, _ = cases[i]
+            tok, joined[i] = dec.join(i, ids, ad, n, ignore_eos=ie), step
+            got[i] += [tok] if tok is not None else []
+        for i, (*_, drop) in enumerate(cases):
+            if drop is not None and joined.get(i) == step - drop:
+                dec.leave(i)
+        widest = max(widest, len(dec))
+        for key, tok in dec.step():
+            got[key] += [tok] if tok is not None else []
+        step += 1
+    assert widest == 4 and dec.capacity[1] > 8 and max(joined.values()) > 4  # some waited for a free row
+    for i, (ids, ad, n, ie, _, drop) in enumerate(cases):
+        assert got[i] == (want[i] if drop is None else want[i][: drop + 1]), (i, got[i], want[i])
+    # the logits too: each row's equal what it computes alone (batch 1), and a full forward without cache
+    for i, (ids, ad, n, ie, _, drop) in enumerate(cases):
+        solo = rt.batch_decoder(max_rows=1)
+        seen_batch, seen[("solo", i)] = seen.pop(i), []
+        tok = solo.join(("solo", i), ids, ad, n, ignore_eos=ie)
+        while len(solo):
+            solo.step()
+        assert len(seen[("solo", i)]) >= len(seen_batch)
+        diff = max(np.abs(a - b).max() for a, b in zip(seen_batch, seen[("solo", i)]))
+        assert diff <= 1e-5, (i, diff)
+        rt.use_adapter(ad)
+        full = rt.logits(ids + want[i])[len(ids) - 1:]
+        np.testing.assert_allclose(np.stack(seen_batch), full[: len(seen_batch)], atol=1e-4, rtol=0)
+        assert tok == (want[i][0] if want[i] else None)
+
+
+def test_decoder_refuses_what_does_not_fit(rt):
+    dec = rt.batch_decoder(max_rows=1)
+    with pytest.raises(Exception, match="context"):
+        dec.join(0, [5] * 10, None, 10_000)
+    with pytest.raises(Exception, match="unknown adapter"):
+        dec.join(0, [5, 6], "nope", 4)
+    assert len(dec) == 0
+    assert dec.join(0, [5, 6], None, 8, ignore_eos=True) is not None
+    with pytest.raises(Exception, match="full"):
+        dec.join(1, [5, 6], "a", 4)
+    assert len(dec) == 1
+
+
+# -- the server ----------------------------------------------------------------------------------------------
+class ThreadServer:
+    """``edgeia3.serve`` through its Python API (build + create_app), uvicorn on 127.0.0.1 in a thread."""
+
+    def __init__(self, model: Path, limits: Limits):
+        import uvicorn
+
+        from edgeia3.serve import build, create_app
+
+        self.engine = build(model, limits=limits)
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine), host="127.0.0.1", port=free_port(),
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.server.config.port}"
+
+    def __enter__(self) -> "ThreadServer":
+        self.thread.start()
+        wait_until(lambda: self.server.started, 60, "the in-thread server")
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.http.close()
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def client(self):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def batch(self) -> dict:
+        return self.http.get("/metrics").json()["batch"]
+
+
+@contextlib.contextmanager
+def paced(monkeypatch, seconds: float):
+    """Each step (or token) takes >= ``seconds``: concurrent requests of a tiny model really overlap."""
+    from edgeia3.serve import engine
+
+    monkeypatch.setattr(engine, "TOKEN_DELAY", seconds)
+    yield
+
+
+def test_server_batches_mixed_adapters_and_answers_as_one_at_a_time(served, monkeypatch):
+    cases = [(m, p) for p in PROMPTS for m in MODELS] * 2  # 24 requests over base, a, b
+    with paced(monkeypatch, 0.002), ThreadServer(served, Limits(max_batch=1)) as one:
+        assert one.batch()["max_rows"] == 1
+        ref = {c: chat(one.client(), *c) for c in set(cases)}
+        long_b = chat(one.client(), "b", PROMPTS[1], LONG_B, extra_body={"ignore_eos": True})
+        assert one.batch()["steps"] == 0  # onnxruntime-genai, one request at a time
+    assert len({ref[(m, PROMPTS[0])][0] for m in MODELS}) == 3  # the adapters matter
+    with paced(monkeypatch, 0.002), ThreadServer(served, Limits(max_batch=8)) as srv:
+        client, barrier = srv.client(), threading.Barrier(len(cases))
+
+        def one_request(case):
+            barrier.wait()
+            return chat(client, *case)
+
+        with ThreadPoolExecutor(len(cases)) as ex:
+            got = list(ex.map(one_request, cases))
+        assert got == [ref[c] for c in cases]
+        b = srv.batch()
+        assert b["max_rows"] == 8 and b["peak_rows"] == 8 and b["rows_decoded"] > 3 * b["steps"]
+        # a running row keeps its adapter through an unload; a disconnected client frees its row
+        with ThreadPoolExecutor(1) as ex, srv.http.stream(
+                "POST", "/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 1000, "stream": True,
+                                                 "ignore_eos": True}) as r:
+            lines = r.iter_lines()  # kept: a dropped line iterator closes the connection
+            next(line for line in lines if line.startswith("data: "))  # 'a' runs (>= 2 s)
+            keep = ex.submit(lambda: list(client.chat.completions.create(
+                model="b", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=LONG_B, stream=True,
+                extra_body={"ignore_eos": True})))
+            wait_until(lambda: srv.http.get("/metrics").json()["running"] == 2, 30, "two running rows")
+            assert srv.http.delete("/v1/adapters/b").status_code == 200  # while 'b' runs (>= 0.8 s)
+            chunks = keep.result()
+        # leaving the block hung up on 'a' mid-answer
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == long_b[0]
+        with pytest.raises(openai.NotFoundError):
+            chat(client, "b", PROMPTS[0])
+        m = wait_until(lambda: (m := srv.http.get("/metrics").json())["running"] == 0 and m, 30, "idle")
+        assert m["cancelled"] == 1 and m["generated_tokens"] < len(cases) * 24 + LONG_B + 1000
+        assert chat(client, "a", PROMPTS[0]) == ref[("a", PROMPTS[0])]
