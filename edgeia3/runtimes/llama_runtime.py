@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import time
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +33,10 @@ from ..errors import EdgeIA3Error
 from ..manifest import export_kind, merged_name, read_manifest
 from ..prompts import RECORD_KEY, ChatTemplates, read_template
 from . import refuse_options, register_runtime
+
+# Adapters whose scale fields stay computed (~4 MB each on SmolLM2): switching among these
+# is only memory copies; any other adapter computes its fields once at switch time (~ms).
+FIELD_CACHE = 8
 
 IN_PLACE, RELOAD = "in-place", "reload"
 
@@ -54,7 +59,6 @@ class LlamaCppRuntime:
                  merged: str | None = None, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int = 0, swap: str = "auto", workdir: str | Path | None = None):
         from edgeia3.converters.gguf.base_gguf import GGUFBase
-        from edgeia3.converters.gguf.blocks import row_fields
         from edgeia3.converters.gguf.ggml_index import OUTPUT_NORM
         from edgeia3.converters.gguf.merge import adapter_plan
 
@@ -80,13 +84,15 @@ class LlamaCppRuntime:
         self.work = self._workdir / "model.gguf"
         shutil.copyfile(self.source, self.work)
         self._mm = np.memmap(self.work, dtype=np.uint8, mode="r+")
-        touched = {t for plan in plans.values() for t in plan} | {OUTPUT_NORM}
-        self._fields = {t: row_fields(self._mm, self.base.index.tensor(t)) for t in touched}
-        self._pristine = {t: np.array(f.view) for t, f in self._fields.items()}
-        # Each adapter's scale fields, computed once exactly as the file merge computes them
-        # (RowFields.scaled), so a switch is only memory copies and bit-identical to a merged file.
-        self._stored = {n: {t: self._fields[t].scaled(self._pristine[t], l) for t, l in plan.items()}
-                        for n, plan in plans.items()}
+        self._fields, self._pristine = {}, {}
+        self._track(OUTPUT_NORM)
+        # Per adapter only its row scalings (a few kB); the scale fields they give are computed
+        # at switch time exactly as the file merge computes them (RowFields.scaled), so a switch
+        # stays bit-identical to a merged file. The last few are kept (FIELD_CACHE).
+        self._plans: dict[str, dict[str, np.ndarray]] = {}
+        self._cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        for n, plan in plans.items():
+            self._add_plan(n, plan)
         self._load()
         self.templates = ChatTemplates(self.base.index.kv.get("tokenizer.chat_template"))
         for n, ad in loaded.items():  # the template each adapter was trained with (its file's metadata)
@@ -149,7 +155,7 @@ class LlamaCppRuntime:
 
     @property
     def adapters(self) -> list[str]:
-        return ([self.merged] if self.merged else []) + list(self._stored)
+        return ([self.merged] if self.merged else []) + list(self._plans)
 
     @property
     def active(self) -> str | None:
@@ -162,15 +168,15 @@ class LlamaCppRuntime:
                 raise EdgeIA3Error(f"this export has adapter '{self.merged}' merged into its weights; "
                                    "it cannot switch (export without --merge to swap adapters)")
             return
-        if name is not None and name not in self._stored:
-            raise EdgeIA3Error(f"unknown adapter '{name}' (loaded: {', '.join(self._stored) or 'none'})")
+        if name is not None and name not in self._plans:
+            raise EdgeIA3Error(f"unknown adapter '{name}' (loaded: {', '.join(self._plans) or 'none'})")
         t0 = time.perf_counter()
-        old = self._stored.get(self._active, {}) if self._active else {}
-        new = self._stored[name] if name else {}
+        old = self._plans.get(self._active, {}) if self._active else {}
+        new = self._scaled_fields(name) if name else {}
         for t in set(old) - set(new):  # back to pristine where the new adapter does not write
             self._fields[t].view[...] = self._pristine[t]
-        for t, stored in new.items():
-            self._fields[t].view[...] = stored
+        for t, fields in new.items():
+            self._fields[t].view[...] = fields
         if self.swap_mode == RELOAD:
             self._mm.flush()
             self._unload()
@@ -178,6 +184,56 @@ class LlamaCppRuntime:
         self._clear_kv()
         self._active = name
         self.last_switch_seconds = time.perf_counter() - t0
+
+    # -- adapters --------------------------------------------------------------
+    def _track(self, tensor: str) -> None:
+        """Start tracking a tensor's scale fields (still pristine: no adapter wrote it yet)."""
+        from edgeia3.converters.gguf.blocks import row_fields
+
+        if tensor not in self._fields:
+            self._fields[tensor] = row_fields(self._mm, self.base.index.tensor(tensor))
+            self._pristine[tensor] = np.array(self._fields[tensor].view)
+
+    def _add_plan(self, name: str, plan: dict[str, np.ndarray]) -> None:
+        for t in plan:
+            self._track(t)
+        self._plans[name] = plan
+        self._cache.pop(name, None)
+        self._scaled_fields(name)  # refuses an overflowing scale now, not at switch time
+
+    def _scaled_fields(self, name: str) -> dict[str, np.ndarray]:
+        if name not in self._cache:
+            self._cache[name] = {t: self._fields[t].scaled(self._pristine[t], lv)
+                                 for t, lv in self._plans[name].items()}
+            while len(self._cache) > FIELD_CACHE:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(name)
+        return self._cache[name]
+
+    def add_adapter(self, name: str, path: str | Path) -> dict:
+        """Validate the adapter at ``path`` against this base and make it usable as ``name``."""
+        from edgeia3.converters.gguf.merge import adapter_plan
+
+        if name in self.adapters:
+            raise EdgeIA3Error(f"adapter '{name}' is already loaded")
+        adapter = self.base.load_adapter(path)  # family, identity, lengths, finite
+        self._add_plan(name, adapter_plan(adapter, self.base))
+        self.adapter_paths[name] = Path(path)
+        self.templates.record(name, adapter)  # its prompts render as it was trained
+        return {"sites": adapter.sites, "params": adapter.num_params}
+
+    def remove_adapter(self, name: str) -> None:
+        """Forget adapter ``name`` (the base becomes active if it was)."""
+        if self.merged == name:
+            raise EdgeIA3Error(f"adapter '{name}' is merged into this export's weights; it cannot be unloaded")
+        if name not in self._plans:
+            raise EdgeIA3Error(f"unknown adapter '{name}'")
+        if self._active == name:
+            self.use_adapter(None)
+        del self._plans[name]
+        self._cache.pop(name, None)
+        self.adapter_paths.pop(name, None)
+        self.templates.forget(name)
 
     # -- inference -------------------------------------------------------------
     def _clear_kv(self) -> None:

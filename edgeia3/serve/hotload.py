@@ -75,8 +75,6 @@ def discover(directory: str | Path) -> dict[str, Path]:
 
 def can_load(rt: Any) -> str | None:
     """None if ``rt`` can take adapters at run time, else the reason it cannot."""
-    if hasattr(rt, "add_adapter"):
-        return None
     if rt.name == "llama.cpp":
         if rt.merged:
             return (f"this GGUF export has adapter '{rt.merged}' merged into its weights; it cannot load "
@@ -104,33 +102,23 @@ def add_adapter(rt: Any, name: str, path: str | Path, workdir: Path) -> dict:
         raise EdgeIA3Error(f"adapter not found: {path}")
     if name in rt.adapters:
         raise EdgeIA3Error(f"adapter '{name}' is already loaded")
-    if hasattr(rt, "add_adapter"):
-        return rt.add_adapter(name, path) or {}
     reason = can_load(rt)
     if reason:
         raise NotLoadable(reason)
-    if rt.name == "llama.cpp":
-        return _llama_add(rt, name, path)
+    if hasattr(rt, "add_adapter"):  # runtimes that load adapters themselves (llama.cpp)
+        return {**rt.add_adapter(name, path), "format": _format_of(path)}
     return _onnx_add(rt, name, path, workdir)
 
 
 def remove_adapter(rt: Any, name: str, workdir: Path | None = None) -> None:
     """Forget adapter ``name`` (the base becomes active if it was); its file is deleted when it is
     the server's own copy (under ``workdir``). Must run on ``rt``'s thread."""
-    if hasattr(rt, "remove_adapter"):
-        rt.remove_adapter(name)
-        return
     if name not in rt.adapters:
         raise EdgeIA3Error(f"unknown adapter '{name}'")
-    if rt.name == "llama.cpp":
-        if rt.merged == name:
-            raise NotLoadable(f"adapter '{name}' is merged into this export's weights; it cannot be unloaded")
-        if rt.active == name:
-            rt.use_adapter(None)
-        # internals: LlamaCppRuntime keeps each adapter's precomputed scale fields in _stored
-        del rt._stored[name]
-        rt.adapter_paths.pop(name, None)
-        rt.templates.forget(name)
+    if getattr(rt, "merged", None) == name:
+        raise NotLoadable(f"adapter '{name}' is merged into this export's weights; it cannot be unloaded")
+    if hasattr(rt, "remove_adapter"):  # runtimes that manage their adapters themselves (llama.cpp)
+        rt.remove_adapter(name)
     elif rt.name == "onnxruntime-genai":
         if rt._active == name:
             rt.use_adapter(None)
@@ -144,27 +132,6 @@ def remove_adapter(rt: Any, name: str, workdir: Path | None = None) -> None:
         rt.templates.forget(name)
     else:
         raise NotLoadable(f"the {rt.name} runtime cannot unload adapters at run time")
-
-
-# -- llama.cpp ------------------------------------------------------------------------------------
-def _llama_add(rt: Any, name: str, path: Path) -> dict:
-    from edgeia3.converters.gguf.blocks import row_fields
-    from edgeia3.converters.gguf.merge import adapter_plan
-
-    adapter = rt.base.load_adapter(path)  # family, base identity (or the GGUF's source), lengths, finite
-    plan = adapter_plan(adapter, rt.base)
-    # internals: like LlamaCppRuntime.__init__ - the scale fields of every touched tensor, their pristine
-    # values (a tensor no adapter touched so far is still pristine in the working copy), and the adapter's
-    # own fields computed once, so a switch stays a memory copy bit-identical to a merged file.
-    for t in plan:
-        if t not in rt._fields:
-            fields = row_fields(rt._mm, rt.base.index.tensor(t))
-            rt._fields[t] = fields
-            rt._pristine[t] = np.array(fields.view)
-    rt._stored[name] = {t: rt._fields[t].scaled(rt._pristine[t], lv) for t, lv in plan.items()}
-    rt.adapter_paths[name] = path
-    rt.templates.record(name, adapter)  # its prompts render as it was trained
-    return {"sites": adapter.sites, "params": adapter.num_params, "format": _format_of(path)}
 
 
 # -- onnxruntime-genai --------------------------------------------------------------------------------
