@@ -7,6 +7,7 @@ exact-match accuracy on the full eval split with the stock runtimes
 the model the adapter was trained as. One run, one machine.
 
     python bench/bench_deploy_accuracy.py --out bench-out/deploy [--tasks sentiment,intent,extract]
+        [--base DIR]   # another base, e.g. bench/smollm2_as_qwen2.py's second-family model
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="sentiment,intent,extract")
     ap.add_argument("--epochs", default="2")
     ap.add_argument("--rows", type=int, default=100)
+    ap.add_argument("--base", default="default")
     args = ap.parse_args()
     header("deployed vs trained task accuracy")
     from edgeia3.data import read_jsonl
@@ -49,13 +51,14 @@ def main() -> None:
         data = ROOT / "examples" / "tasks" / task
         ad = out / task
         if not ad.exists():
-            edgeia3("train", "--data", str(data / "train.jsonl"), "--eval", str(data / "eval.jsonl"),
+            edgeia3("train", "--base", args.base, "--data", str(data / "train.jsonl"), "--eval", str(data / "eval.jsonl"),
                     "--out", str(ad), "--epochs", args.epochs, "--quiet")
         exports = {
-            "gguf side": ["export", "gguf", "--adapter", f"{task}={ad}"],
-            "gguf merged": ["export", "gguf", "--adapter", f"{task}={ad}", "--merge", task],
-            "onnx int4 side": ["export", "onnx", "--adapter", f"{task}={ad}"],
-            "onnx int4 merged": ["export", "onnx", "--adapter", f"{task}={ad}", "--merge", task],
+            "gguf side": ["export", "gguf", "--base", args.base, "--adapter", f"{task}={ad}"],
+            "gguf merged": ["export", "gguf", "--base", args.base, "--adapter", f"{task}={ad}", "--merge", task],
+            "onnx int4 side": ["export", "onnx", "--base", args.base, "--adapter", f"{task}={ad}"],
+            "onnx int4 merged": ["export", "onnx", "--base", args.base, "--adapter", f"{task}={ad}",
+                                 "--merge", task],
         }
         rows = read_jsonl(data / "eval.jsonl")[: args.rows]
         tr = json.loads((ad / "training.json").read_text())
