@@ -295,7 +295,8 @@ def load_base(spec: str | os.PathLike = DEFAULT_BASE, quant: str = "none") -> Lo
     """Load a base model (fp32, NF4 through bitsandbytes, or on a GGUF's own quantized
     tensors) and its tokenizer. ``quant``: see QUANTS."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
+    from transformers import AutoConfig
 
     if quant not in QUANTS:
         raise EdgeIA3Error(f"unknown quantization '{quant}' (choose from {', '.join(QUANTS)})")
@@ -305,6 +306,8 @@ def load_base(spec: str | os.PathLike = DEFAULT_BASE, quant: str = "none") -> Lo
     except (OSError, ValueError) as e:
         raise EdgeIA3Error(f"cannot read the model config of {src.spec}: {e}") from e
     family = family_for_config(config)
+    if family.check_config is not None:
+        family.check_config(config)
     for s in family.sites:  # row functions refuse fused layouts they cannot describe: before any work
         if s.fused_rows is not None:
             s.fused_rows(config)
@@ -315,7 +318,7 @@ def load_base(spec: str | os.PathLike = DEFAULT_BASE, quant: str = "none") -> Lo
     if quant == "nf4":
         kwargs["quantization_config"] = _nf4_config()
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.hf_path, **kwargs)
+        model = getattr(transformers, family.auto_model).from_pretrained(src.hf_path, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         raise EdgeIA3Error(f"cannot load base model {src.spec}: {e}") from e
     model.eval()

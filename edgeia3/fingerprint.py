@@ -85,8 +85,8 @@ def hf_config(path: str | Path) -> Any:
 
 
 def _module_names(family: Family, layers: int) -> list[str]:
-    mods = sorted({s.module for s in family.sites})
-    return [f"{family.layers}.{i}.{m}" for i in range(layers) for m in mods]
+    sites = sorted({(family.stack_of(s), s.module): s for s in family.sites}.items())
+    return [family.module_path(i, s) for i in range(layers) for _, s in sites]
 
 
 def module_shape(module: Any, conv1d: bool) -> tuple[int, int]:

@@ -143,10 +143,10 @@ def lora_equivalent_bytes(adapter: Any, base: Any, rank: int = LORA_RANK, bytes_
     from .fingerprint import module_shape
 
     fam = base.family
-    modules = {(v.layer, fam.site(v.site).module) for v in adapter.vectors}
+    modules = {fam.module_path(v.layer, fam.site(v.site)) for v in adapter.vectors}
     params = 0
-    for layer, module in modules:
-        out, inp = module_shape(base.model.get_submodule(f"{fam.layers}.{layer}.{module}"), fam.conv1d)
+    for path in modules:
+        out, inp = module_shape(base.model.get_submodule(path), fam.conv1d)
         params += rank * (out + inp)
     return params * bytes_per_param
 

@@ -190,9 +190,8 @@ def adapter_from_peft(model: Any, base: LoadedBase, sites: list[str], quant: str
     vectors = []
     for name, values in params.items():
         path = name.split("base_model.model.", 1)[-1].rsplit(".ia3_l", 1)[0]
-        layer = int(path[len(fam.layers) + 1:].split(".", 1)[0])
-        module = path[len(fam.layers) + 1:].split(".", 1)[1]
-        for s in fam.site_for_module(module):
+        layer, located = fam.locate(path)
+        for s in located:
             if s.name not in sites:
                 continue
             part = values[layout[s.name][0]:layout[s.name][1]] if s.name in layout else values
@@ -313,6 +312,9 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     lb = load_base(base, quant=quant)
     quant = lb.quant  # "auto" and llama.cpp type names resolve to gguf / nf4 / none
     fam = lb.family
+    if fam.auto_model != "AutoModelForCausalLM":
+        raise EdgeIA3Error(f"{base}: training {fam.name} (encoder-decoder) models is not supported yet; "
+                           "merge, PEFT interop and inspect are (train with PEFT and pass the adapter)")
     sites = list(cfg.targets or fam.default_targets)
     for s in sites:
         fam.site(s)  # unknown site names fail here, with the list of known ones

@@ -20,7 +20,9 @@ def task(tmp_path_factory):
 
 
 def test_every_family_is_trained_here():
-    assert {family_for_config({"model_type": t}).name for t in FAMILIES} == set(families())
+    """Every decoder-only family; T5 training is not built yet (test_t5.py checks it says so)."""
+    decoders = {n for n, f in families().items() if f.auto_model == "AutoModelForCausalLM"}
+    assert {family_for_config({"model_type": t}).name for t in FAMILIES} == decoders
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

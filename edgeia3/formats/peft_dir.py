@@ -19,7 +19,7 @@ import numpy as np
 
 from ..adapter import CANONICAL_FILE, IA3Adapter, IA3Vector, fused_layout_for
 from ..errors import EdgeIA3Error
-from ..registry import Family, Scaling, family_for_config, get_family
+from ..registry import Family, Scaling, Site, family_for_config, get_family
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -27,8 +27,17 @@ PREFIX = "base_model.model."
 SUFFIX = ".ia3_l"
 
 
-def peft_target_modules(family: Family, sites: list[str]) -> tuple[list[str], list[str]]:
-    """PEFT ``target_modules`` and ``feedforward_modules`` (module paths in a layer)."""
+def peft_target_modules(family: Family, sites: list[str]) -> tuple[list[str] | str, list[str] | str]:
+    """PEFT ``target_modules`` and ``feedforward_modules``: module paths in a layer, or - for a
+    family with several layer stacks (T5: the same module names in encoder and decoder) -
+    regexes over full module paths, PEFT's other form, so each stack is targeted on its own."""
+    if any(s.stack for s in family.sites):
+        def regex(chosen: list[Site]) -> str:
+            parts = sorted({rf"{re.escape(family.stack_of(s))}\.\d+\.{re.escape(s.module)}" for s in chosen})
+            return "(?:" + "|".join(parts) + ")" if parts else "(?!)"
+
+        chosen = [family.site(n) for n in sites]
+        return regex(chosen), regex([s for s in chosen if s.scaling is Scaling.INPUT])
     targets, feedforward = [], []
     for name in sites:
         s = family.site(name)
@@ -97,24 +106,24 @@ def read_peft_dir(path: str | Path, family: str | None = None, config: Any = Non
         )
     fam = get_family(family) if family else family_for_config(config)
     layout = fused_layout_for(fam, config) if config is not None else {}
-    layer_re = re.compile(rf"^{re.escape(PREFIX)}{re.escape(fam.layers)}\.(\d+)\.(.+){re.escape(SUFFIX)}$")
     vectors, seen = [], set()
     for key, arr in tensors.items():
-        m = layer_re.match(key)
-        if not m or not fam.site_for_module(m.group(2)):
+        found = fam.locate(key[len(PREFIX):-len(SUFFIX)]) if key.startswith(PREFIX) and key.endswith(SUFFIX) \
+            else None
+        if found is None:
             raise EdgeIA3Error(f"{path}: tensor {key!r} is not an IA3 site of family '{fam.name}'")
-        layer, module = int(m.group(1)), m.group(2)
-        if (layer, module) in seen:
+        layer, sites = found
+        module = sites[0].module
+        if key in seen:
             raise EdgeIA3Error(f"{path}: tensor {key} repeats layer {layer} module {module}")
-        seen.add((layer, module))
+        seen.add(key)
         if arr.dtype.kind != "f" or arr.size == 0:
             raise EdgeIA3Error(f"{path}: {key} is an empty or non-float ({arr.dtype}) tensor")
-        scaling = _module_scaling(peft_cfg, module)
+        scaling = _module_scaling(peft_cfg, key[len(PREFIX):-len(SUFFIX)])
         values = arr.astype(np.float32).ravel()
         expected_shape = (1, values.size) if scaling is Scaling.INPUT else (values.size, 1)
         if tuple(arr.shape) != expected_shape:
             raise EdgeIA3Error(f"{path}: {key} has shape {tuple(arr.shape)}, PEFT IA3 expects {expected_shape}")
-        sites = fam.site_for_module(module)
         if len(sites) == 1 and sites[0].fused_rows is None:
             vectors.append(IA3Vector(layer, sites[0].name, scaling, values))
             continue
@@ -164,9 +173,11 @@ def write_peft_dir(adapter: IA3Adapter, path: str | Path, base_model_name_or_pat
         tensors[key] = vec.reshape(1, -1) if scalings[key_module[key]] is Scaling.INPUT else vec.reshape(-1, 1)
     targets = list(scalings)
     feedforward = [m for m in targets if scalings[m] is Scaling.INPUT]
+    if any(s.stack for s in fam.sites):
+        targets, feedforward = peft_target_modules(fam, sorted({v.site for v in adapter.vectors}))
     config = {
         "peft_type": "IA3",
-        "task_type": "CAUSAL_LM",
+        "task_type": fam.peft_task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "target_modules": targets,
         "feedforward_modules": feedforward,

@@ -43,6 +43,9 @@ class Site:
     # An INPUT-scaled site whose scaling equals scaling the output rows of another site
     # (gated MLP: down(act(gate x) * up x * l) == down(act(gate x) * (l * up x))): its name.
     input_fold: str | None = None
+    # The layer list this site lives in when not the family's ``layers`` (encoder-decoder
+    # models: "decoder.block" next to the family's "encoder.block").
+    stack: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,12 @@ class Family:
     gguf_norm_shift: float = 0.0
     # llama.cpp pre-tokenizer names to try for its BPE tokenizers, checked against HF's
     gguf_pre_tokenizers: tuple[str, ...] = ()
+    # The transformers auto class that loads the whole model with its head, and PEFT's task.
+    auto_model: str = "AutoModelForCausalLM"
+    peft_task_type: str = "CAUSAL_LM"
+    # A config check run when a base is loaded: raises EdgeIA3Error for a model of this
+    # family's model type that edgeia3 cannot describe (e.g. an encoder-only T5).
+    check_config: Callable[[Any], None] | None = None
     # config.json (dict) -> the config.json onnxruntime-genai's builder must read to build
     # what transformers computes (onnx_config.py); raises EdgeIA3Error where it cannot.
     onnx_config: Callable[[dict], dict] | None = None
@@ -86,13 +95,26 @@ class Family:
         """Sites living in an HF module path inside a layer (several if fused)."""
         return [s for s in self.sites if s.module == module]
 
+    def stack_of(self, site: Site) -> str:
+        return site.stack or self.layers
+
+    def locate(self, path: str) -> tuple[int, list[Site]] | None:
+        """(layer, sites) of a full HF module path such as ``model.layers.3.self_attn.k_proj``."""
+        for stack in dict.fromkeys(self.stack_of(s) for s in self.sites):
+            if path.startswith(stack + "."):
+                layer, _, module = path[len(stack) + 1:].partition(".")
+                sites = [s for s in self.sites if self.stack_of(s) == stack and s.module == module]
+                if layer.isdigit() and sites:
+                    return int(layer), sites
+        return None
+
     def input_fold_site(self, name: str) -> Site | None:
         """The site whose rows absorb ``name``'s input scaling exactly (None: no exact fold)."""
         fold = self.site(name).input_fold
         return self.site(fold) if fold and self.gated_mlp else None
 
     def module_path(self, layer: int, site: Site) -> str:
-        return f"{self.layers}.{layer}.{site.module}"
+        return f"{self.stack_of(site)}.{layer}.{site.module}"
 
 
 _REGISTRY: dict[str, Family] = {}

@@ -198,3 +198,43 @@ register(Family(
     embed="transformer.word_embeddings.weight", final_norm="transformer.ln_f.weight",
     gated_mlp=False, gguf_arch="falcon",
 ))
+
+
+# -- T5 / Flan-T5 (encoder-decoder) --------------------------------------------
+def _t5_check(c: Any) -> None:
+    """edgeia3 counts one layer index over both stacks: the decoder must be as deep as the
+    encoder; an encoder-only checkpoint has no decoder to adapt."""
+    if any(str(a).endswith("EncoderModel") for a in (getattr(c, "architectures", None) or [])):
+        raise EdgeIA3Error(f"{c.architectures[0]} is an encoder-only checkpoint: IA3 in edgeia3 needs the "
+                           "whole encoder-decoder model (T5ForConditionalGeneration)")
+    dec = getattr(c, "num_decoder_layers", None) or c.num_layers
+    if dec != c.num_layers:
+        raise EdgeIA3Error(f"t5 with {c.num_layers} encoder and {dec} decoder blocks: edgeia3 supports "
+                           "equal depths (as every T5 / Flan-T5 release)")
+
+
+def _t5_sites() -> tuple[Site, ...]:
+    """Encoder self-attention, decoder self- and cross-attention, and both feed-forward
+    ``wo`` (INPUT: PEFT's feed-forward module). Only the modules every T5 variant has:
+    the original ReLU MLP (wi, wo) and Flan-T5's gated GELU (wi_0, wi_1, wo) share ``wo``.
+    No input_fold: a gated MLP could fold ``wo``'s input scale into wi_1's rows and a ReLU
+    MLP a positive one into wi's, but no runtime needs it yet (the torch merge scales
+    ``wo``'s columns exactly)."""
+    out = []
+    for prefix, stack, attn in (("enc", None, "layer.0.SelfAttention"), ("dec", "decoder.block", "layer.0.SelfAttention"),
+                                ("cross", "decoder.block", "layer.1.EncDecAttention")):
+        out += [Site(f"{prefix}_{p}", f"{attn}.{p}", OUT, stack=stack) for p in ("q", "k", "v", "o")]
+    out.append(Site("enc_wo", "layer.1.DenseReluDense.wo", IN))
+    out.append(Site("dec_wo", "layer.2.DenseReluDense.wo", IN, stack="decoder.block"))
+    return tuple(out)
+
+
+register(Family(
+    "t5", ("t5",),
+    layers="encoder.block",
+    sites=_t5_sites(),
+    # PEFT: target_modules [k, v, wo], feedforward [wo] - in every stack.
+    default_targets=("enc_k", "enc_v", "enc_wo", "dec_k", "dec_v", "cross_k", "cross_v", "dec_wo"),
+    embed="shared.weight", final_norm="decoder.final_layer_norm.weight",
+    gated_mlp=False, auto_model="AutoModelForSeq2SeqLM", peft_task_type="SEQ_2_SEQ_LM", check_config=_t5_check,
+))
