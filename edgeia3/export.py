@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import EdgeIA3Error
 from .manifest import merged_name
 
 
@@ -30,12 +31,38 @@ def export_onnx(base: str, out: str | Path, precision: str = "int4",
     """
     from edgeia3.converters.onnx.export import export
 
+    if _is_encoder_decoder(base):  # T5: edgeia3's own encoder + decoder-with-past graphs
+        return _export_t5_onnx(base, out, precision, adapters or {}, merge, mobile, force)
+
     def build(where: Path, force_it: bool) -> Any:
         return export(base=base, out=where, precision=precision, adapters=adapters or {},
                       merge=merge, provider=provider, mobile=mobile, fuse_qkv=fuse_qkv,
                       accuracy_level=accuracy_level, force=force_it, weights=weights, strict=strict)
 
     return _with_chat_templates(build, "onnx", out, force, adapters or {})
+
+
+def _is_encoder_decoder(base: str) -> bool:
+    from .base import resolve_base
+    from .fingerprint import hf_config
+    from .registry import family_for_config
+
+    src = resolve_base(base)
+    if not Path(src.hf_path).is_dir():
+        return False  # a hub id: the builder path reports what it cannot do
+    return family_for_config(hf_config(src.hf_path)).auto_model == "AutoModelForSeq2SeqLM"
+
+
+def _export_t5_onnx(base: str, out: str | Path, precision: str, adapters: dict[str, str], merge: str | None,
+                    mobile: bool, force: bool) -> str:
+    from edgeia3.converters.onnx.t5 import export_t5
+
+    if precision != "fp32" or mobile:
+        raise EdgeIA3Error("T5 exports to ONNX in fp32 only so far (--precision fp32, no --mobile)")
+    doc = export_t5(base, out, adapters, merge, force)
+    what = f"merged '{merge}'" if merge else f"side adapters: {', '.join(doc['adapters']) or 'none'}"
+    return (f"ONNX export of {base} (t5, fp32, encoder + decoder-with-past graphs, run by onnxruntime with "
+            f"edgeia3's generation loop): {what} -> {out}")
 
 
 def export_gguf(base: str, out: str | Path, quant: str | None = None,

@@ -26,7 +26,7 @@ from .errors import EdgeIA3Error
 
 MANIFEST = "edgeia3.json"
 FORMAT_VERSION = 2
-KINDS = ("onnx", "gguf")
+KINDS = ("onnx", "gguf", "onnx-t5")  # onnx-t5: converters/onnx/t5.py (encoder + decoder graphs)
 
 
 def write_manifest(directory: str | Path, kind: str, fields: dict[str, Any]) -> Path:

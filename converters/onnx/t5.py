@@ -1,0 +1,288 @@
+"""T5 / Flan-T5 ONNX export for onnxruntime with edgeia3's own generation loop
+(onnxruntime-genai's builder has no T5).
+
+Two fp32 graphs, traced from a small functional re-statement of T5's forward pass that
+reads the transformers model's own modules (weights, norms, activation, relative bias):
+
+- ``encoder.onnx``: ``input_ids`` [b, s] int64, ``attention_mask`` [b, s] int64 and the
+  IA3 inputs of the encoder sites and of ``cross_k`` / ``cross_v`` ->
+  ``encoder_hidden_states`` [b, s, d] and, per decoder layer i, ``cross_key.{i}`` /
+  ``cross_value.{i}`` [b, heads, s, d_kv] (cross-attention K/V computed once).
+- ``decoder.onnx`` (with past): ``decoder_input_ids`` [b, t] int64,
+  ``encoder_attention_mask`` [b, s] int64, ``past_key.{i}`` / ``past_value.{i}``
+  [b, heads, p, d_kv] (p may be 0), ``cross_key.{i}`` / ``cross_value.{i}`` and the IA3
+  inputs of the decoder self-attention, ``cross_q`` / ``cross_o`` and ``dec_wo`` ->
+  ``logits`` [b, t, vocab], ``present_key.{i}`` / ``present_value.{i}`` [b, heads, p+t, d_kv].
+
+IA3 inputs are named ``ia3.layers.{i}.{site}``, shape [1|b, 1, N]: output sites multiply
+the module's output, input sites (``enc_wo``, ``dec_wo``) multiply ``wo``'s input.
+Side mode: each adapter is ``adapters/NAME.safetensors`` holding one [1, 1, N] tensor per
+IA3 input (ones where the adapter leaves a site alone); no adapter = feed ones.
+Merged mode: the adapter folded with ``merge_loaded``, graphs without IA3 inputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeia3.adapter import IA3Adapter
+from edgeia3.base import load_base
+from edgeia3.errors import EdgeIA3Error
+from edgeia3.atomic import atomic_dir, check_out
+from edgeia3.manifest import read_manifest, write_manifest
+from edgeia3.merge import merge_loaded
+from edgeia3.registry import Scaling
+from edgeia3.validate import load_adapter_for
+
+KIND = "onnx-t5"
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+ADAPTER_DIR = "adapters"
+OPSET = 17
+ENCODER_SITES = {"enc_q", "enc_k", "enc_v", "enc_o", "enc_wo", "cross_k", "cross_v"}
+
+
+def ia3_name(layer: int, site: str) -> str:
+    return f"ia3.layers.{layer}.{site}"
+
+
+def _bias(attn: Any, q_len: Any, k_len: Any, past: Any, bidirectional: bool) -> torch.Tensor:
+    """T5's relative position bias [1, heads, q_len, k_len] for queries at past..past+q_len."""
+    ctx = torch.arange(q_len, dtype=torch.long)[:, None] + past
+    mem = torch.arange(k_len, dtype=torch.long)[None, :]
+    buckets = attn._relative_position_bucket(mem - ctx, bidirectional=bidirectional,
+                                             num_buckets=attn.relative_attention_num_buckets,
+                                             max_distance=attn.relative_attention_max_distance)
+    return attn.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+
+
+class _T5Part(nn.Module):
+    """Shared pieces: IA3 scaling by graph input, attention, feed-forward."""
+
+    def __init__(self, model: Any, sites: list[tuple[int, str]]):
+        super().__init__()
+        self.model = model
+        self.cfg = model.config
+        self.index = {key: n for n, key in enumerate(sites)}
+        self.ia3: tuple = ()
+
+    def scale(self, x: torch.Tensor, layer: int, site: str) -> torch.Tensor:
+        n = self.index.get((layer, site))
+        return x if n is None else x * self.ia3[n]
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, s = x.shape[0], x.shape[1]
+        return x.view(b, s, self.cfg.num_heads, self.cfg.d_kv).transpose(1, 2)
+
+    def attend(self, q, k, v, bias) -> torch.Tensor:
+        scores = torch.matmul(q, k.transpose(-1, -2)) + bias  # T5: no 1/sqrt(d) scaling
+        a = torch.matmul(torch.softmax(scores.float(), dim=-1).type_as(scores), v)
+        b, t = a.shape[0], a.shape[2]
+        return a.transpose(1, 2).reshape(b, t, self.cfg.num_heads * self.cfg.d_kv)
+
+    def ff(self, dense: Any, h: torch.Tensor, layer: int, site: str) -> torch.Tensor:
+        if hasattr(dense, "wi_0"):
+            x = dense.act(dense.wi_0(h)) * dense.wi_1(h)
+        else:
+            x = dense.act(dense.wi(h))
+        return dense.wo(self.scale(x, layer, site))
+
+    @staticmethod
+    def mask_bias(mask: torch.Tensor) -> torch.Tensor:
+        return (1.0 - mask[:, None, None, :].to(torch.float32)) * torch.finfo(torch.float32).min
+
+
+class T5EncoderGraph(_T5Part):
+    def forward(self, input_ids, attention_mask, *ia3):
+        self.ia3 = ia3
+        enc, m = self.model.encoder, self.model
+        x = m.shared(input_ids)
+        s = input_ids.shape[1]
+        bias = _bias(enc.block[0].layer[0].SelfAttention, s, s, 0, True) + self.mask_bias(attention_mask)
+        for i, blk in enumerate(enc.block):
+            at = blk.layer[0].SelfAttention
+            h = blk.layer[0].layer_norm(x)
+            q = self.heads(self.scale(at.q(h), i, "enc_q"))
+            k = self.heads(self.scale(at.k(h), i, "enc_k"))
+            v = self.heads(self.scale(at.v(h), i, "enc_v"))
+            x = x + self.scale(at.o(self.attend(q, k, v, bias)), i, "enc_o")
+            x = x + self.ff(blk.layer[1].DenseReluDense, blk.layer[1].layer_norm(x), i, "enc_wo")
+        x = enc.final_layer_norm(x)
+        cross = []
+        for i, blk in enumerate(m.decoder.block):
+            ca = blk.layer[1].EncDecAttention
+            cross += [self.heads(self.scale(ca.k(x), i, "cross_k")), self.heads(self.scale(ca.v(x), i, "cross_v"))]
+        return (x, *cross)
+
+
+class T5DecoderGraph(_T5Part):
+    def forward(self, decoder_input_ids, encoder_attention_mask, *rest):
+        n = self.cfg.num_layers
+        past, cross, self.ia3 = rest[:2 * n], rest[2 * n:4 * n], rest[4 * n:]
+        dec, m = self.model.decoder, self.model
+        x = m.shared(decoder_input_ids)
+        t, p = decoder_input_ids.shape[1], past[0].shape[2]
+        qpos = torch.arange(t, dtype=torch.long)[:, None] + p
+        kpos = torch.arange(p + t, dtype=torch.long)[None, :]
+        causal = (kpos > qpos).to(torch.float32) * torch.finfo(torch.float32).min
+        self_bias = _bias(dec.block[0].layer[0].SelfAttention, t, p + t, p, False) + causal
+        cross_bias = self.mask_bias(encoder_attention_mask)
+        present = []
+        for i, blk in enumerate(dec.block):
+            at = blk.layer[0].SelfAttention
+            h = blk.layer[0].layer_norm(x)
+            q = self.heads(self.scale(at.q(h), i, "dec_q"))
+            k = torch.cat([past[2 * i], self.heads(self.scale(at.k(h), i, "dec_k"))], dim=2)
+            v = torch.cat([past[2 * i + 1], self.heads(self.scale(at.v(h), i, "dec_v"))], dim=2)
+            present += [k, v]
+            x = x + self.scale(at.o(self.attend(q, k, v, self_bias)), i, "dec_o")
+            ca = blk.layer[1].EncDecAttention
+            h = blk.layer[1].layer_norm(x)
+            q = self.heads(self.scale(ca.q(h), i, "cross_q"))
+            a = self.attend(q, cross[2 * i], cross[2 * i + 1], cross_bias)
+            x = x + self.scale(ca.o(a), i, "cross_o")
+            x = x + self.ff(blk.layer[2].DenseReluDense, blk.layer[2].layer_norm(x), i, "dec_wo")
+        x = dec.final_layer_norm(x)
+        if getattr(self.cfg, "scale_decoder_outputs", self.cfg.tie_word_embeddings):
+            x = x * (self.cfg.d_model ** -0.5)
+        return (m.lm_head(x), *present)
+
+
+def plan_sites(adapters: dict[str, IA3Adapter], family: Any, num_layers: int) -> list[tuple[int, str]]:
+    """(layer, site) of every IA3 input: the union over the adapters, else the family's
+    default targets in every layer; in the family's site order."""
+    keys = {(v.layer, v.site) for a in adapters.values() for v in a.vectors}
+    if not keys:
+        keys = {(i, s) for i in range(num_layers) for s in family.default_targets}
+    order = [s.name for s in family.sites]
+    return sorted(keys, key=lambda k: (order.index(k[1]), k[0]))
+
+
+def adapter_tensors(adapter: IA3Adapter | None, sites: list[tuple[int, str]], sizes: dict) -> dict[str, np.ndarray]:
+    """The [1, 1, N] IA3 input tensors that apply ``adapter`` (None: ones)."""
+    out = {}
+    for layer, site in sites:
+        vec = np.ones(sizes[(layer, site)], dtype=np.float32)
+        v = adapter.get(layer, site) if adapter is not None else None
+        if v is not None:
+            if v.values.size != vec.size:
+                raise EdgeIA3Error(f"adapter vector {v.key} has {v.values.size} values, the export expects {vec.size}")
+            vec = v.values.astype(np.float32)
+        out[ia3_name(layer, site)] = vec.reshape(1, 1, -1)
+    if adapter is not None:
+        missing = [v.key for v in adapter.vectors if (v.layer, v.site) not in set(sites)]
+        if missing:
+            raise EdgeIA3Error(f"this export has no IA3 input for adapter vectors {', '.join(missing[:4])}")
+    return out
+
+
+def _site_size(base: Any, layer: int, site: str) -> int:
+    s = base.family.site(site)
+    out, inp = base.module_shape(layer, s)
+    return out if s.scaling is Scaling.OUTPUT else inp
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict) -> None:
+    import onnx
+
+    with torch.no_grad():
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def export_t5(base_dir: str | Path, out_dir: str | Path, adapters: dict[str, str | Path] | None = None,
+              merge: str | None = None, force: bool = False) -> dict:
+    """Export a T5 base (and IA3 adapters, as side inputs or one merged) to ``out_dir``;
+    returns the manifest written there (``edgeia3.json``, kind "onnx-t5"). Written under a
+    temp name and renamed when complete; an existing ``out_dir`` is refused unless ``force``."""
+    check_out(out_dir, force)
+    base = load_base(base_dir)
+    if base.family.auto_model != "AutoModelForSeq2SeqLM":
+        raise EdgeIA3Error(f"{base_dir}: a {base.family.name} model; this exporter is for T5 (encoder-decoder)")
+    loaded = {name: load_adapter_for(p, base) for name, p in (adapters or {}).items()}
+    if merge is not None and merge not in loaded:
+        raise EdgeIA3Error(f"--merge {merge}: no adapter of that name (given: {', '.join(loaded) or 'none'})")
+    with atomic_dir(out_dir, force=force) as out:
+        _write(out, base, loaded, merge)
+    return read_manifest(out_dir)
+
+
+def _write(out: Path, base: Any, loaded: dict[str, IA3Adapter], merge: str | None) -> None:
+    from safetensors.numpy import save_file
+
+    model = base.model.float().eval()
+    cfg = model.config
+    n, heads, dkv = cfg.num_layers, cfg.num_heads, cfg.d_kv
+
+    if merge is not None:
+        model = merge_loaded(base, loaded[merge]).float().eval()
+        sites: list[tuple[int, str]] = []
+    else:
+        sites = plan_sites(loaded, base.family, n)
+    sizes = {k: _site_size(base, *k) for k in sites}
+    enc_sites = [k for k in sites if k[1] in ENCODER_SITES]
+    dec_sites = [k for k in sites if k[1] not in ENCODER_SITES]
+
+    def ones(keys: list) -> tuple:
+        return tuple(torch.ones(1, 1, sizes[k]) for k in keys)
+
+    ia3_axes = {ia3_name(*k): {0: "ia3_batch"} for k in sites}
+
+    b, s, t, p = 2, 7, 3, 2
+    ids = torch.randint(2, cfg.vocab_size, (b, s))
+    mask = torch.ones(b, s, dtype=torch.long)
+    cross_names = [f"cross_{kv}.{i}" for i in range(n) for kv in ("key", "value")]
+    enc_in = ["input_ids", "attention_mask", *(ia3_name(*k) for k in enc_sites)]
+    enc_out = ["encoder_hidden_states", *cross_names]
+    axes = {"input_ids": {0: "batch", 1: "src"}, "attention_mask": {0: "batch", 1: "src"},
+            "encoder_hidden_states": {0: "batch", 1: "src"},
+            **{c: {0: "batch", 2: "src"} for c in cross_names}, **ia3_axes}
+    _export(T5EncoderGraph(model, enc_sites), (ids, mask, *ones(enc_sites)), out / ENCODER_FILE,
+            enc_in, enc_out, {k: v for k, v in axes.items() if k in enc_in + enc_out})
+
+    past_names = [f"past_{kv}.{i}" for i in range(n) for kv in ("key", "value")]
+    present_names = [f"present_{kv}.{i}" for i in range(n) for kv in ("key", "value")]
+    dec_in = ["decoder_input_ids", "encoder_attention_mask", *past_names, *cross_names,
+              *(ia3_name(*k) for k in dec_sites)]
+    dec_out = ["logits", *present_names]
+    axes.update({"decoder_input_ids": {0: "batch", 1: "tgt"}, "encoder_attention_mask": {0: "batch", 1: "src"},
+                 "logits": {0: "batch", 1: "tgt"}, **{x: {0: "batch", 2: "past"} for x in past_names},
+                 **{x: {0: "batch", 2: "total"} for x in present_names}})
+    dargs = (torch.randint(2, cfg.vocab_size, (b, t)), mask,
+             *(torch.randn(b, heads, p, dkv) for _ in past_names), *(torch.randn(b, heads, s, dkv) for _ in cross_names),
+             *ones(dec_sites))
+    _export(T5DecoderGraph(model, dec_sites), dargs, out / DECODER_FILE, dec_in, dec_out,
+            {k: v for k, v in axes.items() if k in dec_in + dec_out})
+
+    entries = {}
+    if merge is None:
+        (out / ADAPTER_DIR).mkdir(exist_ok=True)
+        for name, ad in loaded.items():
+            rel = f"{ADAPTER_DIR}/{name}.safetensors"
+            save_file(adapter_tensors(ad, sites, sizes), str(out / rel), metadata={"format": "edgeia3-onnx-t5-ia3"})
+            entries[name] = {"file": rel, "sites": ad.sites, "params": ad.num_params}
+    cfg.save_pretrained(out)  # decoder_start_token_id, eos_token_id, ...
+    if base.tokenizer is not None:
+        base.tokenizer.save_pretrained(out)
+    doc = {
+        "family": "t5", "precision": "fp32", "provider": "cpu",
+        "base": {"name": base.source.name},
+        "mode": "merged" if merge else ("side" if loaded else "base"),
+        "merged": {"name": merge, "method": "torch fold (merge_loaded)"} if merge else None,
+        "encoder": ENCODER_FILE, "decoder": DECODER_FILE, "decoder_with_past": True,
+        "num_layers": n, "num_heads": heads, "d_kv": dkv,
+        "ia3_inputs": [{"name": ia3_name(*k), "layer": k[0], "site": k[1], "size": sizes[k],
+                        "graph": "encoder" if k in enc_sites else "decoder"} for k in sites],
+        "adapters": entries,
+        "decoder_start_token_id": (cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None
+                                   else cfg.pad_token_id),  # T5 starts from pad when unset
+        "eos_token_id": cfg.eos_token_id,
+    }
+    write_manifest(out, KIND, doc)
+

@@ -1,0 +1,157 @@
+"""T5 / Flan-T5 ONNX export (converters/onnx/t5.py) run by onnxruntime with edgeia3's
+greedy loop (edgeia3/runtimes/t5_onnx.py): fp32 side inputs equal PEFT, no adapter equals
+the base, merged equals side. Tiny random ReLU and gated-GELU models, real PEFT and ORT."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from edgeia3.converters.onnx.t5 import export_t5
+from peft import IA3Config, get_peft_model
+from transformers import T5Config, T5ForConditionalGeneration
+
+from edgeia3.runtimes.t5_onnx import T5OnnxRuntime
+
+VARIANTS = {"relu": "relu", "gated": "gated-gelu"}
+SRC = [5, 17, 99, 3, 42, 64, 8, 120, 33]
+DEC = [0, 11, 77, 2, 90]
+
+
+def _t5(out, ff, factor=1.0):
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                   feed_forward_proj=ff, decoder_start_token_id=0, eos_token_id=1,
+                   initializer_factor=factor)
+    model = T5ForConditionalGeneration(cfg)
+    with torch.no_grad():  # random norms so no site is trivially symmetric
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out)
+    return model.eval()
+
+
+def _peft_adapter(model, out, seed=1, every_site=False):
+    """PEFT's own IA3 defaults for t5 (k, v, wo in every stack), or every edgeia3 site
+    (q, k, v, o of the three attentions and both wo), randomized."""
+    kw = {"target_modules": ["q", "k", "v", "o", "wo"], "feedforward_modules": ["wo"]} if every_site else {}
+    pm = get_peft_model(model, IA3Config(task_type="SEQ_2_SEQ_LM", **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "ia3_l" in n:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(out)
+    return pm.eval()
+
+
+def _logits(model, src=SRC, dec=DEC):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([src]), decoder_input_ids=torch.tensor([dec])).logits[0].numpy()
+
+
+def _greedy(model, src, steps, start=0, eos=1):
+    """Torch greedy loop without cache (the reference the ORT loop must match)."""
+    dec = [start]
+    for _ in range(steps):
+        tok = int(np.argmax(_logits(model, src, dec)[-1]))
+        if tok == eos:
+            break
+        dec.append(tok)
+    return dec[1:]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_side_and_merged_export_equal_peft(variant, tmp_path):
+    base_model = _t5(tmp_path / "m", VARIANTS[variant])
+    pm = _peft_adapter(copy.deepcopy(base_model), tmp_path / "peft")
+    pm_all = _peft_adapter(copy.deepcopy(base_model), tmp_path / "peft_all", seed=3, every_site=True)
+    doc = export_t5(tmp_path / "m", tmp_path / "side", {"a": tmp_path / "peft", "all": tmp_path / "peft_all"})
+    assert len(doc["ia3_inputs"]) == 14 * 2  # the union: every site in both layers
+    rt = T5OnnxRuntime(tmp_path / "side")
+    assert rt.adapters == ["a", "all"]
+
+    rt.use_adapter("all")  # q and o sites too (PEFT's defaults have none)
+    assert np.abs(rt.logits(SRC, DEC) - _logits(pm_all)).max() < 1e-4
+    assert list(rt.generate_ids(SRC, 10)) == _greedy(pm_all, SRC, 10)
+
+    rt.use_adapter("a")
+    want = _logits(pm)
+    assert np.abs(want - _logits(base_model)).max() > 1e-2  # the adapter changes the model
+    assert np.abs(rt.logits(SRC, DEC) - want).max() < 1e-4
+    steps = _greedy(pm, SRC, 10)
+    assert list(rt.generate_ids(SRC, 10)) == steps
+    with torch.no_grad():
+        gen = pm.generate(input_ids=torch.tensor([SRC]), max_new_tokens=10, do_sample=False, num_beams=1)[0].tolist()
+    assert gen[1:1 + len(steps)] == steps  # PEFT's own generate agrees
+
+    # the decoder with past, one token at a time, equals one pass over the whole sequence
+    _, cross = rt.encode(SRC)
+    past, rows = rt._empty_past(), []
+    for tok in DEC:
+        row, past = rt._decode([tok], past, cross, len(SRC))
+        rows.append(row[-1])
+    assert np.abs(np.stack(rows) - want).max() < 1e-4
+
+    rt.use_adapter(None)  # no adapter: the base
+    assert np.abs(rt.logits(SRC, DEC) - _logits(base_model)).max() < 1e-4
+    assert list(rt.generate_ids(SRC, 10)) == _greedy(base_model, SRC, 10)
+
+    export_t5(tmp_path / "m", tmp_path / "merged", {"a": tmp_path / "peft"}, merge="a")
+    mrt = T5OnnxRuntime(tmp_path / "merged")
+    assert mrt.adapters == [] and not mrt._ones
+    assert np.abs(mrt.logits(SRC, DEC) - want).max() < 1e-4
+    assert list(mrt.generate_ids(SRC, 10)) == steps
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_tokens_vary_and_equal_peft(variant, tmp_path):
+    """Larger weights: greedy tokens change step to step (tiny default-init models repeat one
+    token), so the past and the relative position bias decide them."""
+    base_model = _t5(tmp_path / "m", VARIANTS[variant], factor=3.0)
+    pm = _peft_adapter(copy.deepcopy(base_model), tmp_path / "peft")
+    export_t5(tmp_path / "m", tmp_path / "side", {"a": tmp_path / "peft"})
+    rt = T5OnnxRuntime(tmp_path / "side")
+    for name, model in (("a", pm), (None, base_model)):
+        rt.use_adapter(name)
+        steps = _greedy(model, SRC, 10)
+        assert len(set(steps)) > 2
+        assert list(rt.generate_ids(SRC, 10)) == steps
+        with torch.no_grad():
+            gen = model.generate(input_ids=torch.tensor([SRC]), max_new_tokens=10, do_sample=False, num_beams=1)
+        assert gen[0].tolist()[1:] == steps
+
+
+def test_runtime_registered_and_errors(tmp_path):
+    from edgeia3.errors import EdgeIA3Error
+    from edgeia3.manifest import read_manifest
+    from edgeia3.runtimes import open_runtime
+
+    _t5(tmp_path / "m", "relu")
+    doc = export_t5(tmp_path / "m", tmp_path / "base")
+    assert read_manifest(tmp_path / "base")["kind"] == "onnx-t5" and doc["mode"] == "base"
+    rt = open_runtime(tmp_path / "base")
+    assert isinstance(rt, T5OnnxRuntime)
+    with pytest.raises(EdgeIA3Error, match="no adapter 'x'"):
+        rt.use_adapter("x")
+
+
+def test_cli_export_onnx_dispatches_t5_and_refuses_what_is_not_built(tmp_path):
+    from cli_checks import assert_refused, invoke
+
+    m = tmp_path / "m"
+    _peft_adapter(_t5(m, "gated-gelu"), tmp_path / "peft")
+    res = invoke("export", "onnx", "--base", m, "--adapter", f"a={tmp_path / 'peft'}", "--precision", "fp32",
+                 "--out", tmp_path / "x")
+    assert res.exit_code == 0, res.output
+    assert "decoder-with-past" in " ".join(res.output.split())
+    rt = T5OnnxRuntime(tmp_path / "x")
+    rt.use_adapter("a")
+    assert np.isfinite(rt.logits(SRC, DEC)).all()
+    refused = invoke("export", "onnx", "--base", m, "--out", tmp_path / "int4")  # default int4
+    assert_refused(refused, tmp_path / "int4", "fp32")
+    again = invoke("export", "onnx", "--base", m, "--precision", "fp32", "--out", tmp_path / "x")
+    assert again.exit_code == 2 and (tmp_path / "x" / "edgeia3.json").exists()  # kept, not overwritten
