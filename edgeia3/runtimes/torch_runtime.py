@@ -17,6 +17,7 @@ from ..adapter import IA3Adapter
 from ..base import LoadedBase, load_base
 from ..errors import EdgeIA3Error
 from ..formats.peft_dir import write_peft_dir
+from ..manifest import MANIFEST
 from ..prompts import ChatTemplates
 from . import refuse_options, register_runtime
 
@@ -112,7 +113,8 @@ def _eos_ids(gen_config: Any, tokenizer: Any) -> list[int]:
 
 
 def _is_transformers_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").exists()
+    # an export directory (its manifest names the runtime) may hold a config.json too (T5)
+    return path.is_dir() and (path / "config.json").exists() and not (path / MANIFEST).exists()
 
 
 def _open(path: Path, adapters: dict[str, Any] | None = None, provider: str | None = None,
