@@ -71,8 +71,9 @@ def train(
     quant: str = typer.Option(
         "auto", help="auto (a GGUF base: its own quantized tensors; a transformers base: q4_0), gguf, "
         "a llama.cpp type (q4_0, q8_0, q4_k_m, ...: quantized once, deployed as is), nf4 or none"),
-    epochs: float = typer.Option(1.0, help="passes over the training data"),
-    max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
+    epochs: Optional[float] = typer.Option(None, help="passes over the training data (default: from the row "
+                                           "count, at least 100 steps and 1 epoch)"),
+    max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps (wins over --epochs)"),
     batch_size: int = typer.Option(8, help="rows per step (per process)"),
     max_length: int = typer.Option(256, help="truncate rows to this many tokens"),
     lr: float = typer.Option(3e-3, help="AdamW learning rate"),

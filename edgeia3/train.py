@@ -29,13 +29,16 @@ from .data import IGNORE, Example, load_examples
 from .errors import EdgeIA3Error
 from .evaluate import evaluate
 from .formats.peft_dir import peft_target_modules, write_peft_dir
+from .schedule import plan
 
 
 
 @dataclass
 class TrainConfig:
     lr: float = 3e-3
-    epochs: float = 1.0
+    # Neither set: steps chosen from the row count (schedule.plan: many epochs of a few dozen
+    # rows, ~1 epoch of thousands). --max-steps wins over --epochs.
+    epochs: float | None = None
     max_steps: int | None = None
     batch_size: int = 8
     max_length: int = 256
@@ -66,7 +69,7 @@ class TrainConfig:
         # lr=inf is allowed on purpose: the non-finite-loss guard is tested with it.
         if not real(self.lr) or not self.lr > 0:
             bad("--lr", "> 0", self.lr)
-        if not real(self.epochs) or not 0 < self.epochs < math.inf:
+        if self.epochs is not None and (not real(self.epochs) or not 0 < self.epochs < math.inf):
             bad("--epochs", "a finite number > 0", self.epochs)
         if self.max_steps is not None and (not whole(self.max_steps) or self.max_steps < 1):
             bad("--max-steps", ">= 1", self.max_steps)
@@ -98,6 +101,7 @@ class TrainResult:
     memory: dict = field(default_factory=dict)  # MB: base weights, RSS when the loop starts
     grad_norms: list[float] = field(default_factory=list)  # IA3 gradient norm per step (before clipping)
     warnings: list[str] = field(default_factory=list)
+    schedule: dict = field(default_factory=dict)  # schedule.Schedule: steps, epochs, warm-up, why
 
 
 # Healthy band of the IA3 gradient norm (all vectors together, before clipping). Measured on
@@ -336,9 +340,10 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     optim = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
     model, optim = acc.prepare(model, optim)
     shard = train_set[acc.process_index::acc.num_processes]  # each process its own rows
-    steps_per_epoch = math.ceil(len(shard) / cfg.batch_size)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup = max(1, int(cfg.warmup_ratio * total))
+    # Planned from the largest shard, so every process runs the same number of steps.
+    schedule = plan(math.ceil(len(train_set) / acc.num_processes), cfg.batch_size, cfg.epochs, cfg.max_steps,
+                    cfg.warmup_ratio)
+    total, warmup = schedule.steps, schedule.warmup_steps
     want_acc = cfg.eval_accuracy
     use_bf16 = bf16_supported(acc.device) if cfg.bf16 is None else cfg.bf16
 
@@ -363,6 +368,8 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     t0 = time.perf_counter()
     step = 0
     with TrainProgress(total, quiet=quiet or not acc.is_main_process) as progress:
+        if not progress.quiet:
+            progress.progress.console.print(f"schedule: {schedule.describe()}", highlight=False)
         while step < total:
             for ids, labels, mask in _batches(shard, cfg.batch_size, rng, pad):
                 if step >= total:
@@ -406,7 +413,7 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
                          acc.is_main_process, {"bf16_autocast": use_bf16,
                                                "base_weights_mb": round(weights_mb, 1),
                                                "rss_at_loop_start_mb": round(rss_start_mb, 1)},
-                         grad_norms, warnings)
+                         grad_norms, warnings, schedule.to_dict())
     if acc.is_main_process:
         source = (str(chat_template) if given else "base") if recorded else None
         _save(result, lb, cfg, quant, acc.num_processes, str(acc.state.backend or "none"), force, source)
@@ -432,6 +439,7 @@ def _save(res: TrainResult, lb: LoadedBase, cfg: TrainConfig, quant: str, proces
         "processes": processes,
         "backend": backend,
         "steps": res.steps,
+        "schedule": res.schedule,
         "wall_seconds": round(res.seconds, 2),
         "tokens_per_second": round(res.tokens_per_s, 1),
         "peak_rss_mb": round(peak_mb, 1),

@@ -271,3 +271,41 @@ def test_gradient_norms_are_recorded_and_checked(tiny_dir, task, tmp_path):
     assert gradient_warning(3, 1e-9).startswith("step 3: IA3 gradient norm 1.0e-09") and "vanishing" in gradient_warning(3, 1e-9)
     assert "exploding" in gradient_warning(4, 5e4) and "is nan" in gradient_warning(1, float("nan"))
     assert gradient_warning(2, 0.5) is None
+
+
+def test_schedule_scales_epochs_with_the_row_count():
+    """Without --epochs/--max-steps: a few dozen rows get many epochs (at least MIN_STEPS steps),
+    thousands about one epoch; explicit options win (--max-steps over --epochs)."""
+    from edgeia3.schedule import MIN_STEPS, plan
+
+    few = plan(32, 8)
+    assert few.steps == MIN_STEPS >= 50 and few.steps_per_epoch == 4 and few.epochs >= 10
+    assert few.source.startswith("auto") and 1 <= few.warmup_steps < few.steps // 4
+    assert plan(16, 8).epochs > plan(64, 8).epochs > plan(300, 8).epochs >= 1
+    many = plan(5000, 8)
+    assert many.steps == 625 and many.epochs == 1
+    assert plan(32, 8, epochs=2).steps == 8 and plan(32, 8, epochs=2).source == "--epochs"
+    assert plan(32, 8, epochs=2, max_steps=7).steps == 7 and plan(32, 8, max_steps=7).source == "--max-steps"
+    assert plan(5000, 8, epochs=0.5).steps == 313 and plan(3, 8, epochs=1).steps == 1
+
+
+def test_training_json_records_the_schedule(tiny_dir, task, tmp_path, monkeypatch):
+    """The chosen schedule is run, printed with the progress bar and recorded in training.json;
+    an explicit --epochs replaces it."""
+    import edgeia3.schedule
+
+    monkeypatch.setattr(edgeia3.schedule, "MIN_STEPS", 9)  # the automatic rule, at tiny-test size
+    base = str(tiny_dir("llama", tokenizer=True))
+    res = runner.invoke(app, ["train", "--base", base, "--data", str(task[0]), "--out", str(tmp_path / "auto"),
+                              "--quant", "none"])
+    assert res.exit_code == 0, res.output
+    assert "schedule: 9 steps = 1.5 epochs of 6 steps, 1 warm-up (auto (48 rows))" in res.output
+    report = json.loads((tmp_path / "auto" / "training.json").read_text())
+    assert report["steps"] == 9 and len(report["loss_curve"]) == 9 and report["config"]["epochs"] is None
+    assert report["schedule"] == {"steps": 9, "steps_per_epoch": 6, "epochs": 1.5, "warmup_steps": 1,
+                                  "source": "auto (48 rows)"}
+    res = runner.invoke(app, ["train", "--base", base, "--data", str(task[0]), "--out", str(tmp_path / "ep"),
+                              "--quant", "none", "--epochs", "0.5", "--quiet"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "ep" / "training.json").read_text())
+    assert report["steps"] == 3 and report["schedule"]["source"] == "--epochs"
