@@ -6,7 +6,8 @@ exact-match accuracy on the first --rows eval rows, with the adapter in PyTorch 
 weights it was trained on. The baseline is that same base without an adapter, prompted
 with the first 8 train rows as earlier user/assistant turns (the same 8 for every eval
 row; the system prompt once, first). Latency: mean wall ms per request of greedy
-generation of the answer, prompt processing included, one request at a time.
+generation of the answer, prompt processing included, one request at a time; IA3 both
+as a PEFT adapter (unmerged) and folded into a copy of the base (as `edgeia3 merge` does).
 
     python bench/bench_fewshot.py --out bench-out/fewshot [--tasks sentiment,intent,extract]
         [--sizes 16,32,64] [--rows 100] [--shots 8] [--train-args "--lr 1e-2"] [--no-icl]
@@ -18,6 +19,8 @@ Trained adapters under --out are reused on a second run (delete them to retrain)
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import os
 import shlex
@@ -70,6 +73,7 @@ def main() -> None:
     ap.add_argument("--base", default="default")
     ap.add_argument("--train-args", default="", help="extra `edgeia3 train` options (default: none)")
     ap.add_argument("--no-icl", action="store_true", help="skip the in-context baseline")
+    ap.add_argument("--no-merged", action="store_true", help="skip the adapters folded into the base")
     # On a shared CPU, two-thread torch runs stall each other at every barrier (20 s/step seen
     # for ~1 s/step of work); one thread per run, runs side by side, keeps going.
     ap.add_argument("--jobs", type=int, default=1, help="trainings run side by side")
@@ -79,6 +83,7 @@ def main() -> None:
     header(f"few-shot: IA3 on N rows vs {args.shots}-shot in-context prompting")
     from edgeia3.data import read_jsonl
     from edgeia3.formats import load_adapter
+    from edgeia3.merge import fold_into_model
     from edgeia3.report import reference_base, trained_as
     from edgeia3.runtimes.torch_runtime import TorchRuntime
 
@@ -109,8 +114,16 @@ def main() -> None:
     ref_base, _ = reference_base(args.base, weights)
     ia3 = TorchRuntime(ref_base, adapters)
     tok = lambda s: ref_base.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    # the same weights loaded again for the baseline: PEFT wrapped ref_base's model in place
-    plain = None if args.no_icl else TorchRuntime(reference_base(args.base, weights)[0])
+    # the same weights loaded again, no adapter (PEFT wrapped ref_base's model in place): the
+    # in-context baseline, and each adapter folded into a copy (`edgeia3 merge`: no per-token cost)
+    plain_base = reference_base(args.base, weights)[0]
+    plain = None if args.no_icl else TorchRuntime(plain_base)
+
+    def folded(adapter) -> TorchRuntime:
+        model = copy.deepcopy(plain_base.model)
+        fold_into_model(model, adapter, plain_base.family)
+        return TorchRuntime(dataclasses.replace(plain_base, model=model))
+
     results, prompt_tokens = [], {}
     for task in tasks:
         d = ROOT / "examples" / "tasks" / task
@@ -119,7 +132,8 @@ def main() -> None:
         # Requests interleaved row by row (in-context, then each adapter), so a busy machine
         # slows every column alike; one untimed warm-up request each first.
         runs = ([] if plain is None else [("icl", plain, None, prompted)]) + \
-               [(n, ia3, f"{task}-{n}", evals) for n in sizes]
+               [(n, ia3, f"{task}-{n}", evals) for n in sizes] + \
+               ([] if args.no_merged else [(f"m{n}", folded(adapters[f"{task}-{n}"]), None, evals) for n in sizes])
         score = {key: [0.0, 0.0] for key, *_ in runs}
         for i in range(-1, len(evals)):
             for key, rt, adapter, rows in runs:
@@ -135,15 +149,20 @@ def main() -> None:
             (acc, ms), tr = mean[n], json.loads((trained[task, n] / "training.json").read_text())
             row = {"task": task, "train rows": n, "steps": tr["steps"], "train s": round(tr["wall_seconds"]),
                    "IA3 acc": f"{acc:.1%}", "IA3 ms/req": round(ms)}
+            if f"m{n}" in mean:
+                row |= {"merged acc": f"{mean[f'm{n}'][0]:.1%}", "merged ms/req": round(mean[f"m{n}"][1])}
             if "icl" in mean:
                 icl_acc, icl_ms = mean["icl"]
                 row |= {f"{args.shots}-shot acc": f"{icl_acc:.1%}", f"{args.shots}-shot ms/req": round(icl_ms),
                         "gap (points)": f"{(acc - icl_acc) * 100:+.1f}", "latency ratio": f"{icl_ms / ms:.1f}x"}
+                if f"m{n}" in mean:
+                    row["latency ratio, merged"] = f"{icl_ms / mean[f'm{n}'][1]:.1f}x"
             results.append(row)
             print(json.dumps(row), flush=True)
     print(f"\neval rows per task: {min(args.rows, len(evals))}; IA3 trained on the first N train rows; "
           f"{args.shots}-shot: the first {args.shots} train rows as prior turns")
     print(f"mean prompt tokens (icl: {args.shots}-shot; a row count: IA3): {json.dumps(prompt_tokens)}")
+    print("IA3: PEFT adapter on the base, unmerged; merged: the adapter folded into a copy of the base")
     print(table(results))
 
 
