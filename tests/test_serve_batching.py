@@ -79,7 +79,7 @@ def early_enders(rt, n: int, max_tokens: int) -> list[tuple[list[int], str | Non
                 break
         if len(found) == n:
             return found
-    pytest.skip("no prompt of this tiny model ends early")
+    pytest.fail(f"only {len(found)} of {n} seeded prompts end early: the early-EOS case would go untested")
 
 
 def test_batched_rows_decode_exactly_as_alone(rt, monkeypatch):
