@@ -6,30 +6,21 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
-from peft import IA3Config, get_peft_model
-from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
+from transformers import T5Config, T5EncoderModel
 
 from edgeia3 import load_adapter_for, load_base, merge_loaded, to_peft_model, write_peft_dir
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.formats.peft_dir import peft_target_modules, read_peft_dir
 from edgeia3.registry import get_family
+from tiny_models import make_tiny_t5, random_t5_peft_adapter
 
 VARIANTS = {"relu": "relu", "gated": "gated-gelu"}
 
 
 def _t5(out, ff, **kw):
-    torch.manual_seed(0)
-    cfg = T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
-                   feed_forward_proj=ff, decoder_start_token_id=0, **kw)
-    model = T5ForConditionalGeneration(cfg)
-    with torch.no_grad():  # random norms so no site is trivially symmetric
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(out)
+    make_tiny_t5(out, ff, **kw)
     return out
 
 
@@ -39,16 +30,7 @@ def _inputs():
                 decoder_input_ids=torch.randint(2, 128, (2, 5), generator=g))
 
 
-def _peft_adapter(model, out, seed=1):
-    """PEFT's own IA3 defaults for t5 (k, v, wo in every stack), randomized."""
-    pm = get_peft_model(model, IA3Config(task_type="SEQ_2_SEQ_LM"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "ia3_l" in n:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-    pm.save_pretrained(out)
-    return pm
+_peft_adapter = random_t5_peft_adapter
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -9,11 +9,11 @@ import copy
 import numpy as np
 import pytest
 import torch
+
 from edgeia3.converters.onnx.t5 import export_t5
-from peft import IA3Config, get_peft_model
-from transformers import T5Config, T5ForConditionalGeneration
 
 from edgeia3.runtimes.t5_onnx import T5OnnxRuntime
+from tiny_models import make_tiny_t5, random_t5_peft_adapter
 
 VARIANTS = {"relu": "relu", "gated": "gated-gelu"}
 SRC = [5, 17, 99, 3, 42, 64, 8, 120, 33]
@@ -21,31 +21,10 @@ DEC = [0, 11, 77, 2, 90]
 
 
 def _t5(out, ff, factor=1.0):
-    torch.manual_seed(0)
-    cfg = T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
-                   feed_forward_proj=ff, decoder_start_token_id=0, eos_token_id=1,
-                   initializer_factor=factor)
-    model = T5ForConditionalGeneration(cfg)
-    with torch.no_grad():  # random norms so no site is trivially symmetric
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(out)
-    return model.eval()
+    return make_tiny_t5(out, ff, initializer_factor=factor)
 
 
-def _peft_adapter(model, out, seed=1, every_site=False):
-    """PEFT's own IA3 defaults for t5 (k, v, wo in every stack), or every edgeia3 site
-    (q, k, v, o of the three attentions and both wo), randomized."""
-    kw = {"target_modules": ["q", "k", "v", "o", "wo"], "feedforward_modules": ["wo"]} if every_site else {}
-    pm = get_peft_model(model, IA3Config(task_type="SEQ_2_SEQ_LM", **kw))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "ia3_l" in n:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-    pm.save_pretrained(out)
-    return pm.eval()
+_peft_adapter = random_t5_peft_adapter
 
 
 def _logits(model, src=SRC, dec=DEC):

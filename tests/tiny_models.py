@@ -131,3 +131,36 @@ def write_label_task(path: Path, rows: int = 48, seed: int = 0) -> Path:
             msgs = [{"role": "user", "content": w}, {"role": "assistant", "content": labels[w]}]
             f.write(json.dumps({"messages": msgs}) + "\n")
     return path
+
+
+def make_tiny_t5(out: Path, feed_forward_proj: str = "relu", **overrides):
+    """Save a tiny random T5 (``relu``: the original MLP, ``gated-gelu``: Flan-T5's) to ``out``;
+    returns the model (eval mode)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                   feed_forward_proj=feed_forward_proj, decoder_start_token_id=0, eos_token_id=1, **overrides)
+    model = T5ForConditionalGeneration(cfg)
+    with torch.no_grad():  # random norms so no site is trivially symmetric
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out)
+    return model.eval()
+
+
+def random_t5_peft_adapter(model, out: Path, seed: int = 1, every_site: bool = False):
+    """PEFT's own IA3 defaults for t5 (k, v, wo in every stack), or every edgeia3 site
+    (q, k, v, o of the three attentions and both wo), randomized and saved to ``out``."""
+    from peft import IA3Config, get_peft_model
+
+    kw = {"target_modules": ["q", "k", "v", "o", "wo"], "feedforward_modules": ["wo"]} if every_site else {}
+    pm = get_peft_model(model, IA3Config(task_type="SEQ_2_SEQ_LM", **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(out)
+    return pm.eval()
