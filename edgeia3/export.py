@@ -50,7 +50,7 @@ def _is_encoder_decoder(base: str) -> bool:
     src = resolve_base(base)
     if not Path(src.hf_path).is_dir():
         return False  # a hub id: the builder path reports what it cannot do
-    return family_for_config(hf_config(src.hf_path)).auto_model == "AutoModelForSeq2SeqLM"
+    return family_for_config(hf_config(src.hf_path)).encoder_decoder
 
 
 def _export_t5_onnx(base: str, out: str | Path, precision: str, adapters: dict[str, str], merge: str | None,

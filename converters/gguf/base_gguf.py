@@ -35,6 +35,9 @@ class GGUFBase:
             raise EdgeIA3Error(f"{self.path} is an adapter GGUF, not a base model")
         self.family: Family = family_for_gguf_arch(self.index.arch)
         self.config = gguf_config(self.index, self.family)
+        # the final norm and embedding the identity hashes, under this family's GGUF names
+        self.norm_tensor = _gguf_name(self.family, self.family.final_norm, OUTPUT_NORM)
+        self.embed_tensor = _gguf_name(self.family, self.family.embed, TOKEN_EMBD)
         self.name = name or self.path.name
         self.identity = self._identity()
 
@@ -48,16 +51,16 @@ class GGUFBase:
         for i in range(self.config.num_hidden_layers):
             for s in fam.sites:
                 ne = idx.tensor(s.gguf_tensor.format(i=i) + ".weight").ne
-                shapes[f"{fam.layers}.{i}.{s.module}"] = (ne[1], ne[0])
+                shapes[fam.module_path(i, s)] = (ne[1], ne[0])
         mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-        embd = idx.tensor(TOKEN_EMBD)
+        embd = idx.tensor(self.embed_tensor)
         qt = GGMLQuantizationType(embd.type)
         block, size = GGML_QUANT_SIZES[qt]
         row_bytes = embd.ne[0] // block * size
         raw = np.array(mm[embd.offset: embd.offset + EMBED_ROWS * row_bytes]).reshape(EMBED_ROWS, row_bytes)
         float_dtype = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}.get(qt)
         rows = raw.view(float_dtype) if float_dtype else quants.dequantize(raw, qt)
-        norm_t = idx.tensor(OUTPUT_NORM)
+        norm_t = idx.tensor(self.norm_tensor)
         norm = np.array(mm[norm_t.offset: norm_t.offset + norm_t.nbytes]).view(np.float32)
         del mm
         config = SimpleNamespace(model_type=fam.model_types[0], num_hidden_layers=self.config.num_hidden_layers,
@@ -100,6 +103,15 @@ class GGUFBase:
 
     def validate(self, adapter: IA3Adapter, check_identity: bool = True) -> None:
         validate_adapter(adapter, self, check_identity)
+
+
+def _gguf_name(family: Family, hf_name: str, default: str) -> str:
+    """``hf_name``'s tensor name in llama.cpp's files (gguf-py's map), else ``default``."""
+    import gguf
+
+    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == family.gguf_arch)
+    name = gguf.get_tensor_name_map(arch, 1).get_name(hf_name, try_suffixes=(".weight",))
+    return name or default
 
 
 def resolve_gguf_base(spec: str | Path) -> Path:

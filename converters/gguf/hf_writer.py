@@ -58,17 +58,28 @@ def _hparams(config: Any, family: Family, dtype: str) -> Callable[[Any], None]:
     return add
 
 
-def _hf_tensors(hf_dir: Path):
-    """(name, float32 numpy array) for every tensor of the safetensors checkpoint."""
+def _tensors(hf_dir: Path, config: Any, family: Family):
+    """(name, float32 numpy array) of every checkpoint tensor as llama.cpp's converter
+    writes it: the family's rewrite (registry), else as is with a tied head dropped
+    (llama.cpp reuses token_embd as the output matrix)."""
     from safetensors import safe_open
 
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise EdgeIA3Error(f"{hf_dir} has no .safetensors weights")
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            names.update(st.keys())
+    tied = getattr(config, "tie_word_embeddings", False)
     for f in files:
         with safe_open(str(f), "pt") as st:
             for k in st.keys():
-                yield k, st.get_tensor(k).float().numpy()
+                data = st.get_tensor(k).float().numpy()
+                if family.gguf_rewrite:
+                    yield from family.gguf_rewrite(config, k, data, names)
+                elif not (k == "lm_head.weight" and tied):
+                    yield k, data
 
 
 def write_hf_gguf(hf_dir: str | Path, out: str | Path, dtype: str = "f32") -> WrittenGGUF:
@@ -91,10 +102,10 @@ def write_hf_gguf(hf_dir: str | Path, out: str | Path, dtype: str = "f32") -> Wr
     names = gguf.get_tensor_name_map(_arch_enum(family.gguf_arch), n_layers)
     heads = {"q": config.num_attention_heads, "k": getattr(config, "num_key_value_heads", None)
              or config.num_attention_heads}
-    permute = {f"{family.layers}.{i}.{s.module}": heads[s.gguf_permute]
+    permute = {family.module_path(i, s): heads[s.gguf_permute]
                for i in range(n_layers) for s in family.sites if s.gguf_permute}
     # GPT-2's Conv1D modules store [in, out]; GGUF wants [out, in] like a Linear.
-    conv1d = {f"{family.layers}.{i}.{s.module}" for i in range(n_layers) for s in family.sites} \
+    conv1d = {family.module_path(i, s) for i in range(n_layers) for s in family.sites} \
         if family.conv1d else set()
     pre, verified = choose_pre_tokenizer(hf_dir, family.gguf_pre_tokenizers, family.gguf_arch,
                                          config.vocab_size, add_hparams)
@@ -106,9 +117,7 @@ def write_hf_gguf(hf_dir: str | Path, out: str | Path, dtype: str = "f32") -> Wr
         w.add_string("edgeia3.source.fingerprint", source.fingerprint)
         w.add_string("edgeia3.source.content", source.content)
         w.add_string("edgeia3.source.name", source.name)
-        for hf_name, data in _hf_tensors(hf_dir):
-            if hf_name == "lm_head.weight" and config.tie_word_embeddings:
-                continue  # llama.cpp reuses token_embd as the output matrix
+        for hf_name, data in _tensors(hf_dir, config, family):
             name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise EdgeIA3Error(f"{hf_dir}: no GGUF name for tensor {hf_name} ({family.gguf_arch})")

@@ -15,6 +15,7 @@ multiplies its columns (input channels). A fused weight gets one full-length
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -128,7 +129,6 @@ def scale_plan(vectors: dict[str, np.ndarray], index: GGUFIndex, family: Family)
             full[start:start + values.size] *= values
 
     config = gguf_config(index, family)
-    by_tensor = {s.gguf_tensor.split(".")[-1]: s for s in family.sites if s.gguf_tensor and s.scaling is Scaling.INPUT}
     for name, values in vectors.items():
         base, _, kind = name.rpartition(".")
         if kind == OUT_SUFFIX:
@@ -137,7 +137,15 @@ def scale_plan(vectors: dict[str, np.ndarray], index: GGUFIndex, family: Family)
                 raise EdgeIA3Error(f"IA3 vector {name} has {values.size} values, tensor {base} has {rows} rows")
             scale(base, 0, values)
             continue
-        site = by_tensor.get(base.split(".")[-1])
+        site, layer = _input_site(family, base)
+        if site is not None and site.gguf_fold_rows:
+            if f"{site.gguf_fold_gate.format(i=layer)}.weight" in index.tensors or bool(np.all(values > 0)):
+                scale(site.gguf_fold_rows.format(i=layer), 0, values)
+                continue
+            raise EdgeIA3Error(
+                f"IA3 vector {name} scales the input of {base} behind a ReLU (no gate tensor) and has "
+                f"non-positive values (min {float(values.min()):.3g}): relu(l*z) == l*relu(z) needs l > 0, "
+                "so no exact row-scale fold exists and edgeia3 refuses rather than re-quantize")
         up = family.input_fold_site(site.name) if site else None
         if up is None:
             raise EdgeIA3Error(
@@ -145,11 +153,20 @@ def scale_plan(vectors: dict[str, np.ndarray], index: GGUFIndex, family: Family)
                 f"'{family.name}' has no gated MLP, so no exact row-scale fold exists and edgeia3 "
                 "refuses rather than re-quantize. Train without the feed-forward site for GGUF."
             )
-        layer = int(base.split(".")[1])
         up_base = up.gguf_tensor.format(i=layer)
         start = up.fused_rows(config)[0] if up.fused_rows else 0
         scale(up_base, start, values)
     return plan
+
+
+def _input_site(family: Family, tensor_base: str) -> tuple[Site | None, int]:
+    """The INPUT-scaled site whose GGUF tensor pattern ``tensor_base`` is, and its layer."""
+    for s in family.sites:
+        if s.scaling is Scaling.INPUT and s.gguf_tensor:
+            m = re.fullmatch(re.escape(s.gguf_tensor).replace(r"\{i\}", r"(\d+)"), tensor_base)
+            if m:
+                return s, int(m.group(1))
+    return None, -1
 
 
 def gguf_config(index: GGUFIndex, family: Family) -> SimpleNamespace:

@@ -62,10 +62,14 @@ def _bpe_tokens(tok: Any, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
+SPM_FILES = ("tokenizer.model", "spiece.model")  # T5 releases use the second name
+UNIGRAM = 1  # SentencePiece TrainerSpec.model_type (2: BPE)
+
+
 def _spm_proto(hf_dir: Path) -> Any | None:
-    """The SentencePiece model of ``hf_dir/tokenizer.model`` (None: absent or not one)."""
-    path = hf_dir / "tokenizer.model"
-    if not path.is_file():
+    """The SentencePiece model of ``hf_dir`` (None: absent or not one)."""
+    path = next((hf_dir / f for f in SPM_FILES if (hf_dir / f).is_file()), None)
+    if path is None:
         return None
     from google.protobuf.message import DecodeError
     from sentencepiece import sentencepiece_model_pb2 as pb
@@ -136,13 +140,23 @@ def write_vocab(w: Any, hf_dir: Path, vocab_size: int, pre: str | None = None) -
     proto = _spm_proto(hf_dir)
     if proto is not None:
         tokens, scores, types = _spm_tokens(proto, tok, vocab_size)
-        w.add_tokenizer_model("llama")
+        unigram = proto.trainer_spec.model_type == UNIGRAM
+        # llama.cpp runs SentencePiece BPE as "llama" and Unigram as "t5" (its UGM tokenizer,
+        # which also needs the normalizer's compiled character map)
+        w.add_tokenizer_model("t5" if unigram else "llama")
         w.add_token_list(tokens)
         w.add_token_scores(scores)
         w.add_token_types(types)
-        w.add_add_space_prefix(bool(proto.normalizer_spec.add_dummy_prefix))
+        norm = proto.normalizer_spec
+        w.add_add_space_prefix(bool(norm.add_dummy_prefix))
+        if unigram:
+            w.add_tokenizer_pre("default")
+            w.add_remove_extra_whitespaces(bool(norm.remove_extra_whitespaces))
+            if norm.precompiled_charsmap:
+                w.add_precompiled_charsmap(bytes(norm.precompiled_charsmap))
         _add_specials_and_template(w, hf_dir, vocab_size, merges=False)
-        return f"SentencePiece tokenizer, {len(proto.pieces)} pieces"
+        kind = "Unigram" if unigram else "BPE"
+        return f"SentencePiece {kind} tokenizer, {len(proto.pieces)} pieces"
     if tokenizer_kind(hf_dir) != "bpe":
         raise EdgeIA3Error(f"{hf_dir}: edgeia3 writes BPE (tokenizer.json) and SentencePiece (tokenizer.model) "
                            "tokenizers to GGUF; convert this one with llama.cpp's convert_hf_to_gguf.py")

@@ -46,6 +46,12 @@ class Site:
     # The layer list this site lives in when not the family's ``layers`` (encoder-decoder
     # models: "decoder.block" next to the family's "encoder.block").
     stack: str | None = None
+    # An INPUT-scaled site of an MLP whose activation is chosen by the checkpoint (T5: gated
+    # GELU when ``wi_0`` exists, else ReLU): the GGUF tensor whose rows absorb its scale
+    # ("{i}" = layer), and the gate tensor whose presence makes that fold exact for any
+    # scale; without the gate the MLP is ReLU, where l * relu(z) == relu(l * z) needs l > 0.
+    gguf_fold_rows: str | None = None
+    gguf_fold_gate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,16 @@ class Family:
     # config.json (dict) -> the config.json onnxruntime-genai's builder must read to build
     # what transformers computes (onnx_config.py); raises EdgeIA3Error where it cannot.
     onnx_config: Callable[[dict], dict] | None = None
+    # (config, HF tensor name, float32 array, all checkpoint names) -> the (HF name, array)
+    # pairs to write to GGUF instead, llama.cpp's way (T5: one shared embedding, the head
+    # pre-scaled as transformers scales it); None: every tensor as is, a tied head dropped.
+    gguf_rewrite: Callable[[Any, str, Any, set], list] | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def encoder_decoder(self) -> bool:
+        """An encoder-decoder model (T5): its runtimes encode the source once, then decode."""
+        return self.auto_model == "AutoModelForSeq2SeqLM"
 
     @property
     def gguf_writer(self) -> bool:

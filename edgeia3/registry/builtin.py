@@ -217,16 +217,36 @@ def _t5_sites() -> tuple[Site, ...]:
     """Encoder self-attention, decoder self- and cross-attention, and both feed-forward
     ``wo`` (INPUT: PEFT's feed-forward module). Only the modules every T5 variant has:
     the original ReLU MLP (wi, wo) and Flan-T5's gated GELU (wi_0, wi_1, wo) share ``wo``.
-    No input_fold: a gated MLP could fold ``wo``'s input scale into wi_1's rows and a ReLU
-    MLP a positive one into wi's, but no runtime needs it yet (the torch merge scales
-    ``wo``'s columns exactly)."""
+    Exact folds of ``wo``'s input scale (GGUF, llama.cpp's ``ffn_up`` = wi or wi_1): a
+    gated MLP folds any scale into wi_1's rows, a ReLU MLP a positive one into wi's; the
+    torch merge scales ``wo``'s columns exactly."""
     out = []
-    for prefix, stack, attn in (("enc", None, "layer.0.SelfAttention"), ("dec", "decoder.block", "layer.0.SelfAttention"),
-                                ("cross", "decoder.block", "layer.1.EncDecAttention")):
-        out += [Site(f"{prefix}_{p}", f"{attn}.{p}", OUT, stack=stack) for p in ("q", "k", "v", "o")]
-    out.append(Site("enc_wo", "layer.1.DenseReluDense.wo", IN))
-    out.append(Site("dec_wo", "layer.2.DenseReluDense.wo", IN, stack="decoder.block"))
+    for prefix, stack, attn, gguf in (("enc", None, "layer.0.SelfAttention", "enc.blk.{i}.attn_"),
+                                      ("dec", "decoder.block", "layer.0.SelfAttention", "dec.blk.{i}.attn_"),
+                                      ("cross", "decoder.block", "layer.1.EncDecAttention", "dec.blk.{i}.cross_attn_")):
+        out += [Site(f"{prefix}_{p}", f"{attn}.{p}", OUT, stack=stack, gguf_tensor=gguf + p) for p in ("q", "k", "v", "o")]
+    for prefix, stack, mlp in (("enc", None, "layer.1"), ("dec", "decoder.block", "layer.2")):
+        out.append(Site(f"{prefix}_wo", f"{mlp}.DenseReluDense.wo", IN, stack=stack,
+                        gguf_tensor=f"{prefix}.blk.{{i}}.ffn_down", gguf_fold_rows=f"{prefix}.blk.{{i}}.ffn_up",
+                        gguf_fold_gate=f"{prefix}.blk.{{i}}.ffn_gate"))
     return tuple(out)
+
+
+def _t5_gguf_rewrite(c: Any, name: str, data: Any, names: set[str]) -> list:
+    """llama.cpp's T5 reads one token embedding (the copies under encoder./decoder. go) and
+    never scales the decoder output; transformers multiplies it by d_model**-0.5 when
+    ``scale_decoder_outputs`` (T5 v1.0; older configs: tied embeddings). The head is the
+    checkpoint's lm_head if it has one (transformers keeps a distinct one), else the shared
+    embedding; it is written pre-scaled, so llama.cpp computes what transformers does."""
+    scale = getattr(c, "scale_decoder_outputs", getattr(c, "tie_word_embeddings", False))
+    head = (lambda w: [("lm_head.weight", (w * (c.d_model ** -0.5)).astype(w.dtype) if scale else w)])
+    if name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        return []
+    if name == "lm_head.weight":
+        return head(data)
+    if name == "shared.weight" and "lm_head.weight" not in names:
+        return [(name, data)] + head(data)
+    return [(name, data)]
 
 
 register(Family(
@@ -237,4 +257,5 @@ register(Family(
     default_targets=("enc_k", "enc_v", "enc_wo", "dec_k", "dec_v", "cross_k", "cross_v", "dec_wo"),
     embed="shared.weight", final_norm="decoder.final_layer_norm.weight",
     gated_mlp=False, auto_model="AutoModelForSeq2SeqLM", peft_task_type="SEQ_2_SEQ_LM", check_config=_t5_check,
+    gguf_arch="t5", gguf_hparams=gh.t5, gguf_rewrite=_t5_gguf_rewrite,
 ))

@@ -142,3 +142,35 @@ def gpt2(c: Any, w: Any) -> None:
     _common(c, w, None)
     w.add_feed_forward_length(int(getattr(c, "n_inner", None) or 4 * c.hidden_size))
     w.add_layer_norm_eps(float(c.layer_norm_epsilon))
+
+
+# Falcon MLP activations llama.cpp's graph computes: it always applies ggml's GELU, the tanh
+# approximation. transformers' "gelu" (erf, every Falcon release) differs from it by at most
+# 4.7e-4 per activation (at x = 2.7); on the tiny test models llama.cpp's logits differ from
+# transformers' by 1.7e-4 with either GELU, its own compute floor (test_falcon.py).
+_FALCON_GELU = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def t5(c: Any, w: Any) -> None:
+    """T5 / Flan-T5: relative position buckets, RMS norms, no attention scale (llama.cpp's
+    T5 graph), the MLP chosen by the tensors (gated GELU when wi_0 exists, else ReLU)."""
+    if int(getattr(c, "relative_attention_max_distance", 128)) != 128:
+        _refuse(c, f"relative_attention_max_distance={c.relative_attention_max_distance} "
+                   "(llama.cpp's T5 buckets assume 128)")
+    act = getattr(c, "dense_act_fn", "relu")
+    want = "gelu_new" if getattr(c, "is_gated_act", False) else "relu"
+    if act != want:
+        _refuse(c, f"feed-forward activation {act} (llama.cpp's T5 runs {want} for this MLP)")
+    w.add_context_length(int(getattr(c, "n_positions", None) or 512))
+    w.add_embedding_length(int(c.d_model))
+    w.add_feed_forward_length(int(c.d_ff))
+    w.add_block_count(int(c.num_layers))
+    w.add_decoder_block_count(int(getattr(c, "num_decoder_layers", None) or c.num_layers))
+    w.add_head_count(int(c.num_heads))
+    w.add_key_length(int(c.d_kv))
+    w.add_value_length(int(c.d_kv))
+    w.add_layer_norm_eps(float(c.layer_norm_epsilon))
+    w.add_layer_norm_rms_eps(float(c.layer_norm_epsilon))
+    w.add_relative_attn_buckets_count(int(c.relative_attention_num_buckets))
+    w.add_decoder_start_token_id(int(c.decoder_start_token_id or 0))
+    w.add_vocab_size(int(c.vocab_size))

@@ -59,7 +59,6 @@ class LlamaCppRuntime:
                  merged: str | None = None, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int = 0, swap: str = "auto", workdir: str | Path | None = None):
         from edgeia3.converters.gguf.base_gguf import GGUFBase
-        from edgeia3.converters.gguf.ggml_index import OUTPUT_NORM
         from edgeia3.converters.gguf.merge import adapter_plan
 
         if swap not in ("auto", IN_PLACE, RELOAD):
@@ -85,7 +84,7 @@ class LlamaCppRuntime:
         shutil.copyfile(self.source, self.work)
         self._mm = np.memmap(self.work, dtype=np.uint8, mode="r+")
         self._fields, self._pristine = {}, {}
-        self._track(OUTPUT_NORM)
+        self._track(self.base.norm_tensor)
         # Per adapter only its row scalings (a few kB); the scale fields they give are computed
         # at switch time exactly as the file merge computes them (RowFields.scaled), so a switch
         # stays bit-identical to a merged file. The last few are kept (FIELD_CACHE).
@@ -128,8 +127,6 @@ class LlamaCppRuntime:
         self._model = self._ctx = self._batch = None
 
     def _choose_swap_mode(self, swap: str) -> tuple[str, str]:
-        from edgeia3.converters.gguf.ggml_index import OUTPUT_NORM
-
         if swap == RELOAD:
             return RELOAD, "requested"
         if self.n_gpu_layers:
@@ -137,7 +134,7 @@ class LlamaCppRuntime:
         # Check that writes to the file reach the live weights: double the final norm, look.
         probe = [int(self.base.index.kv.get("tokenizer.ggml.bos_token_id", 0) or 0), 1]
         before = self.logits(probe)
-        norm = self.base.index.tensor(OUTPUT_NORM)
+        norm = self.base.index.tensor(self.base.norm_tensor)
         fields = self._fields[norm.name]
         fields.view[...] = fields.scaled(self._pristine[norm.name], np.full(norm.ne[0], 2.0, np.float32))
         after = self.logits(probe)
@@ -319,14 +316,15 @@ def open_gguf(path: str | Path, adapters: dict[str, str | Path] | None = None, p
     known = {"n_ctx", "n_threads", "n_gpu_layers", "swap", "workdir"}
     refuse_options(path, "llama.cpp", {k: v for k, v in kwargs.items() if k not in known})
     if path.is_file():
-        return LlamaCppRuntime(path, adapters, **kwargs)
+        return _runtime_class(path)(path, adapters, **kwargs)
     manifest = read_manifest(path)
     found = {n: path / a["file"] for n, a in manifest.get("adapters", {}).items()}
     merged = merged_name(manifest)
     if merged:
         found = {}  # the weights already hold the merged adapter; others would stack on it
     found.update(adapters or {})
-    rt = LlamaCppRuntime(path / manifest.get("model", "model.gguf"), found, merged=merged, **kwargs)
+    model = path / manifest.get("model", "model.gguf")
+    rt = _runtime_class(model)(model, found, merged=merged, **kwargs)
     # A base without a template: the one its adapters were trained with, carried by the export.
     rt.templates.own = rt.templates.own or read_template(path)
     entry = manifest.get("adapters", {}).get(merged) if merged else None
@@ -334,6 +332,18 @@ def open_gguf(path: str | Path, adapters: dict[str, str | Path] | None = None, p
         rt.templates.own = entry[RECORD_KEY]
         rt.templates.record(merged, template=entry[RECORD_KEY])
     return rt
+
+
+def _runtime_class(model: Path) -> type:
+    """The encoder API runtime for encoder-decoder families (T5), else this one."""
+    from edgeia3.converters.gguf.ggml_index import GGUFIndex
+    from edgeia3.registry import family_for_gguf_arch
+
+    if family_for_gguf_arch(GGUFIndex(model).arch).encoder_decoder:
+        from .t5_llama import T5LlamaRuntime
+
+        return T5LlamaRuntime
+    return LlamaCppRuntime
 
 
 register_runtime(_is_gguf_artifact, open_gguf)

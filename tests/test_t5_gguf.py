@@ -1,0 +1,215 @@
+"""T5 / Flan-T5 through edgeia3's GGUF writer and llama.cpp's T5 architecture, run with
+llama.cpp's encoder API (edgeia3/runtimes/t5_llama.py). Tiny random ReLU and gated-GELU
+models with a SentencePiece Unigram vocabulary trained here; the oracles are
+transformers (the same weights), PEFT (the adapted model) and transformers' tokenizer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from edgeia3 import EdgeIA3Error
+from edgeia3.converters.gguf.base_gguf import GGUFBase
+from edgeia3.converters.gguf.export import export
+from edgeia3.converters.gguf.hf_writer import write_hf_gguf
+from edgeia3.fingerprint import identity_of_dir
+from edgeia3.registry import get_family
+from edgeia3.runtimes import generate, open_runtime
+from edgeia3.runtimes.t5_llama import T5LlamaRuntime
+from cli_checks import assert_refused, invoke
+from tiny_models import make_tiny_model, make_tiny_t5, random_peft_adapter, random_t5_peft_adapter
+
+VARIANTS = {"relu": "relu", "gated": "gated-gelu"}
+SRC = [5, 17, 99, 3, 42, 64, 8, 120, 33, 1]
+TGT = [11, 77, 2, 90]
+TEXTS = ["hello red fox", "the lazy dog\nsees the sea", "fine day, cold snow!"]
+TOL = 5e-3  # llama.cpp vs transformers on the same f32 weights (measured ~1e-3 here) ...
+REL = 1e-3  # ... plus this share of the largest logit (an unscaled Flan-style head: ~12)
+
+
+def _close(got, want) -> bool:
+    return float(np.abs(got - want).max()) < TOL + REL * float(np.abs(want).max())
+
+
+@pytest.fixture(scope="module")
+def unigram_tokenizer(tmp_path_factory):
+    """A T5-style tokenizer dir: a SentencePiece Unigram model trained here (spiece.model)."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("unigram")
+    lines = ["the quick brown fox jumps over the lazy dog", "hello world, it is a fine day",
+             "red warm sun fire ice cold snow sea wet rain lake frost"] * 50
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(d / "sp"), vocab_size=40,
+                                   model_type="unigram", character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2,
+                                   bos_id=-1, minloglevel=3)
+    tok = d / "tok"
+    tok.mkdir()
+    shutil.copy(d / "sp.model", tok / "spiece.model")
+    (tok / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+         "extra_ids": 0}))
+    return tok
+
+
+def _t5_dir(tmp_path, ff, tokenizer=None, **overrides):
+    d = tmp_path / f"t5-{ff}"
+    model = make_tiny_t5(d, ff, **overrides)
+    for f in (tokenizer.iterdir() if tokenizer else []):
+        shutil.copy(f, d / f.name)
+    return d, model
+
+
+def _flan_head(d):
+    """Make the checkpoint at ``d`` Flan-T5-like: its own lm_head, no d_model**-0.5 scaling
+    (transformers keeps a head that differs from the embedding); returns it reloaded."""
+    from safetensors.torch import load_file, save_file
+    from transformers import T5ForConditionalGeneration
+
+    sd = load_file(str(d / "model.safetensors"))
+    sd["lm_head.weight"] = torch.randn(sd["shared.weight"].shape, generator=torch.Generator().manual_seed(5))
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(cfg | {"tie_word_embeddings": False, "scale_decoder_outputs": False}))
+    model = T5ForConditionalGeneration.from_pretrained(d).eval()
+    assert torch.equal(model.lm_head.weight, sd["lm_head.weight"]) and not model.config.scale_decoder_outputs
+    return model
+
+
+def _logits(model, src=SRC, tgt=TGT):
+    with torch.no_grad():
+        dec = torch.tensor([[model.config.decoder_start_token_id, *tgt]])
+        return model(input_ids=torch.tensor([src]), decoder_input_ids=dec).logits[0].numpy()
+
+
+# T5 v1.0's head: the shared embedding, decoder output scaled by d_model**-0.5; Flan-T5's: its own
+@pytest.mark.parametrize("variant,head", [("relu", "t5"), ("gated", "t5"), ("gated", "flan"), ("relu", "flan")])
+def test_llama_cpp_runs_the_written_t5_like_transformers(variant, head, unigram_tokenizer, tmp_path):
+    d, model = _t5_dir(tmp_path, VARIANTS[variant], unigram_tokenizer)
+    if head == "flan":
+        model = _flan_head(d)
+    written = write_hf_gguf(d, tmp_path / "t5.gguf")
+    assert written.tokenizer.startswith("SentencePiece Unigram") and written.pre_verified
+    with T5LlamaRuntime(written.path) as rt:
+        got = rt.logits(SRC, TGT)
+        assert got.shape == (len(TGT) + 1, model.config.vocab_size)
+        want = _logits(model)
+        assert _close(got, want)  # the head is written pre-scaled where transformers scales
+        assert np.abs(want).max() > 50 * TOL
+        hf_tok = AutoTokenizer.from_pretrained(d)
+        for text in TEXTS:  # llama.cpp's Unigram tokenizer, EOS included, as transformers
+            assert rt.prompt_ids(text) == hf_tok(text)["input_ids"]
+    assert GGUFBase(written.path).identity.matches(identity_of_dir(d, get_family("t5")))
+
+
+def test_the_gguf_tensors_are_the_checkpoints(tmp_path):
+    """gguf-py reads back every weight as written (names from gguf-py's own T5 map); one shared
+    embedding, relative attention biases in block 0 only, a gate only in the gated MLP."""
+    from gguf import GGUFReader
+
+    d, _ = _t5_dir(tmp_path, "gated-gelu")
+    model = _flan_head(d)
+    names = {t.name: np.array(t.data) for t in GGUFReader(write_hf_gguf(d, tmp_path / "t.gguf").path).tensors}
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert np.array_equal(names["token_embd.weight"], sd["shared.weight"])
+    assert np.array_equal(names["output.weight"], sd["lm_head.weight"])
+    assert np.array_equal(names["dec.blk.1.cross_attn_k.weight"], sd["decoder.block.1.layer.1.EncDecAttention.k.weight"])
+    assert np.array_equal(names["enc.blk.0.ffn_gate.weight"], sd["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"])
+    assert np.array_equal(names["enc.blk.0.attn_rel_b.weight"],
+                          sd["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"])
+    assert "enc.blk.1.attn_rel_b.weight" not in names and "dec.blk.0.attn_rel_b.weight" in names
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_side_adapters_swap_in_place_and_equal_peft(variant, unigram_tokenizer, tmp_path):
+    """`export gguf` with two PEFT adapters on every T5 site: llama.cpp swaps them in place
+    (a -> b -> base -> a) and each gives PEFT's logits and greedy tokens; --merge equals side."""
+    import copy
+
+    d, model = _t5_dir(tmp_path, VARIANTS[variant], unigram_tokenizer)
+    peft = {n: random_t5_peft_adapter(copy.deepcopy(model), tmp_path / n, seed=s, every_site=True)
+            for n, s in (("a", 1), ("b", 2))}
+    want = {n: _logits(pm) for n, pm in peft.items()} | {None: _logits(model)}
+    assert np.abs(want["a"] - want["b"]).max() > 0.1
+    adapters = {n: str(tmp_path / n) for n in peft}
+    side = export(str(d), tmp_path / "side", quant="f32", adapters=adapters)
+    merged = export(str(d), tmp_path / "merged", quant="f32", adapters=adapters, merge="a")
+    hf_tok = AutoTokenizer.from_pretrained(d)
+    src = hf_tok("the lazy dog")["input_ids"]
+    with open_runtime(side.out) as rt:
+        assert isinstance(rt, T5LlamaRuntime) and rt.swap_mode == "in-place"
+        for name in ("a", "b", None, "a"):
+            rt.use_adapter(name)
+            assert _close(rt.logits(SRC, TGT), want[name]), name
+        with torch.no_grad():
+            ref = peft["a"].generate(input_ids=torch.tensor([src]), max_new_tokens=6, do_sample=False)[0, 1:]
+        ref = [int(t) for t in ref if int(t) != model.config.eos_token_id]
+        assert len(ref) >= 3
+        assert list(rt.generate_ids(src, max_tokens=6))[:len(ref)] == ref[:6]
+        assert generate(rt, "the lazy dog", max_tokens=6) == rt.detokenize(ref[:6])
+    with open_runtime(merged.out) as rt:
+        assert _close(rt.logits(SRC, TGT), want["a"])
+
+
+def test_quantized_export_runs_the_adapter_on_its_blocks(tmp_path):
+    """q8_0 through llama.cpp's quantizer: the adapter rescales the blocks' scales; the result is
+    the quantized base's own logits moved the way PEFT's adapter moves the f32 model's."""
+    import copy
+
+    d, model = _t5_dir(tmp_path, "gated-gelu")
+    pm = random_t5_peft_adapter(copy.deepcopy(model), tmp_path / "a", every_site=True)
+    e = export(str(d), tmp_path / "q8", quant="q8_0", adapters={"a": str(tmp_path / "a")})
+    with open_runtime(e.out) as rt:
+        base = rt.logits(SRC, TGT)
+        rt.use_adapter("a")
+        got = rt.logits(SRC, TGT)
+    assert np.abs(base - _logits(model)).max() < 0.2  # q8_0's own rounding
+    assert np.abs(got - _logits(pm)).max() < 0.2
+    assert np.abs(got - base).max() > 0.5  # and the adapter does act
+
+
+def test_relu_mlp_refuses_a_non_positive_feed_forward_scale(tmp_path):
+    """A ReLU MLP folds wo's input scale into wi's rows only where it is positive: a negative
+    one is refused with the reason (no file); the gated MLP takes it (its fold is exact)."""
+    import copy
+
+    for ff, ok in (("relu", False), ("gated-gelu", True)):
+        d, model = _t5_dir(tmp_path / ff, ff)
+        pm = random_t5_peft_adapter(copy.deepcopy(model), tmp_path / ff / "neg")
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "ia3_l" in name and ".wo." in name:
+                    p[..., 0] = -0.5
+        pm.save_pretrained(tmp_path / ff / "neg")
+        out = tmp_path / ff / "out"
+        if ok:
+            export(str(d), out, quant="f32", adapters={"neg": str(tmp_path / ff / "neg")})
+            continue
+        res = invoke("export", "gguf", "--base", d, "--adapter", f"neg={tmp_path / ff / 'neg'}", "--quant", "f32",
+                     "--out", out)
+        assert_refused(res, out, "relu", "l > 0")
+
+
+def test_bad_inputs_get_clear_errors(tmp_path):
+    """A decoder-only adapter on a T5 GGUF, a T5 llama.cpp would compute differently, and a
+    decoder-only GGUF opened as T5: each refused, naming the cause."""
+    d, model = _t5_dir(tmp_path, "relu")
+    llama = make_tiny_model("llama", tmp_path / "llama")
+    from transformers import AutoModelForCausalLM
+
+    random_peft_adapter(AutoModelForCausalLM.from_pretrained(llama), "llama", tmp_path / "llama-a")
+    out = tmp_path / "e"
+    res = invoke("export", "gguf", "--base", d, "--adapter", f"x={tmp_path / 'llama-a'}", "--quant", "f32",
+                 "--out", out)
+    assert_refused(res, out, "llama")
+    far, _ = _t5_dir(tmp_path / "far", "relu", relative_attention_max_distance=64)
+    with pytest.raises(EdgeIA3Error, match="relative_attention_max_distance=64"):
+        write_hf_gguf(far, tmp_path / "far.gguf")
+    assert not (tmp_path / "far.gguf").exists()
+    written = write_hf_gguf(llama, tmp_path / "llama.gguf")
+    with pytest.raises(EdgeIA3Error, match="no encoder"):
+        T5LlamaRuntime(written.path)
