@@ -108,8 +108,14 @@ def _complete_gguf_config(gguf: Path, config: Any) -> Any:
     architectures (qwen3's head_dim, gpt2's context length, Gemma's attention
     scale), taken from the file: the model is what llama.cpp computes from it."""
     from edgeia3.converters.gguf.ggml_index import GGUFIndex
+    from edgeia3.registry import family_for_gguf_arch
 
     index = GGUFIndex(gguf)
+    misread = family_for_gguf_arch(index.arch).gguf_misread
+    why = misread(set(index.tensors)) if misread else None
+    if why:
+        raise EdgeIA3Error(f"{gguf}: transformers' GGUF reader would build another model from this file ({why}); "
+                           "train on the transformers directory it was converted from")
     key_length = index.arch_int("attention.key_length", 0)
     if key_length and getattr(config, "head_dim", None) not in (None, key_length):
         config.head_dim = key_length

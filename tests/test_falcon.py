@@ -1,4 +1,5 @@
-"""Falcon: fused query_key_value layouts, the non-gated GELU MLP, training, inspect and refusals.
+"""Falcon: fused query_key_value layouts, the non-gated GELU MLP, training, inspect, refusals,
+and edgeia3's transformers -> GGUF writer against the real llama.cpp.
 
 Merge parity and PEFT round trips on the default tiny Falcon also run in
 test_merge_parity.py (FAMILIES); here: the other layouts, and that the
@@ -8,19 +9,26 @@ registry's q/k/v rows are the ones transformers' own ``_split_heads`` uses.
 from __future__ import annotations
 
 import copy
+import re
 
 import gguf
 import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 from edgeia3 import EdgeIA3Error, load_adapter_for, load_base, merge_loaded, write_peft_dir
+from edgeia3.converters.gguf.base_gguf import GGUFBase
+from edgeia3.converters.gguf.hf_writer import write_hf_gguf
+from edgeia3.fingerprint import identity_of_dir
 from edgeia3.formats import load_adapter
 from edgeia3.registry import get_family
+from edgeia3.runtimes.llama_runtime import LlamaCppRuntime
 from edgeia3.validate import adapter_for_base
 from cli_checks import assert_refused, invoke, merge_cli
-from tiny_models import logits, random_peft_adapter, write_label_task
+from test_gguf_families import IDS, TOL, assert_deploys
+from tiny_models import logits, make_tiny_model, random_peft_adapter, write_label_task
 
 ALL_SITES = ["q", "k", "v", "o", "up", "down"]
 # Layouts whose q/k/v rows are contiguous: [q (4 heads); k (1 head); v (1 head)].
@@ -159,15 +167,102 @@ def test_gguf_block_merge_refuses_down(tmp_path):
         adapter_for_base(grouped, ["k"])
 
 
-def test_onnx_export_and_gguf_writer_refuse_falcon(tiny_dir, tmp_path):
-    from edgeia3.converters.gguf.hf_writer import write_hf_gguf
+def test_onnx_export_refuses_falcon(tiny_dir, tmp_path):
     from edgeia3.converters.onnx.export import export
 
     with pytest.raises(EdgeIA3Error, match="does not support the 'falcon' family"):
         export(base=str(tiny_dir("falcon", tokenizer=True)), out=tmp_path / "onnx")
-    with pytest.raises(EdgeIA3Error, match="convert 'falcon' with llama.cpp"):
-        write_hf_gguf(tiny_dir("falcon"), tmp_path / "f.gguf")
     assert not list(tmp_path.iterdir())
+
+
+# -- edgeia3's transformers -> GGUF writer, checked against the real llama.cpp -----------
+
+# What llama.cpp's falcon graph computes: parallel attention + MLP, one KV head.
+GGUF_LAYOUTS = {
+    "multi_query": {},  # Falcon-7B: one input_layernorm (GGUF attn_norm) feeds both
+    "new_arch_1kv": SUPPORTED["new_arch_1kv"],  # ln_attn -> attn_norm_2, ln_mlp -> attn_norm
+    "new_arch_1kv_one_ln": {**SUPPORTED["new_arch_1kv"], "num_ln_in_parallel_attn": 1},
+}
+# Configs llama.cpp's falcon graph would compute differently (or not load): refused, naming the field.
+GGUF_REFUSED = {
+    "alibi": ({"alibi": True}, "alibi=True"),
+    "sequential": ({"parallel_attn": False}, "parallel_attn=False"),
+    "bias": ({"bias": True}, "bias=True"),
+    "relu": ({"activation": "relu"}, "activation=relu"),
+    "rope_scaling": ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+                     "RoPE scaling 'linear'"),
+    **REFUSED,  # several KV groups: the rows would need llama.cpp's regrouping
+}
+
+
+def _gguf_of(tiny_dir, tmp_path, **overrides):
+    d = tiny_dir("falcon", **overrides)
+    written = write_hf_gguf(d, tmp_path / "falcon.gguf", dtype="f32")
+    assert written.family.name == "falcon"
+    return d, written.path
+
+
+def _hf_logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("layout", list(GGUF_LAYOUTS))
+def test_gguf_writer_matches_llama_cpp(layout, tiny_dir, tmp_path):
+    """llama.cpp computes transformers' logits from the written file (transformers' erf GELU vs
+    llama.cpp's tanh GELU stays within the other families' floor: 1.7e-4 measured here, the
+    same as with transformers' tanh GELU); the GGUF read back has the dir's identity."""
+    d, path = _gguf_of(tiny_dir, tmp_path, **GGUF_LAYOUTS[layout])
+    reader = gguf.GGUFReader(str(path))
+    ffn, kv = (int(reader.fields[f"falcon.{k}"].parts[-1][0]) for k in ("feed_forward_length",
+                                                                        "attention.head_count_kv"))
+    assert (ffn, kv) == (96, 1)  # the true FFN width (llama.cpp's converter writes 4 * hidden) and one KV head
+    names = {t.name for t in reader.tensors}
+    assert ("blk.0.attn_norm_2.weight" in names) == (layout == "new_arch_1kv")
+    assert not any(n.startswith("output.") for n in names)  # tied: llama.cpp reuses token_embd
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    want = _hf_logits(model)
+    with LlamaCppRuntime(path) as rt:
+        got = rt.logits(IDS)
+    assert got.shape == want.shape == (len(IDS), 128)
+    assert np.abs(got - want).max() < TOL, np.abs(got - want).max()
+    if layout == "new_arch_1kv":  # the two norms are told apart: swapped, the logits differ
+        for layer in model.transformer.h:
+            layer.ln_attn, layer.ln_mlp = layer.ln_mlp, layer.ln_attn
+        assert np.abs(got - _hf_logits(model)).max() > 10 * TOL
+    ident = identity_of_dir(d, get_family("falcon"))
+    assert GGUFBase(path).identity.matches(ident)
+
+
+def test_gguf_loads_back_as_a_transformers_base(tiny_dir, tmp_path):
+    """The reverse direction (train on the GGUF): transformers' own GGUF reader builds the
+    same Falcon-7B-style model. Its falcon reader assumes an FFN of 4 * hidden, as llama.cpp's
+    converter writes it, so this layout uses that width."""
+    d, path = _gguf_of(tiny_dir, tmp_path, ffn_hidden_size=256)
+    from_gguf, from_dir = load_base(str(path), quant="none"), load_base(d)
+    assert from_gguf.identity.matches(from_dir.identity)
+    assert (logits(from_gguf.model) - logits(from_dir.model)).abs().max() <= 1e-5
+    # Falcon-40B's two norms: transformers' reader drops attn_norm_2 and would build another model
+    _, two_norms = _gguf_of(tiny_dir, tmp_path / "two", ffn_hidden_size=256, **GGUF_LAYOUTS["new_arch_1kv"])
+    with pytest.raises(EdgeIA3Error, match="attn_norm_2"):
+        load_base(str(two_norms), quant="none")
+
+
+@pytest.mark.parametrize("layout", ["multi_query", "new_arch_1kv"])
+def test_adapter_for_the_dir_deploys_on_its_gguf(layout, tiny_dir, tmp_path):
+    """Side adapter (swapped in and back out in place) and merged export on llama.cpp equal
+    PEFT for q, k, v; a ``down`` vector (GELU MLP: no row form) is refused for GGUF."""
+    d, path = _gguf_of(tiny_dir, tmp_path, **GGUF_LAYOUTS[layout])
+    assert_deploys(d, path, "falcon", tmp_path)
+
+
+@pytest.mark.parametrize("variant", list(GGUF_REFUSED))
+def test_gguf_writer_refuses_what_llama_cpp_computes_differently(variant, tmp_path):
+    overrides, field = GGUF_REFUSED[variant]
+    d = make_tiny_model("falcon", tmp_path / "m", **overrides)
+    with pytest.raises(EdgeIA3Error, match=re.escape(field)):
+        write_hf_gguf(d, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_train_lowers_loss_and_loads_back(tiny_dir, tmp_path):

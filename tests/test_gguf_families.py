@@ -45,9 +45,9 @@ def _written(tiny_dir, tmp_path, family):
 def test_every_writable_family_is_listed():
     """The lists are the registry's: a new family with a GGUF writer gets these tests
     (phi3 in test_gguf_spm.py: llama.cpp's phi3 loader needs a real vocabulary; t5, an
-    encoder-decoder, in test_t5_gguf.py)."""
+    encoder-decoder, in test_t5_gguf.py; falcon's layouts in test_falcon.py)."""
     assert sorted(f for f, fam in families().items() if fam.gguf_writer) == sorted(
-        {get_family(f).name for f in WRITABLE + ["phi3", "t5"]})
+        {get_family(f).name for f in WRITABLE + ["phi3", "t5", "falcon"]})
 
 
 @pytest.mark.parametrize("family", WRITABLE)

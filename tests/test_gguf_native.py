@@ -228,4 +228,4 @@ def test_auto_quant_picks_the_weights_that_deploy(tiny_dir, tiny256):
     assert resolve_quant("auto", resolve_base(tiny256), llama) == "q4_0"
     assert resolve_quant("auto", resolve_base(tiny_dir("llama", tokenizer=True)), llama) == "nf4"  # WordLevel
     assert resolve_quant("auto", resolve_base(tiny_dir("gpt2")), get_family("gpt2")) == "nf4"  # Conv1D layers
-    assert resolve_quant("auto", resolve_base(tiny_dir("falcon")), get_family("falcon")) == "nf4"  # no writer
+    assert resolve_quant("auto", resolve_base(tiny_dir("falcon")), get_family("falcon")) == "q4_0"  # FalconLinear

@@ -176,8 +176,9 @@ def attach_gguf_weights(model: Any, family: Family, gguf_path: str | Path, embed
     types: Counter = Counter()
     nbytes = 0
     prefix = family.layers + "."
+    # Linear and plain subclasses (Falcon's FalconLinear), not layers already on blocks
     targets = [(n, m) for n, m in model.named_modules()
-               if n.startswith(prefix) and type(m) is torch.nn.Linear]
+               if n.startswith(prefix) and isinstance(m, torch.nn.Linear) and not isinstance(m, GGUFLinear)]
     if not targets:
         raise EdgeIA3Error(f"{gguf_path}: no Linear layers to attach GGUF weights to")
     for name, module in targets:

@@ -88,6 +88,9 @@ class Family:
     # pairs to write to GGUF instead, llama.cpp's way (T5: one shared embedding, the head
     # pre-scaled as transformers scales it); None: every tensor as is, a tied head dropped.
     gguf_rewrite: Callable[[Any, str, Any, set], list] | None = None
+    # GGUF tensor names -> why transformers' own GGUF reader would build another model from
+    # such a file (None: it reads it right); loading that GGUF as a base is then refused.
+    gguf_misread: Callable[[set], str | None] | None = None
     extra: dict = field(default_factory=dict)
 
     @property

@@ -177,8 +177,10 @@ def _falcon_qkv_rows(which: str):
 # (a ReLU MLP could fold a positive l into dense_h_to_4h's rows; GELU cannot) - so
 # there is no input_fold, and a GGUF block-scale merge of ``down`` is refused.
 # No onnx_node: onnxruntime-genai's builder has no Falcon, so ONNX export refuses it.
-# edgeia3's own transformers -> GGUF writer does not cover it (gguf_writer False: convert
-# with llama.cpp); "falcon" is llama.cpp's architecture name, so such GGUFs are bases here.
+# GGUF: "falcon" is llama.cpp's architecture name. edgeia3's writer covers the layouts
+# llama.cpp's falcon graph computes with one KV head (gh.falcon refuses ALiBi, sequential
+# attention, biases and several KV groups); query_key_value is copied as is (llama.cpp's
+# regrouping is the identity then) and no RoPE row permutation applies (NeoX RoPE).
 register(Family(
     "falcon", ("falcon",),
     layers="transformer.h",
@@ -196,7 +198,9 @@ register(Family(
     # PEFT: target_modules [query_key_value, dense_4h_to_h], feedforward [dense_4h_to_h].
     default_targets=("q", "k", "v", "down"),
     embed="transformer.word_embeddings.weight", final_norm="transformer.ln_f.weight",
-    gated_mlp=False, gguf_arch="falcon",
+    gated_mlp=False, gguf_arch="falcon", gguf_hparams=gh.falcon, gguf_pre_tokenizers=("falcon",),
+    gguf_misread=lambda names: ("it drops the second layer norm (attn_norm_2, Falcon-40B's ln_attn)"
+                                if "blk.0.attn_norm_2.weight" in names else None),
 ))
 
 

@@ -151,6 +151,44 @@ def gpt2(c: Any, w: Any) -> None:
 _FALCON_GELU = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
+def falcon(c: Any, w: Any) -> None:
+    """Falcon: parallel attention + GELU MLP off one LayerNorm (two for Falcon-40B's
+    ln_attn / ln_mlp), NeoX RoPE, fused query_key_value, no linear biases.
+
+    llama.cpp's falcon graph is that and nothing else: it has no ALiBi, no sequential
+    (post-attention LayerNorm) block and no linear biases. Its converter regroups
+    query_key_value from transformers' per-KV-group [q..; k; v] blocks into [all q; all k;
+    all v]; with one KV head that is the identity, which is what this writer relies on
+    (it copies the rows unchanged), so layouts with several KV groups are refused.
+    """
+    if getattr(c, "alibi", False):
+        _refuse(c, "alibi=True (llama.cpp's falcon graph has RoPE only, no ALiBi)")
+    if not getattr(c, "parallel_attn", True):
+        _refuse(c, "parallel_attn=False (llama.cpp's falcon graph runs attention and MLP in parallel "
+                   "off the same LayerNorm; it has no post-attention LayerNorm)")
+    if getattr(c, "bias", False):
+        raise EdgeIA3Error("falcon bias=True: llama.cpp's falcon graph has no query_key_value, dense "
+                           "or MLP biases (it refuses a GGUF that carries them)")
+    if c.activation not in _FALCON_GELU:
+        _refuse(c, f"activation={c.activation} (llama.cpp's falcon MLP is GELU)")
+    if c.new_decoder_architecture:
+        groups, field = c.num_kv_heads, f"num_kv_heads={c.num_kv_heads}"
+    else:
+        groups, field = (1, "") if c.multi_query else (c.num_attention_heads, "multi_query=False")
+    if groups != 1:
+        raise EdgeIA3Error(f"falcon {field}: query_key_value interleaves q, k and v per KV group; "
+                           "edgeia3's GGUF writer copies its rows as they are, which is llama.cpp's "
+                           "[q; k; v] order only for one KV head (convert with llama.cpp's "
+                           "convert_hf_to_gguf.py)")
+    rope = _rope(c)
+    if rope["rope_type"] != "default":
+        _refuse(c, f"RoPE scaling '{rope['rope_type']}' is not written by edgeia3's GGUF writer")
+    _common(c, w, rope["rope_theta"])
+    w.add_feed_forward_length(int(c.ffn_hidden_size))  # llama.cpp's converter assumes 4 * hidden
+    w.add_head_count_kv(1)
+    w.add_layer_norm_eps(float(c.layer_norm_epsilon))
+
+
 def t5(c: Any, w: Any) -> None:
     """T5 / Flan-T5: relative position buckets, RMS norms, no attention scale (llama.cpp's
     T5 graph), the MLP chosen by the tensors (gated GELU when wi_0 exists, else ReLU)."""
