@@ -70,7 +70,8 @@ def train(
     eval_data: Optional[Path] = typer.Option(None, "--eval", help="eval JSONL (loss, exact-match accuracy)"),
     quant: str = typer.Option(
         "auto", help="auto (a GGUF base: its own quantized tensors; a transformers base: q4_0), gguf, "
-        "a llama.cpp type (q4_0, q8_0, q4_k_m, ...: quantized once, deployed as is), nf4 or none"),
+        "a llama.cpp type (q4_0, q8_0, q4_k_m, ...: quantized once, deployed as is), nf4 or none; "
+        "T5 / Flan-T5 (encoder-decoder: prompt -> encoder, completion -> decoder) trains on none only"),
     epochs: Optional[float] = typer.Option(None, help="passes over the training data (default: from the row "
                                            "count, at least 100 steps and 1 epoch)"),
     max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps (wins over --epochs)"),

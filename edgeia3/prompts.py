@@ -27,6 +27,12 @@ RECORD_KEY = "chat_template"  # key in the adapter's metadata (IA3Adapter.extra)
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 NAMED_TEMPLATES = {"chatml": CHATML}
+# Encoder-decoder models (T5) ship no chat template: the conversation before the answer as
+# plain text - a lone user message is its content as is (so it trains and runs exactly like a
+# prompt/completion row), anything longer one "role: content" line per message.
+FLAT_CHAT = ("{% if messages|length == 1 and messages[0]['role'] == 'user' %}{{ messages[0]['content'] }}"
+             "{% else %}{% for m in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+             "{{ m['role'] }}: {{ m['content'] }}{% endfor %}{% endif %}")
 
 
 class NoChatTemplate(EdgeIA3Error):

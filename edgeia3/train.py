@@ -1,4 +1,7 @@
-"""Train step: IA3 on a frozen (by default NF4 4-bit) base from JSONL data.
+"""Train step: IA3 on a frozen (by default 4-bit) base from JSONL data.
+
+Decoder-only and encoder-decoder (T5, full precision) models run the same loop; what
+differs for the latter (encoding, batches, loss, evaluation) is in seq2seq.py.
 
 Runs on CPU or GPU, single process or under ``accelerate launch``. Guards
 against the silent failures IA3 training is prone to: missing gradients,
@@ -22,6 +25,7 @@ from typing import Any
 
 import torch
 
+from . import seq2seq
 from .adapter import IA3Adapter, IA3Vector, fused_layout_for
 from .atomic import atomic_dir, check_out
 from .base import DEFAULT_BASE, LoadedBase, load_base
@@ -140,7 +144,7 @@ def wrap_with_ia3(base: LoadedBase, sites: list[str]) -> Any:
 
     fam = base.family
     modules, feedforward = peft_target_modules(fam, sites)
-    cfg = IA3Config(task_type="CAUSAL_LM", target_modules=modules, feedforward_modules=feedforward,
+    cfg = IA3Config(task_type=fam.peft_task_type, target_modules=modules, feedforward_modules=feedforward,
                     fan_in_fan_out=fam.conv1d)
     model = get_peft_model(base.model, cfg)
     # A fused module (phi3 qkv_proj) holds several sites in one vector: mask the
@@ -300,6 +304,8 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     ``chat_template``: "chatml" or a Jinja file, rendering chat rows instead of the base's
     own template (needed when the base has none); the template chat rows were rendered
     with is recorded in the adapter, so every runtime renders its prompts the same way.
+    An encoder-decoder base (T5) trains in full precision ("auto": "none"); seq2seq.py says
+    how rows become encoder inputs and decoder targets.
     """
     from accelerate import Accelerator
 
@@ -313,18 +319,20 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     acc = Accelerator(cpu=not torch.cuda.is_available())
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    lb = load_base(base, quant=quant)
+    lb = load_base(base, quant=seq2seq.training_quant(base, quant))  # encoder-decoder: fp32 only
     quant = lb.quant  # "auto" and llama.cpp type names resolve to gguf / nf4 / none
     fam = lb.family
-    if fam.auto_model != "AutoModelForCausalLM":
-        raise EdgeIA3Error(f"{base}: training {fam.name} (encoder-decoder) models is not supported yet; "
-                           "merge, PEFT interop and inspect are (train with PEFT and pass the adapter)")
+    s2s = seq2seq.is_seq2seq(fam)  # encoder-decoder (T5): its own encoding, batches, loss and eval
+    if s2s:
+        seq2seq.check_loaded(lb)
     sites = list(cfg.targets or fam.default_targets)
     for s in sites:
         fam.site(s)  # unknown site names fail here, with the list of known ones
-    template = given or getattr(lb.tokenizer, "chat_template", None)
-    train_set = load_examples(data, lb.tokenizer, cfg.max_length, template)
-    eval_set = load_examples(eval_data, lb.tokenizer, cfg.max_length, template) if eval_data else None
+    own = getattr(lb.tokenizer, "chat_template", None)
+    template = seq2seq.chat_template(given, lb.tokenizer) if s2s else given or own
+    load = seq2seq.load_examples if s2s else load_examples
+    train_set = load(data, lb.tokenizer, cfg.max_length, template)
+    eval_set = load(eval_data, lb.tokenizer, cfg.max_length, template) if eval_data else None
     # Recorded when given, or when the base's own rendered chat rows (it may change or be lost later).
     chat_rows = any(not isinstance(e.prompt, str) for e in train_set + (eval_set or []))
     recorded = template if given or (template and chat_rows) else None
@@ -351,7 +359,8 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
         if not eval_set or not acc.is_main_process:
             return None
         trained = acc.unwrap_model(model)
-        return evaluate(twin.sync(trained) if twin else trained, lb.tokenizer, eval_set, want_acc, template)
+        return (seq2seq.evaluate if s2s else evaluate)(twin.sync(trained) if twin else trained, lb.tokenizer,
+                                                       eval_set, want_acc, template)
 
     before = run_eval()
     import psutil
@@ -371,14 +380,15 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
         if not progress.quiet:
             progress.progress.console.print(f"schedule: {schedule.describe()}", highlight=False)
         while step < total:
-            for ids, labels, mask in _batches(shard, cfg.batch_size, rng, pad):
+            for ids, labels, mask in (seq2seq.batches if s2s else _batches)(shard, cfg.batch_size, rng, pad):
                 if step >= total:
                     break
                 model.train()
                 ids, labels, mask = ids.to(acc.device), labels.to(acc.device), mask.to(acc.device)
                 # DDP syncs gradients only through its own forward: the plain loss there
                 with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = (labelled_loss(model, ids, mask, labels) if acc.num_processes == 1
+                    loss = (seq2seq.loss(model, ids, mask, labels) if s2s
+                            else labelled_loss(model, ids, mask, labels) if acc.num_processes == 1
                             else model(input_ids=ids, attention_mask=mask, labels=labels).loss)
                 if not torch.isfinite(loss):
                     raise EdgeIA3Error(f"step {step}: loss is {loss.item()}; stopping "
@@ -398,7 +408,7 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
                 optim.zero_grad(set_to_none=True)
                 step_loss = float(acc.reduce(loss.detach(), reduction="mean"))
                 losses.append(step_loss)
-                tokens += int(mask.sum()) * acc.num_processes
+                tokens += (seq2seq.tokens(mask, labels) if s2s else int(mask.sum())) * acc.num_processes
                 step += 1
                 if step % 10 == 0 or step == total:
                     guard.check_moved(step)
@@ -415,7 +425,7 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
                                                "rss_at_loop_start_mb": round(rss_start_mb, 1)},
                          grad_norms, warnings, schedule.to_dict())
     if acc.is_main_process:
-        source = (str(chat_template) if given else "base") if recorded else None
+        source = (str(chat_template) if given else "base" if own else "seq2seq-flat") if recorded else None
         _save(result, lb, cfg, quant, acc.num_processes, str(acc.state.backend or "none"), force, source)
     acc.wait_for_everyone()
     return result

@@ -106,11 +106,11 @@ def test_bad_inputs_are_clear(tmp_path, tiny_dir):
     random_peft_adapter(copy.deepcopy(llama.model), "llama", tmp_path / "llama_peft")
     with pytest.raises(EdgeIA3Error, match="llama|family"):
         load_adapter_for(tmp_path / "llama_peft", load_base(_t5(tmp_path / "t5", "relu")))
-    # training is not built yet: said, not crashed
+    # a T5 dir without tokenizer files: transformers would tokenize everything as unknown
     from edgeia3.train import train
     from tiny_models import write_label_task
 
-    with pytest.raises(EdgeIA3Error, match="not supported yet"):
+    with pytest.raises(EdgeIA3Error, match="tokenizer files missing"):
         train(str(tmp_path / "t5"), write_label_task(tmp_path / "d.jsonl", 8), tmp_path / "ad", quant="none")
     assert not (tmp_path / "ad").exists()
 

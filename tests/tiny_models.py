@@ -164,3 +164,17 @@ def random_t5_peft_adapter(model, out: Path, seed: int = 1, every_site: bool = F
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
     pm.save_pretrained(out)
     return pm.eval()
+
+
+def make_tiny_t5_tokenizer(out: Path):
+    """``make_tiny_tokenizer``'s characters as a T5 tokenizer is to edgeia3: no chat template, ids
+    decode back to the text, pad 0 (make_tiny_t5's decoder start) and EOS 1 (its eos_token_id)."""
+    from tokenizers import decoders
+
+    fast = make_tiny_tokenizer(out)
+    fast.backend_tokenizer.decoder = decoders.Fuse()
+    fast.chat_template = None
+    (Path(out) / "chat_template.jinja").unlink(missing_ok=True)
+    fast.save_pretrained(out)
+    assert (fast.pad_token_id, fast.eos_token_id) == (0, 1)
+    return fast
