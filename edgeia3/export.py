@@ -271,8 +271,42 @@ def _gguf_adapters(info: ExportInfo) -> dict[str, Any]:
     return {n: read_ia3_gguf(p) for n, p in info.adapter_files.items()}
 
 
+def _t5_onnx_info(path: Path, m: dict) -> ExportInfo:
+    ads = {n: _typed(a, dict, f"adapter {n}") for n, a in _typed(m.get("adapters", {}), dict, "adapters").items()}
+    files = {n: path / _typed(a["file"], str, f"adapter {n} file") for n, a in ads.items() if "file" in a}
+    merged = _typed(merged_name(m), (str, type(None)), "merged")
+    if merged is not None:
+        _typed(ads[merged]["canonical"], str, f"adapter {merged} canonical")
+    return ExportInfo(path, "onnx-t5", _typed(m["precision"], str, "precision"),
+                      _typed(_typed(m["base"], dict, "base")["spec"], str, "base spec"),
+                      _typed(m["model_bytes"], int, "model_bytes"), files,
+                      {n: _typed(ads[n]["bytes"], int, f"adapter {n} bytes") for n in files}, merged, m)
+
+
+def _t5_onnx_adapters(info: ExportInfo) -> dict[str, Any]:
+    """The side inputs back as canonical adapters (ones where an adapter leaves a site alone)."""
+    from safetensors.numpy import load_file
+
+    from .adapter import IA3Adapter, IA3Vector
+    from .registry import get_family
+
+    m = info.manifest
+    fam = get_family(m["family"])
+    out = {}
+    for n, p in info.adapter_files.items():
+        tensors, entry = load_file(str(p)), m["adapters"][n]
+        vectors = [IA3Vector(i["layer"], i["site"], fam.site(i["site"]).scaling, tensors[i["name"]].reshape(-1))
+                   for i in m["ia3_inputs"] if i["site"] in entry["sites"]]
+        out[n] = IA3Adapter(fam.name, vectors, quant=entry.get("trained_on", "none"),
+                            trained_on=entry.get("trained_weights") or {}, extra=_template_extra(entry))
+    if info.merged:
+        out[info.merged] = IA3Adapter.load(info.path / m["adapters"][info.merged]["canonical"])
+    return out
+
+
 # manifest kind -> (info reader, adapter reader)
-_READERS = {"onnx": (_onnx_info, _onnx_adapters), "gguf": (_gguf_info, _gguf_adapters)}
+_READERS = {"onnx": (_onnx_info, _onnx_adapters), "gguf": (_gguf_info, _gguf_adapters),
+            "onnx-t5": (_t5_onnx_info, _t5_onnx_adapters)}
 
 
 def read_export(path: str | Path) -> ExportInfo:

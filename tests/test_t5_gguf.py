@@ -22,7 +22,7 @@ from edgeia3.registry import get_family
 from edgeia3.runtimes import generate, open_runtime
 from edgeia3.runtimes.t5_llama import T5LlamaRuntime
 from cli_checks import assert_refused, invoke
-from tiny_models import make_tiny_model, make_tiny_t5, random_peft_adapter, random_t5_peft_adapter
+from tiny_models import VOCAB, make_tiny_model, make_tiny_t5, random_peft_adapter, random_t5_peft_adapter
 
 VARIANTS = {"relu": "relu", "gated": "gated-gelu"}
 SRC = [5, 17, 99, 3, 42, 64, 8, 120, 33, 1]
@@ -38,13 +38,20 @@ def _close(got, want) -> bool:
 
 @pytest.fixture(scope="module")
 def unigram_tokenizer(tmp_path_factory):
-    """A T5-style tokenizer dir: a SentencePiece Unigram model trained here (spiece.model)."""
+    """A T5-style tokenizer dir: a SentencePiece Unigram model trained here (spiece.model) with
+    as many pieces as the tiny model's vocabulary, so every generated id is real text."""
+    import random
+
     import sentencepiece as spm
 
     d = tmp_path_factory.mktemp("unigram")
+    rng = random.Random(0)
+    syllables = [a + b for a in "bdfgklmnprstvz" for b in "aeiou"]
+    words = ["".join(rng.choices(syllables, k=rng.randint(1, 3))) for _ in range(300)]
     lines = ["the quick brown fox jumps over the lazy dog", "hello world, it is a fine day",
              "red warm sun fire ice cold snow sea wet rain lake frost"] * 50
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(d / "sp"), vocab_size=40,
+    lines += [" ".join(rng.choices(words, k=8)) for _ in range(400)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(d / "sp"), vocab_size=VOCAB,
                                    model_type="unigram", character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2,
                                    bos_id=-1, minloglevel=3)
     tok = d / "tok"
@@ -213,3 +220,78 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     written = write_hf_gguf(llama, tmp_path / "llama.gguf")
     with pytest.raises(EdgeIA3Error, match="no encoder"):
         T5LlamaRuntime(written.path)
+
+
+def test_served_by_edgeia3_serve_with_per_request_adapters(unigram_tokenizer, tmp_path):
+    """`edgeia3 serve` on a T5 GGUF export (127.0.0.1, the official openai client): the model list
+    names the base and both adapters, and each request's answer is the runtime's own for that
+    adapter, streamed or not (a lone user message is sent as its text, as training reads it)."""
+    import copy
+
+    from test_serve import Server, chat
+
+    d, model = _t5_dir(tmp_path, "gated-gelu", unigram_tokenizer)
+    for n, s in (("a", 1), ("b", 2)):
+        random_t5_peft_adapter(copy.deepcopy(model), tmp_path / n, seed=s, every_site=True)
+    e = export(str(d), tmp_path / "e", quant="f32", adapters={n: str(tmp_path / n) for n in "ab"})
+    prompt = "the lazy dog"
+    with open_runtime(e.out) as rt:
+        want = {}
+        for name in (None, "a", "b"):
+            rt.use_adapter(name)
+            want[name or "base"] = generate(rt, prompt, max_tokens=8)
+    assert want["a"] and want["a"] != want["b"]
+    srv = Server(e.out, tmp_path / "serve.log")
+    try:
+        client = srv.client()
+        assert [m.id for m in client.models.list()] == ["base", "a", "b"]
+        for name in ("a", "base", "b", "a"):
+            assert chat(client, name, prompt, max_tokens=8)[0] == want[name], name
+        stream = client.chat.completions.create(model="b", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=8, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want["b"]
+    finally:
+        srv.close()
+
+
+def test_report_and_torch_reference_cover_t5_exports(unigram_tokenizer, tmp_path):
+    """`report` on a T5 ONNX (side and merged) and GGUF export: drift against the PyTorch
+    reference, whose T5 path generates PEFT's greedy tokens; the ONNX-T5 manifest reads back
+    its adapters exactly (read_export)."""
+    import copy
+
+    from edgeia3.export import read_export
+    from edgeia3.converters.onnx.t5 import export_t5
+    from edgeia3.validate import load_adapter_for
+    from edgeia3.report import ReportOptions, report
+    from edgeia3.runtimes.torch_runtime import TorchRuntime
+    from edgeia3 import load_base
+
+    d, model = _t5_dir(tmp_path, "gated-gelu", unigram_tokenizer)
+    pm = random_t5_peft_adapter(copy.deepcopy(model), tmp_path / "a", every_site=True)
+    lb = load_base(d)
+    ref = TorchRuntime(lb, {"a": load_adapter_for(tmp_path / "a", lb)})
+    ref.use_adapter("a")
+    src = ref.prompt_ids("the lazy dog")
+    assert src[-1] == model.config.eos_token_id  # the source ends with EOS, as T5 trains on it
+    with torch.no_grad():
+        want = [int(t) for t in pm.generate(input_ids=torch.tensor([src]), max_new_tokens=6, do_sample=False)[0, 1:]]
+    assert len(want) >= 3 and list(ref.generate_ids(src, 6)) == [t for t in want if t != model.config.eos_token_id]
+    assert _close(ref.logits(SRC, TGT), _logits(pm))
+
+    side, merged = tmp_path / "onnx", tmp_path / "onnx-merged"
+    export_t5(d, side, {"a": tmp_path / "a"})
+    export_t5(d, merged, {"a": tmp_path / "a"}, merge="a")
+    gg = export(str(d), tmp_path / "gguf", quant="f32", adapters={"a": str(tmp_path / "a")}).out
+    back = read_export(side).adapters()["a"]
+    canonical = load_adapter_for(tmp_path / "a", lb)
+    assert sorted(back.sites) == sorted(canonical.sites)
+    assert all(np.array_equal(v.values, canonical.get(v.layer, v.site).values) for v in back.vectors)
+    doc = report([side, merged, gg], tmp_path / "report", options=ReportOptions(runs=1, decode_tokens=4,
+                                                                                  greedy_tokens=6))
+    drift = {e["label"]: e["adapters"]["a"]["drift"] for e in doc["exports"]}
+    assert set(drift) == {"onnx-t5 fp32 side", "onnx-t5 fp32 merged 'a'", "gguf f32 side"}
+    for label, dr in drift.items():
+        assert dr["max_abs_logit_diff"] < (1e-4 if "onnx" in label else TOL), (label, dr)
+        assert dr["greedy_token_agreement"] == 1.0, label
+    assert (tmp_path / "report" / "report.md").exists()

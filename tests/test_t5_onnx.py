@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from edgeia3.converters.onnx.t5 import export_t5
+from edgeia3.errors import EdgeIA3Error
 
 from edgeia3.runtimes.t5_onnx import T5OnnxRuntime
 from tiny_models import make_tiny_t5, random_t5_peft_adapter
 
 VARIANTS = {"relu": "relu", "gated": "gated-gelu"}
 SRC = [5, 17, 99, 3, 42, 64, 8, 120, 33]
-DEC = [0, 11, 77, 2, 90]
+DEC = [0, 11, 77, 2, 90]  # decoder_start_token_id (0), then a target
 
 
 def _t5(out, ff, factor=1.0):
@@ -54,13 +55,13 @@ def test_side_and_merged_export_equal_peft(variant, tmp_path):
     assert rt.adapters == ["a", "all"]
 
     rt.use_adapter("all")  # q and o sites too (PEFT's defaults have none)
-    assert np.abs(rt.logits(SRC, DEC) - _logits(pm_all)).max() < 1e-4
+    assert np.abs(rt.logits(SRC, DEC[1:]) - _logits(pm_all)).max() < 1e-4
     assert list(rt.generate_ids(SRC, 10)) == _greedy(pm_all, SRC, 10)
 
     rt.use_adapter("a")
     want = _logits(pm)
     assert np.abs(want - _logits(base_model)).max() > 1e-2  # the adapter changes the model
-    assert np.abs(rt.logits(SRC, DEC) - want).max() < 1e-4
+    assert np.abs(rt.logits(SRC, DEC[1:]) - want).max() < 1e-4
     steps = _greedy(pm, SRC, 10)
     assert list(rt.generate_ids(SRC, 10)) == steps
     with torch.no_grad():
@@ -76,13 +77,16 @@ def test_side_and_merged_export_equal_peft(variant, tmp_path):
     assert np.abs(np.stack(rows) - want).max() < 1e-4
 
     rt.use_adapter(None)  # no adapter: the base
-    assert np.abs(rt.logits(SRC, DEC) - _logits(base_model)).max() < 1e-4
+    assert np.abs(rt.logits(SRC, DEC[1:]) - _logits(base_model)).max() < 1e-4
     assert list(rt.generate_ids(SRC, 10)) == _greedy(base_model, SRC, 10)
 
     export_t5(tmp_path / "m", tmp_path / "merged", {"a": tmp_path / "peft"}, merge="a")
     mrt = T5OnnxRuntime(tmp_path / "merged")
-    assert mrt.adapters == [] and not mrt._ones
-    assert np.abs(mrt.logits(SRC, DEC) - want).max() < 1e-4
+    assert mrt.adapters == ["a"] and not mrt._ones  # the merged adapter is the weights
+    mrt.use_adapter("a")
+    with pytest.raises(EdgeIA3Error, match="merged into its weights"):
+        mrt.use_adapter("other")
+    assert np.abs(mrt.logits(SRC, DEC[1:]) - want).max() < 1e-4
     assert list(mrt.generate_ids(SRC, 10)) == steps
 
 
@@ -129,7 +133,7 @@ def test_cli_export_onnx_dispatches_t5_and_refuses_what_is_not_built(tmp_path):
     assert "decoder-with-past" in " ".join(res.output.split())
     rt = T5OnnxRuntime(tmp_path / "x")
     rt.use_adapter("a")
-    assert np.isfinite(rt.logits(SRC, DEC)).all()
+    assert np.isfinite(rt.logits(SRC, DEC[1:])).all()
     refused = invoke("export", "onnx", "--base", m, "--out", tmp_path / "int4")  # default int4
     assert_refused(refused, tmp_path / "int4", "fp32")
     again = invoke("export", "onnx", "--base", m, "--precision", "fp32", "--out", tmp_path / "x")

@@ -36,6 +36,7 @@ from edgeia3.errors import EdgeIA3Error
 from edgeia3.atomic import atomic_dir, check_out
 from edgeia3.manifest import read_manifest, write_manifest
 from edgeia3.merge import merge_loaded
+from edgeia3.prompts import RECORD_KEY, recorded_template
 from edgeia3.registry import Scaling
 from edgeia3.validate import load_adapter_for
 
@@ -261,18 +262,25 @@ def _write(out: Path, base: Any, loaded: dict[str, IA3Adapter], merge: str | Non
             {k: v for k, v in axes.items() if k in dec_in + dec_out})
 
     entries = {}
-    if merge is None:
-        (out / ADAPTER_DIR).mkdir(exist_ok=True)
-        for name, ad in loaded.items():
+    (out / ADAPTER_DIR).mkdir(exist_ok=True)
+    for name, ad in loaded.items():
+        entry = {"sites": ad.sites, "params": ad.num_params, "trained_on": ad.quant, "trained_weights": ad.trained_on}
+        if recorded_template(ad):  # the chat template it was trained with renders its prompts
+            entry[RECORD_KEY] = recorded_template(ad)
+        if merge is None:
             rel = f"{ADAPTER_DIR}/{name}.safetensors"
             save_file(adapter_tensors(ad, sites, sizes), str(out / rel), metadata={"format": "edgeia3-onnx-t5-ia3"})
-            entries[name] = {"file": rel, "sites": ad.sites, "params": ad.num_params}
+            entry |= {"file": rel, "bytes": (out / rel).stat().st_size}
+        elif name == merge:  # folded into the weights: its canonical vectors, for provenance and reports
+            entry["canonical"] = str(ad.save(out / ADAPTER_DIR / f"{name}.ia3.safetensors").relative_to(out))
+        entries[name] = entry
     cfg.save_pretrained(out)  # decoder_start_token_id, eos_token_id, ...
     if base.tokenizer is not None:
         base.tokenizer.save_pretrained(out)
     doc = {
         "family": "t5", "precision": "fp32", "provider": "cpu",
-        "base": {"name": base.source.name},
+        "base": {"name": base.source.name, "spec": base.source.spec, "identity": base.identity.to_dict()},
+        "model_bytes": sum((out / f).stat().st_size for f in (ENCODER_FILE, DECODER_FILE)),
         "mode": "merged" if merge else ("side" if loaded else "base"),
         "merged": {"name": merge, "method": "torch fold (merge_loaded)"} if merge else None,
         "encoder": ENCODER_FILE, "decoder": DECODER_FILE, "decoder_with_past": True,

@@ -7,7 +7,7 @@ input). Everything else is the decoder-only runtime's: the private working copy,
 block-scale swap, the probe that picks in-place or reload, the adapter set.
 
 Prompts are plain text; a conversation is rendered by the template the adapter was
-trained with, else T5's plain flattening (``edgeia3.seq2seq.FLAT_CHAT``). The source gets the tokenizer's EOS like
+trained with, else T5's plain flattening (``edgeia3.prompts.FLAT_CHAT``). The source gets the tokenizer's EOS like
 transformers' T5 tokenizer adds it.
 """
 
@@ -18,11 +18,16 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import EdgeIA3Error
+from ..prompts import FLAT_CHAT
 from .llama_runtime import LlamaCppRuntime
 
 
 class T5LlamaRuntime(LlamaCppRuntime):
     name = "llama.cpp-t5"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.templates.own = self.templates.own or FLAT_CHAT  # T5 ships no chat template
 
     def _load(self) -> None:
         super()._load()
@@ -45,9 +50,6 @@ class T5LlamaRuntime(LlamaCppRuntime):
             raise EdgeIA3Error(f"llama_encode returned {rc}")
 
     def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
-        from ..seq2seq import FLAT_CHAT
-
-        self.templates.own = self.templates.own or FLAT_CHAT
         text = prompt if isinstance(prompt, str) else self.templates.render(prompt, self._active)
         # add_bos=True asks for the vocabulary's own specials: T5's is the trailing EOS
         return self._model.tokenize(text.encode("utf-8"), add_bos=True, special=True)

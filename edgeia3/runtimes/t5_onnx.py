@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import EdgeIA3Error
 from ..manifest import export_kind, read_manifest
-from ..prompts import ChatTemplates
+from ..prompts import FLAT_CHAT, RECORD_KEY, ChatTemplates
 
 KIND = "onnx-t5"
 
@@ -43,23 +43,34 @@ class T5OnnxRuntime:
         eos = m.get("eos_token_id")
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._ones = {i["name"]: np.ones((1, 1, i["size"]), np.float32) for i in m["ia3_inputs"]}
-        self._tensors = {name: load_file(str(self.path / a["file"])) for name, a in m["adapters"].items()}
+        self._tensors = {name: load_file(str(self.path / a["file"])) for name, a in m["adapters"].items()
+                         if "file" in a}  # a merged adapter keeps only its canonical vectors
         self._enc_inputs = {i.name for i in self.encoder.get_inputs()}
         self._dec_inputs = {i.name for i in self.decoder.get_inputs()}
         self.active: str | None = None
         self._feeds = self._ones
-        self.templates = ChatTemplates(None)
+        self.templates = ChatTemplates(FLAT_CHAT)  # T5 ships no chat template
+        for name, a in m["adapters"].items():  # the template each adapter was trained with
+            self.templates.record(name, template=a.get(RECORD_KEY))
         self._tok = None
 
     # -- adapters --------------------------------------------------------------
     @property
     def adapters(self) -> list[str]:
-        return list(self._tensors)
+        return ([self.merged] if self.merged else []) + list(self._tensors)
+
+    @property
+    def merged(self) -> str | None:
+        return (self.manifest.get("merged") or {}).get("name")
 
     def use_adapter(self, name: str | None) -> None:
+        """Feed adapter ``name``'s side inputs (None: ones). A merged export is its adapter: the
+        merged name and None both run the weights as they are; no other adapter applies."""
+        if self.merged is not None and name in (None, self.merged):
+            self.active = name
+            return
         if name is not None and name not in self._tensors:
-            merged = (self.manifest.get("merged") or {}).get("name")
-            hint = f" (this export has '{merged}' merged into its weights)" if merged else ""
+            hint = f" (this export has '{self.merged}' merged into its weights)" if self.merged else ""
             raise EdgeIA3Error(f"no adapter '{name}' in {self.path}; it has: {', '.join(self.adapters) or 'none'}{hint}")
         self.active = name
         self._feeds = self._ones if name is None else self._tensors[name]
@@ -87,10 +98,11 @@ class T5OnnxRuntime:
     def _empty_past(self) -> list[np.ndarray]:
         return [np.zeros((1, self.heads, 0, self.d_kv), np.float32) for _ in range(2 * self.n)]
 
-    def logits(self, input_ids: list[int], decoder_ids: list[int]) -> np.ndarray:
-        """Decoder logits [len(decoder_ids), vocab] for source ``input_ids`` (one pass, no past)."""
+    def logits(self, input_ids: list[int], target_ids: list[int] | None = None) -> np.ndarray:
+        """Decoder logits [len(target)+1, vocab] for source ``input_ids`` (one pass, no past): after
+        the decoder start token, then after each target token (as every T5 runtime)."""
         _, cross = self.encode(input_ids)
-        logits, _ = self._decode(list(decoder_ids), self._empty_past(), cross, len(input_ids))
+        logits, _ = self._decode([self.start, *(target_ids or [])], self._empty_past(), cross, len(input_ids))
         return logits
 
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64, ignore_eos: bool = False) -> Iterator[int]:

@@ -2,6 +2,11 @@
 
 It is also the reference every other runtime is measured against: base +
 adapter, unmerged, in fp32.
+
+Encoder-decoder families (T5, ``Family.encoder_decoder``) follow the other T5 runtimes:
+the prompt (plain text, or chat flattened by ``FLAT_CHAT`` unless the adapter recorded a
+template) is the encoder's source with the tokenizer's EOS; ``logits`` gives the decoder's
+rows after its start token (and after ``target_ids``); generation decodes from the start token.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from ..base import LoadedBase, load_base
 from ..errors import EdgeIA3Error
 from ..formats.peft_dir import write_peft_dir
 from ..manifest import MANIFEST
-from ..prompts import ChatTemplates
+from ..prompts import FLAT_CHAT, ChatTemplates
 from . import refuse_options, register_runtime
 
 
@@ -36,7 +41,9 @@ class TorchRuntime:
 
         self.base = base
         self.tokenizer = base.tokenizer
-        self.templates = ChatTemplates(getattr(self.tokenizer, "chat_template", None), chat_template)
+        self.seq2seq = base.family.encoder_decoder
+        own = getattr(self.tokenizer, "chat_template", None) or (FLAT_CHAT if self.seq2seq else None)
+        self.templates = ChatTemplates(own, chat_template)
         self._active: str | None = None
         self._names: list[str] = []
         self.model: Any = base.model
@@ -78,24 +85,38 @@ class TorchRuntime:
             raise EdgeIA3Error("this model has no tokenizer; cannot encode text")
         if not isinstance(prompt, str):
             prompt = self.templates.render(prompt, self._active)
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        # an encoder's source ends with the tokenizer's EOS, as T5 trains on it
+        return self.tokenizer(prompt, add_special_tokens=self.seq2seq)["input_ids"]
 
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def logits(self, token_ids: list[int]) -> np.ndarray:
+    def logits(self, token_ids: list[int], target_ids: list[int] | None = None) -> np.ndarray:
+        """Next-token logits at every position; encoder-decoder: ``token_ids`` is the source and
+        the rows are the decoder's, after its start token and each of ``target_ids``."""
         ids = torch.tensor([token_ids])
+        kw = {"decoder_input_ids": torch.tensor([[self._start, *(target_ids or [])]])} if self.seq2seq else {}
         with torch.no_grad(), self._context():
-            return self.model(input_ids=ids).logits[0].float().numpy()
+            return self.model(input_ids=ids, **kw).logits[0].float().numpy()
+
+    @property
+    def _start(self) -> int:
+        return int(self.base.model.config.decoder_start_token_id or 0)
 
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64,
                      ignore_eos: bool = False) -> Iterator[int]:
         eos = set() if ignore_eos else set(_eos_ids(self.model.generation_config, self.tokenizer))
         ids = torch.tensor([prompt_ids])
-        past = None
+        past, kw = None, {}
+        if self.seq2seq:  # the source is encoded once (first step), then only the decoder runs
+            kw, ids = {"input_ids": ids}, torch.tensor([[self._start]])
         with torch.no_grad(), self._context():
             for _ in range(max_tokens):
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+                if self.seq2seq:
+                    out = self.model(decoder_input_ids=ids, past_key_values=past, use_cache=True, **kw)
+                    kw = {"encoder_outputs": (out.encoder_last_hidden_state,)}
+                else:
+                    out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 nxt = int(out.logits[0, -1].argmax())
                 if nxt in eos:
