@@ -295,3 +295,38 @@ def test_report_and_torch_reference_cover_t5_exports(unigram_tokenizer, tmp_path
         assert dr["max_abs_logit_diff"] < (1e-4 if "onnx" in label else TOL), (label, dr)
         assert dr["greedy_token_agreement"] == 1.0, label
     assert (tmp_path / "report" / "report.md").exists()
+
+
+def test_an_adapter_trained_by_edgeia3_answers_the_same_on_every_runtime(unigram_tokenizer, tmp_path):
+    """The whole T5 chain through the CLI: `edgeia3 train` on a label task, `export gguf` and
+    `export onnx` (fp32, side); llama.cpp and onnxruntime answer every eval prompt as the trained
+    model does in PyTorch, and that model learned the task."""
+    import random
+
+    from edgeia3 import load_base
+    from edgeia3.runtimes.torch_runtime import TorchRuntime
+    from edgeia3.validate import load_adapter_for
+
+    d, _ = _t5_dir(tmp_path, "gated-gelu", unigram_tokenizer, dropout_rate=0.0)
+    labels = {w: "warm" for w in ("red", "sun", "fire")} | {w: "cold" for w in ("ice", "snow", "frost")} \
+        | {w: "wet" for w in ("sea", "rain", "lake")}  # words the Unigram vocabulary knows
+    rng = random.Random(0)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": w, "completion": labels[w]}) + "\n"
+                            for w in rng.choices(sorted(labels), k=48)))
+    res = invoke("train", "--base", d, "--data", data, "--out", tmp_path / "ad", "--max-steps", "60", "--lr", "0.3",
+                 "--batch-size", "8", "--quiet")
+    assert res.exit_code == 0, res.output
+    for fmt, extra in (("gguf", ["--quant", "f32"]), ("onnx", ["--precision", "fp32"])):
+        res = invoke("export", fmt, "--base", d, "--adapter", f"t={tmp_path / 'ad'}", "--out", tmp_path / fmt, *extra)
+        assert res.exit_code == 0, res.output
+    lb = load_base(d)
+    ref = TorchRuntime(lb, {"t": load_adapter_for(tmp_path / "ad", lb)})
+    ref.use_adapter("t")
+    words = sorted(labels)
+    want = [generate(ref, w, max_tokens=4).strip() for w in words]
+    assert sum(a == labels[w] for a, w in zip(want, words)) >= 6, want  # it learned the task
+    for fmt in ("gguf", "onnx"):
+        with open_runtime(tmp_path / fmt) as rt:
+            rt.use_adapter("t")
+            assert [generate(rt, w, max_tokens=4).strip() for w in words] == want, fmt

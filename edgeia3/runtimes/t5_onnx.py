@@ -145,6 +145,12 @@ class T5OnnxRuntime:
     def close(self) -> None:
         self.encoder = self.decoder = None
 
+    def __enter__(self) -> "T5OnnxRuntime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _can_open(path: Path) -> bool:
     return path.is_dir() and export_kind(path) == KIND
