@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import random
+
 import io
 import json
 from dataclasses import dataclass
@@ -136,3 +138,20 @@ def load_examples(path: str | Path, tokenizer: Any, max_length: int,
             raise EdgeIA3Error(f"{path}: row {n} has no answer tokens within --max-length {max_length}")
         examples.append(ex)
     return examples
+
+
+BUCKET = 8  # batches sorted by length together: less padding, still shuffled across buckets
+
+
+def length_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch of row indices in batches: shuffled, rows of similar length together within
+    each span of BUCKET batches, then the batches shuffled."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    size = batch_size * BUCKET
+    batches = []
+    for i in range(0, len(order), size):
+        bucket = sorted(order[i:i + size], key=lambda j: lengths[j])
+        batches += [bucket[k:k + batch_size] for k in range(0, len(bucket), batch_size)]
+    rng.shuffle(batches)
+    return batches

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .data import IGNORE, Example, read_jsonl
+from .data import IGNORE, Example, length_batches, read_jsonl
 from .errors import EdgeIA3Error
 from .evaluate import BATCH, SHORT_ANSWER_TOKENS
 from .prompts import FLAT_CHAT, render_chat
@@ -139,17 +139,7 @@ def collate(chunk: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tens
 
 def batches(examples: list[Example], batch_size: int, rng: random.Random, pad_id: int):
     """One epoch of shuffled batches, rows of similar length together (as train._batches)."""
-    from .train import BUCKET
-
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    size = batch_size * BUCKET
-    groups = []
-    for i in range(0, len(order), size):
-        bucket = sorted(order[i:i + size], key=lambda j: len(examples[j].input_ids) + len(examples[j].labels))
-        groups += [bucket[k:k + batch_size] for k in range(0, len(bucket), batch_size)]
-    rng.shuffle(groups)
-    for rows in groups:
+    for rows in length_batches([len(e.input_ids) + len(e.labels) for e in examples], batch_size, rng):
         yield collate([examples[j] for j in rows], pad_id)
 
 

@@ -29,7 +29,7 @@ from . import seq2seq
 from .adapter import IA3Adapter, IA3Vector, fused_layout_for
 from .atomic import atomic_dir, check_out
 from .base import DEFAULT_BASE, LoadedBase, load_base
-from .data import IGNORE, Example, load_examples
+from .data import IGNORE, Example, length_batches, load_examples
 from .errors import EdgeIA3Error
 from .evaluate import evaluate
 from .formats.peft_dir import peft_target_modules, write_peft_dir
@@ -208,19 +208,8 @@ def adapter_from_peft(model: Any, base: LoadedBase, sites: list[str], quant: str
                       trained_on=dict(base.weights or {}))
 
 
-BUCKET = 8  # batches sorted by length together: less padding, still shuffled across buckets
-
-
 def _batches(examples: list[Example], batch_size: int, rng: random.Random, pad_id: int):
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    size = batch_size * BUCKET
-    batches = []
-    for i in range(0, len(order), size):
-        bucket = sorted(order[i:i + size], key=lambda j: _labelled_len(examples[j]))
-        batches += [bucket[k:k + batch_size] for k in range(0, len(bucket), batch_size)]
-    rng.shuffle(batches)
-    for rows in batches:
+    for rows in length_batches([_labelled_len(e) for e in examples], batch_size, rng):
         chunk = [examples[j] for j in rows]
         # Tokens after a row's last labelled one cannot change the (causal) loss: cut them.
         width = max(_labelled_len(e) for e in chunk)

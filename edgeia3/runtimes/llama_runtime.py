@@ -265,8 +265,11 @@ class LlamaCppRuntime:
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64,
                      ignore_eos: bool = False) -> Iterator[int]:
         self._clear_kv()
-        ids, n_past = list(prompt_ids), 0
-        vocab = self._model.vocab
+        yield from self._greedy(list(prompt_ids), max_tokens, ignore_eos)
+
+    def _greedy(self, ids: list[int], max_tokens: int, ignore_eos: bool) -> Iterator[int]:
+        """Decode ``ids`` from an empty KV cache, then one argmax token at a time."""
+        n_past, vocab = 0, self._model.vocab
         for _ in range(max_tokens):
             self._decode(ids, n_past, all_logits=False)
             n_past += len(ids)

@@ -67,17 +67,7 @@ class T5LlamaRuntime(LlamaCppRuntime):
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64,
                      ignore_eos: bool = False) -> Iterator[int]:
         self._encode(prompt_ids)
-        ids, n_past = [self.decoder_start], 0
-        vocab = self._model.vocab
-        for _ in range(max_tokens):
-            self._decode(ids, n_past, all_logits=False)
-            n_past += len(ids)
-            logits = np.ctypeslib.as_array(self._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
-            nxt = int(np.argmax(logits))
-            if not ignore_eos and self._ll.llama_vocab_is_eog(vocab, nxt):
-                return
-            yield nxt
-            ids = [nxt]
+        yield from self._greedy([self.decoder_start], max_tokens, ignore_eos)
 
     def __enter__(self) -> "T5LlamaRuntime":
         return self
