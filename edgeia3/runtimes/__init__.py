@@ -106,7 +106,7 @@ def open_runtime(path: str | Path, adapters: dict[str, str | Path] | None = None
 def _import_optional_runtimes() -> None:
     import importlib
 
-    for mod in ("onnx_runtime", "llama_runtime", "t5_onnx"):
+    for mod in ("onnx_runtime", "llama_runtime", "t5_llama", "t5_onnx"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:

@@ -337,15 +337,20 @@ def open_gguf(path: str | Path, adapters: dict[str, str | Path] | None = None, p
     return rt
 
 
+# The runtime class for encoder-decoder GGUFs (T5): t5_llama.py subclasses this module's
+# runtime and sets it when imported (open_runtime imports every runtime module first).
+ENCODER_DECODER: type | None = None
+
+
 def _runtime_class(model: Path) -> type:
     """The encoder API runtime for encoder-decoder families (T5), else this one."""
     from edgeia3.converters.gguf.ggml_index import GGUFIndex
     from edgeia3.registry import family_for_gguf_arch
 
     if family_for_gguf_arch(GGUFIndex(model).arch).encoder_decoder:
-        from .t5_llama import T5LlamaRuntime
-
-        return T5LlamaRuntime
+        if ENCODER_DECODER is None:
+            raise EdgeIA3Error(f"{model}: an encoder-decoder GGUF; import edgeia3.runtimes.t5_llama to run it")
+        return ENCODER_DECODER
     return LlamaCppRuntime
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import EdgeIA3Error
 from ..prompts import FLAT_CHAT
+from . import llama_runtime
 from .llama_runtime import LlamaCppRuntime
 
 
@@ -72,3 +73,5 @@ class T5LlamaRuntime(LlamaCppRuntime):
     def __enter__(self) -> "T5LlamaRuntime":
         return self
 
+
+llama_runtime.ENCODER_DECODER = T5LlamaRuntime  # open_gguf runs T5 GGUFs with it
