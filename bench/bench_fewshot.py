@@ -11,9 +11,14 @@ as a PEFT adapter (unmerged) and folded into a copy of the base (as `edgeia3 mer
 
     python bench/bench_fewshot.py --out bench-out/fewshot [--tasks sentiment,intent,extract]
         [--sizes 16,32,64] [--rows 100] [--shots 8] [--train-args "--lr 1e-2"] [--no-icl]
+        [--runtime llama.cpp]   # score and time on the deployed GGUF instead of PyTorch
         [--jobs 2 --train-threads 1] [--eval-threads 1]   # on a busy shared CPU
 
 Trained adapters under --out are reused on a second run (delete them to retrain).
+
+``--runtime llama.cpp``: what a device runs. All adapters are exported side by side on
+the weights they were trained on (`edgeia3 export gguf`); the baseline is the same
+file with no adapter active; each request swaps in place to its adapter first.
 """
 
 from __future__ import annotations
@@ -63,6 +68,17 @@ def timed(rt, tok, row: dict) -> tuple[float, float]:
     return hit, time.perf_counter() - t0
 
 
+def _gguf_runtime(base: str, out: Path, trained: dict):
+    """One `edgeia3 export gguf` of every adapter (side, on the weights they trained on), opened."""
+    from edgeia3.runtimes import open_runtime
+
+    export = out / "gguf-export"
+    if not export.exists():
+        edgeia3("export", "gguf", "--base", base, "--out", str(export),
+                *[a for (t, n), d in trained.items() for a in ("--adapter", f"{t}-{n}={d}")])
+    return open_runtime(export)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench-out/fewshot")
@@ -79,6 +95,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="trainings run side by side")
     ap.add_argument("--train-threads", type=int, default=None, help="OMP_NUM_THREADS of each training")
     ap.add_argument("--eval-threads", type=int, default=None, help="torch threads while scoring")
+    ap.add_argument("--runtime", choices=("torch", "llama.cpp"), default="torch",
+                    help="score on PyTorch (the trained weights) or on the deployed GGUF")
     args = ap.parse_args()
     header(f"few-shot: IA3 on N rows vs {args.shots}-shot in-context prompting")
     from edgeia3.data import read_jsonl
@@ -112,17 +130,22 @@ def main() -> None:
     assert len(quant) == 1, f"adapters trained on different weights: {quant}"
     weights = quant.pop()
     ref_base, _ = reference_base(args.base, weights)
-    ia3 = TorchRuntime(ref_base, adapters)
     tok = lambda s: ref_base.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    # the same weights loaded again, no adapter (PEFT wrapped ref_base's model in place): the
-    # in-context baseline, and each adapter folded into a copy (`edgeia3 merge`: no per-token cost)
-    plain_base = reference_base(args.base, weights)[0]
-    plain = None if args.no_icl else TorchRuntime(plain_base)
+    if args.runtime == "llama.cpp":
+        ia3, plain, folded = _gguf_runtime(args.base, out, trained), None, None
+        plain = None if args.no_icl else ia3  # the same file, no adapter active
+        args.no_merged = True  # an in-place swap is the merged model (bit-identical block scales)
+    else:
+        ia3 = TorchRuntime(ref_base, adapters)
+        # the same weights loaded again, no adapter (PEFT wrapped ref_base's model in place): the
+        # in-context baseline, and each adapter folded into a copy (`edgeia3 merge`: no per-token cost)
+        plain_base = reference_base(args.base, weights)[0]
+        plain = None if args.no_icl else TorchRuntime(plain_base)
 
-    def folded(adapter) -> TorchRuntime:
-        model = copy.deepcopy(plain_base.model)
-        fold_into_model(model, adapter, plain_base.family)
-        return TorchRuntime(dataclasses.replace(plain_base, model=model))
+        def folded(adapter) -> TorchRuntime:
+            model = copy.deepcopy(plain_base.model)
+            fold_into_model(model, adapter, plain_base.family)
+            return TorchRuntime(dataclasses.replace(plain_base, model=model))
 
     results, prompt_tokens = [], {}
     for task in tasks:
@@ -162,7 +185,8 @@ def main() -> None:
     print(f"\neval rows per task: {min(args.rows, len(evals))}; IA3 trained on the first N train rows; "
           f"{args.shots}-shot: the first {args.shots} train rows as prior turns")
     print(f"mean prompt tokens (icl: {args.shots}-shot; a row count: IA3): {json.dumps(prompt_tokens)}")
-    print("IA3: PEFT adapter on the base, unmerged; merged: the adapter folded into a copy of the base")
+    print("IA3: PEFT adapter on the base, unmerged; merged: the adapter folded into a copy of the base"
+          if args.runtime == "torch" else "llama.cpp: one GGUF export, each adapter swapped in place per request")
     print(table(results))
 
 
