@@ -2,7 +2,7 @@
 
 train.py runs the same loop for every family (schedule, gradient guards, progress,
 saving); where an encoder-decoder model differs it calls into this module, chosen by
-the registry (``Family.auto_model`` / ``peft_task_type``), never by family name.
+the registry (``Family.encoder_decoder``), never by family name.
 
 Rows are the JSONL the decoder-only path reads (data.py); for an encoder-decoder model
 
@@ -35,12 +35,7 @@ from .errors import EdgeIA3Error
 from .evaluate import BATCH, SHORT_ANSWER_TOKENS
 from .prompts import FLAT_CHAT, render_chat
 
-SEQ2SEQ_AUTO = "AutoModelForSeq2SeqLM"
 QUANTS = ("none",)  # what encoder-decoder training runs on ("auto" picks none)
-
-def is_seq2seq(family: Any) -> bool:
-    """An encoder-decoder family (by its registry entry)."""
-    return family.auto_model == SEQ2SEQ_AUTO or family.peft_task_type == "SEQ_2_SEQ_LM"
 
 
 def _quant_error(name: str, quant: str) -> EdgeIA3Error:
@@ -66,7 +61,7 @@ def training_quant(base: str, quant: str) -> str:
     if gguf is not None or not (Path(hf) / "config.json").is_file():
         return quant
     family = family_for_config(hf_config(hf))
-    if not is_seq2seq(family):
+    if not family.encoder_decoder:
         return quant
     if quant == "auto":
         return "none"

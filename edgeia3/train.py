@@ -311,7 +311,7 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     lb = load_base(base, quant=seq2seq.training_quant(base, quant))  # encoder-decoder: fp32 only
     quant = lb.quant  # "auto" and llama.cpp type names resolve to gguf / nf4 / none
     fam = lb.family
-    s2s = seq2seq.is_seq2seq(fam)  # encoder-decoder (T5): its own encoding, batches, loss and eval
+    s2s = fam.encoder_decoder  # encoder-decoder (T5): its own encoding, batches, loss and eval
     if s2s:
         seq2seq.check_loaded(lb)
     sites = list(cfg.targets or fam.default_targets)
