@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from tiny_models import make_tiny_model, make_tiny_tokenizer  # noqa: E402
+from fuzzing import valid  # noqa: E402,F401  (the reader fuzz tests' valid files, one set per module)
 
 
 @pytest.fixture(scope="session")
