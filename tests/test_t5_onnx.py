@@ -134,7 +134,50 @@ def test_cli_export_onnx_dispatches_t5_and_refuses_what_is_not_built(tmp_path):
     rt = T5OnnxRuntime(tmp_path / "x")
     rt.use_adapter("a")
     assert np.isfinite(rt.logits(SRC, DEC[1:])).all()
-    refused = invoke("export", "onnx", "--base", m, "--out", tmp_path / "int4")  # default int4
-    assert_refused(refused, tmp_path / "int4", "fp32")
+    refused = invoke("export", "onnx", "--base", m, "--mobile", "--out", tmp_path / "mobile")
+    assert_refused(refused, tmp_path / "mobile", "--mobile")
+    refused = invoke("export", "onnx", "--base", m, "--precision", "fp16", "--out", tmp_path / "fp16")
+    assert_refused(refused, tmp_path / "fp16", "fp32 or int4")
     again = invoke("export", "onnx", "--base", m, "--precision", "fp32", "--out", tmp_path / "x")
     assert again.exit_code == 2 and (tmp_path / "x" / "edgeia3.json").exists()  # kept, not overwritten
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_int4_export_runs_matmulnbits_with_exact_side_inputs(variant, tmp_path):
+    """`--precision int4` (the CLI default): onnxruntime's MatMulNBits quantizer on both graphs'
+    weight MatMuls. The side inputs stay Muls beside them, so the adapter moves the int4 model as
+    PEFT moves the fp32 one, up to 4-bit rounding (large on a 64-wide random model: compared by
+    correlation and argmax); merged int4 (folded, then quantized) stays close to side int4."""
+    import onnx
+
+    from cli_checks import invoke
+
+    m = tmp_path / "m"
+    base_model = _t5(m, VARIANTS[variant])
+    pm = _peft_adapter(copy.deepcopy(base_model), tmp_path / "peft", every_site=True)
+    for name, extra in (("side", []), ("merged", ["--merge", "a"])):
+        res = invoke("export", "onnx", "--base", m, "--adapter", f"a={tmp_path / 'peft'}", "--out", tmp_path / name,
+                     *extra)
+        assert res.exit_code == 0, res.output
+    export_t5(m, tmp_path / "fp32", {"a": tmp_path / "peft"})
+    for graph in ("encoder.onnx", "decoder.onnx"):  # every constant-weight MatMul (lm_head too) is 4-bit
+        g32, g4 = (onnx.load(str(tmp_path / d / graph)).graph for d in ("fp32", "side"))
+        weights = {i.name for i in g32.initializer}
+        weight_matmuls = [n for n in g32.node if n.op_type == "MatMul" and n.input[1] in weights]
+        assert len(weight_matmuls) >= 8 and [n.op_type for n in g4.node].count("MatMulNBits") == len(weight_matmuls)
+    size = {d: sum(f.stat().st_size for f in (tmp_path / d).glob("*.onnx")) for d in ("side", "fp32")}
+    assert size["side"] < 0.4 * size["fp32"]
+    rt, mrt = T5OnnxRuntime(tmp_path / "side"), T5OnnxRuntime(tmp_path / "merged")
+    assert rt.manifest["precision"] == "int4"
+    base_int4 = rt.logits(SRC, DEC[1:])
+    rt.use_adapter("a")
+    side = rt.logits(SRC, DEC[1:])
+    want, plain = _logits(pm), _logits(base_model)
+    spread = float(np.abs(want - plain).max())
+    assert spread > 0.05  # the adapter changes the fp32 model
+    merged = mrt.logits(SRC, DEC[1:])
+    corr = lambda a, b: float(np.corrcoef(a.ravel(), b.ravel())[0, 1])  # noqa: E731
+    # measured (relu): logits correlate 0.99 with PEFT's, the adapter's effect 0.96, mean |diff| 0.13
+    assert corr(side, want) > 0.95 and corr(side - base_int4, want - plain) > 0.85
+    assert (side.argmax(-1) == want.argmax(-1)).mean() >= 0.8
+    assert np.abs(merged - side).mean() < 0.25 * spread  # merged: folded first, then quantized

@@ -197,11 +197,29 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
     onnx.checker.check_model(str(path), full_check=True)
 
 
+PRECISIONS = ("fp32", "int4")
+INT4_BLOCK = 32  # weights per quantization block (onnxruntime's MatMulNBits, symmetric)
+
+
+def quantize_int4(path: Path) -> None:
+    """Rewrite the graph at ``path`` with every constant-weight MatMul as onnxruntime's 4-bit
+    MatMulNBits (its own quantizer: symmetric, blocks of INT4_BLOCK along the input). The IA3
+    side inputs are Mul nodes beside the MatMuls, so they stay exact on the int4 weights."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(onnx.load(str(path)), bits=4, block_size=INT4_BLOCK, is_symmetric=True)
+    q.process()
+    onnx.save_model(q.model.model, str(path))
+
+
 def export_t5(base_dir: str | Path, out_dir: str | Path, adapters: dict[str, str | Path] | None = None,
-              merge: str | None = None, force: bool = False) -> dict:
+              merge: str | None = None, force: bool = False, precision: str = "fp32") -> dict:
     """Export a T5 base (and IA3 adapters, as side inputs or one merged) to ``out_dir``;
     returns the manifest written there (``edgeia3.json``, kind "onnx-t5"). Written under a
     temp name and renamed when complete; an existing ``out_dir`` is refused unless ``force``."""
+    if precision not in PRECISIONS:
+        raise EdgeIA3Error(f"T5 exports to ONNX as {' or '.join(PRECISIONS)}, not '{precision}'")
     check_out(out_dir, force)
     base = load_base(base_dir)
     if base.family.auto_model != "AutoModelForSeq2SeqLM":
@@ -210,11 +228,11 @@ def export_t5(base_dir: str | Path, out_dir: str | Path, adapters: dict[str, str
     if merge is not None and merge not in loaded:
         raise EdgeIA3Error(f"--merge {merge}: no adapter of that name (given: {', '.join(loaded) or 'none'})")
     with atomic_dir(out_dir, force=force) as out:
-        _write(out, base, loaded, merge)
+        _write(out, base, loaded, merge, precision)
     return read_manifest(out_dir)
 
 
-def _write(out: Path, base: Any, loaded: dict[str, IA3Adapter], merge: str | None) -> None:
+def _write(out: Path, base: Any, loaded: dict[str, IA3Adapter], merge: str | None, precision: str) -> None:
     from safetensors.numpy import save_file
 
     model = base.model.float().eval()
@@ -261,6 +279,10 @@ def _write(out: Path, base: Any, loaded: dict[str, IA3Adapter], merge: str | Non
     _export(T5DecoderGraph(model, dec_sites), dargs, out / DECODER_FILE, dec_in, dec_out,
             {k: v for k, v in axes.items() if k in dec_in + dec_out})
 
+    if precision == "int4":  # a merged adapter is folded in before its weights are quantized
+        for f in (ENCODER_FILE, DECODER_FILE):
+            quantize_int4(out / f)
+
     entries = {}
     (out / ADAPTER_DIR).mkdir(exist_ok=True)
     for name, ad in loaded.items():
@@ -278,7 +300,7 @@ def _write(out: Path, base: Any, loaded: dict[str, IA3Adapter], merge: str | Non
     if base.tokenizer is not None:
         base.tokenizer.save_pretrained(out)
     doc = {
-        "family": "t5", "precision": "fp32", "provider": "cpu",
+        "family": "t5", "precision": precision, "provider": "cpu",
         "base": {"name": base.source.name, "spec": base.source.spec, "identity": base.identity.to_dict()},
         "model_bytes": sum((out / f).stat().st_size for f in (ENCODER_FILE, DECODER_FILE)),
         "mode": "merged" if merge else ("side" if loaded else "base"),
