@@ -98,6 +98,29 @@ class OnnxRuntime:
             raise EdgeIA3Error(f"unknown adapter '{name}' (in this export: {', '.join(self._files) or 'none'}){hint}")
         return name
 
+    def load_adapter_file(self, name: str, path: Path, source: Path | None = None) -> None:
+        """Make the ``.onnx_adapter`` file at ``path`` (already checked against this export's IA3
+        inputs) usable as adapter ``name`` (the server's run-time loading); errors name
+        ``source``, the file the user gave, when ``path`` is a copy of it."""
+        try:
+            self._og_adapters.load(str(path), name)
+        except Exception as e:  # onnxruntime-genai raises its own RuntimeError types
+            raise EdgeIA3Error(f"onnxruntime-genai cannot load adapter {source or path}: "
+                               f"{' '.join(str(e).split())}") from None
+        self._files[name] = Path(path)
+
+    def remove_adapter(self, name: str) -> Path | None:
+        """Forget adapter ``name`` (the base becomes active if it was); returns its file."""
+        if name not in self._files:
+            raise EdgeIA3Error(f"unknown adapter '{name}'")
+        if self._active == name:
+            self.use_adapter(None)
+        self._og_adapters.unload(name)
+        self._ort_adapters.pop(name, None)  # the caches of the mixed-batch path
+        self._vectors.pop(name, None)
+        self.templates.forget(name)
+        return self._files.pop(name)
+
     def batch_decoder(self, max_rows: int = 16) -> Any:
         """Greedy decoding of up to ``max_rows`` requests at once, each with its own adapter
         (``onnx_batch.BatchDecoder``; for the server)."""

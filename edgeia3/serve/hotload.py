@@ -117,21 +117,11 @@ def remove_adapter(rt: Any, name: str, workdir: Path | None = None) -> None:
         raise EdgeIA3Error(f"unknown adapter '{name}'")
     if getattr(rt, "merged", None) == name:
         raise NotLoadable(f"adapter '{name}' is merged into this export's weights; it cannot be unloaded")
-    if hasattr(rt, "remove_adapter"):  # runtimes that manage their adapters themselves (llama.cpp)
-        rt.remove_adapter(name)
-    elif rt.name == "onnxruntime-genai":
-        if rt._active == name:
-            rt.use_adapter(None)
-        # internals: OnnxRuntime's adapter files, genai Adapters, and the caches of forward_mixed
-        rt._og_adapters.unload(name)
-        path = rt._files.pop(name, None)
-        if path is not None and workdir is not None and Path(workdir).resolve() in Path(path).resolve().parents:
-            Path(path).unlink(missing_ok=True)
-        rt._ort_adapters.pop(name, None)
-        rt._vectors.pop(name, None)
-        rt.templates.forget(name)
-    else:
+    if not hasattr(rt, "remove_adapter"):
         raise NotLoadable(f"the {rt.name} runtime cannot unload adapters at run time")
+    path = rt.remove_adapter(name)  # ONNX: the adapter's file; llama.cpp keeps none
+    if path is not None and workdir is not None and Path(workdir).resolve() in Path(path).resolve().parents:
+        Path(path).unlink(missing_ok=True)  # the server's own copy
 
 
 # -- onnxruntime-genai --------------------------------------------------------------------------------
@@ -159,12 +149,10 @@ def _onnx_add(rt: Any, name: str, path: Path, workdir: Path) -> dict:
         rt.templates.record(name, adapter)  # its prompts render as it was trained (.onnx_adapter: none recorded)
         info = {"sites": adapter.sites, "params": adapter.num_params, "format": _format_of(path)}
     try:
-        # internals: OnnxRuntime loads the file into genai's Adapters and keeps its path in _files
-        rt._og_adapters.load(str(target), name)
-    except Exception as e:  # onnxruntime-genai raises its own RuntimeError types
+        rt.load_adapter_file(name, target, source=path)
+    except EdgeIA3Error:
         target.unlink(missing_ok=True)
-        raise EdgeIA3Error(f"onnxruntime-genai cannot load adapter {path}: {' '.join(str(e).split())}") from None
-    rt._files[name] = target
+        raise
     return info
 
 
