@@ -14,58 +14,22 @@ import contextlib
 import copy
 import dataclasses
 import json
-import os
-import math
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-
-from edgeia3 import load_base  # noqa: E402
-from edgeia3.serve.engine import Job, Scheduler, TextStream  # noqa: E402
-from tiny_models import CHAT_TEMPLATE, make_tiny_model, random_peft_adapter  # noqa: E402
+from edgeia3 import load_base
 from edgeia3.formats import load_adapter
-
-KEY = "sk-test-edgeia3"
-MODELS = ["base", "a", "b"]
-SERVED = MODELS + ["c0"]  # c0: loaded from --adapters-dir at start
-PROMPTS = ["hello there", "tell me a story", "what is 2+2?", "the quick brown fox"]
-LONG = 2000  # tokens of one blocking request (the tiny model's context is 2048)
-MAX_QUEUE = 32
-REPO = Path(__file__).resolve().parents[1]
-
-
-# -- the tiny model: a llama with a 2048 context and a byte-level BPE tokenizer -----------------------------
-def ascii_bpe_tokenizer(out: Path) -> None:
-    """Byte-level BPE over printable ASCII (+ a few merges): loads in llama.cpp (it has merges),
-    in onnxruntime-genai and in transformers, and every token decodes to valid text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<|im_end|>", "<|im_start|>"]
-    alphabet = sorted(c for c in pre_tokenizers.ByteLevel.alphabet() if 33 <= ord(c) <= 126) + ["Ġ", "Ċ"]
-    vocab = {t: i for i, t in enumerate(specials + alphabet)}
-    merges = [("h", "e"), ("l", "l"), ("Ġ", "t"), ("e", "r"), ("o", "u")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
-                                   additional_special_tokens=["<|im_start|>"])
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(out)
+from edgeia3.serve.engine import Job, Scheduler, TextStream
+from serving import (LONG, MAX_QUEUE, MODELS, PROMPTS, SERVED, Blocker, Server, ascii_bpe_tokenizer, chat,
+                     error_of, expected_alone, export, free_port, long_request, wait_until)
+from tiny_models import make_tiny_model, random_peft_adapter
 
 
 @pytest.fixture(scope="module")
@@ -93,96 +57,6 @@ def tiny(tmp_path_factory):
             "foreign": foreign.parent, "garbage": garbage}
 
 
-def export(kind: str, tiny: dict, out: Path, names: list[str], merge: str | None = None) -> Path:
-    from edgeia3.export import export_gguf, export_onnx
-
-    adapters = {n: str(tiny["peft"][n]) for n in names}
-    if kind == "onnx":
-        return export_onnx(str(tiny["base"]), out, "fp32", adapters=adapters, merge=merge).out
-    return export_gguf(str(tiny["base"]), out, quant="f32", adapters=adapters, merge=merge).out
-
-
-# -- the server ------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(cond, timeout: float = 60.0, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-class Server:
-    """``edgeia3 serve`` in a subprocess on 127.0.0.1 (a free port)."""
-
-    def __init__(self, model: Path, log: Path, *extra: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        cmd = [sys.executable, "-m", "edgeia3", "serve", "--model", str(model), "--port", str(self.port),
-               "--api-key", KEY, "--max-queue", str(MAX_QUEUE), "--max-tokens", str(LONG),
-               "--max-prompt-tokens", "300", "--max-body-bytes", "65536", *extra]
-        self._log = open(log, "w")
-        # 1 ms per token: a tiny model decodes too fast to observe queues and disconnects
-        env = dict(os.environ, EDGEIA3_SERVE_TOKEN_DELAY="0.001")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
-        try:
-            wait_until(self._up, 120, "the server to start")
-        except BaseException:
-            self.close()
-            raise
-
-    def _up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-        try:
-            return self.http.get("/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def client(self, key: str = KEY) -> "openai.OpenAI":
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
-
-    def metrics(self) -> dict:
-        r = self.http.get("/metrics")
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def idle(self) -> dict:
-        return wait_until(lambda: (m := self.metrics())["running"] == 0 and m["queue_depth"] == 0 and m,
-                          120, "the server to be idle")
-
-    def close(self) -> None:
-        self.http.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-def chat(client, model: str, prompt: str, max_tokens: int = 24, **kw) -> tuple[str, str]:
-    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                       max_tokens=max_tokens, **kw)
-    return r.choices[0].message.content, r.choices[0].finish_reason
-
-
-def long_request(srv: Server, model: str = "base") -> int:
-    r = srv.client().completions.create(model=model, prompt="x", max_tokens=LONG, extra_body={"ignore_eos": True})
-    return r.usage.completion_tokens
-
-
 @pytest.fixture(scope="module", params=["onnx", "gguf"])
 def srv(request, tiny, tmp_path_factory):
     kind = request.param
@@ -204,43 +78,6 @@ def srv(request, tiny, tmp_path_factory):
     yield server
     server.close()
 
-
-class Blocker:
-    """Keeps the worker busy for >= ``seconds``: k long base-model requests, accepted before entry returns.
-    A batching server gets a full batch of them (all running at once), so later requests wait."""
-
-    def __init__(self, srv: Server, seconds: float = 4.0):
-        self.srv = srv
-        self.rows = srv.metrics()["batch"]["max_rows"]
-        self.k = max(self.rows, min(8, max(2, math.ceil(seconds / srv.long_s))))
-
-    def __enter__(self) -> "Blocker":
-        before = self.srv.metrics()["requests"]
-        self.pool = ThreadPoolExecutor(self.k)
-        self.futures = [self.pool.submit(long_request, self.srv) for _ in range(self.k)]
-        running = min(self.k, self.rows)
-        wait_until(lambda: (m := self.srv.metrics())["requests"] - before >= self.k and m["running"] == running
-                   and m["active_adapter"] == "base", 60, "the blocking requests to be accepted")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.results = [f.result() for f in self.futures]
-        self.pool.shutdown()
-        assert self.results == [LONG] * self.k
-
-
-def error_of(resp: httpx.Response) -> dict:
-    body = resp.json()
-    assert set(body) == {"error"} and {"message", "type", "code"} <= set(body["error"]), body
-    assert body["error"]["message"]
-    return body["error"]
-
-
-def expected_alone(srv: Server, client, cases) -> dict:
-    for case in cases:
-        if case not in srv.alone:
-            srv.alone[case] = chat(client, *case)
-    return srv.alone
 
 
 # -- pure parts: the scheduler and the text deltas ------------------------------------------------------------

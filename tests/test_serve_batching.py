@@ -14,21 +14,16 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
+import openai
 import pytest
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-pytest.importorskip("onnxruntime_genai")
-
-from edgeia3 import load_base  # noqa: E402
-from edgeia3.runtimes import open_runtime  # noqa: E402
-from edgeia3.runtimes import onnx_batch  # noqa: E402
-from edgeia3.serve import Limits  # noqa: E402
-from test_serve import PROMPTS, ascii_bpe_tokenizer, chat, free_port, wait_until  # noqa: E402
-from tiny_models import make_tiny_model, random_peft_adapter  # noqa: E402
+from edgeia3 import load_base
+from edgeia3.runtimes import onnx_batch, open_runtime
+from edgeia3.serve import Limits
+from serving import PROMPTS, ascii_bpe_tokenizer, chat, free_port, wait_until
+from tiny_models import make_tiny_model, random_peft_adapter
 
 MODELS = ["base", "a", "b"]
 LONG_B = 400  # tokens of the answer that runs through an unload of its adapter

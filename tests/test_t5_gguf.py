@@ -228,7 +228,7 @@ def test_served_by_edgeia3_serve_with_per_request_adapters(unigram_tokenizer, tm
     adapter, streamed or not (a lone user message is sent as its text, as training reads it)."""
     import copy
 
-    from test_serve import Server, chat
+    from serving import Server, chat
 
     d, model = _t5_dir(tmp_path, "gated-gelu", unigram_tokenizer)
     for n, s in (("a", 1), ("b", 2)):
