@@ -41,7 +41,9 @@ class Runtime(Protocol):
     def detokenize(self, ids: list[int]) -> str: ...
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
-        """Next-token logits at every position of ``token_ids``: [len, vocab] float32."""
+        """Next-token logits at every position of ``token_ids``: [len, vocab] float32.
+        Encoder-decoder runtimes (T5) take ``token_ids`` as the source and an optional
+        ``target_ids``, and give the decoder's rows: after its start token, then each target token."""
 
     def describe(self) -> str:
         """How this runtime applies adapters, in words (e.g. in-place swap, side inputs)."""
