@@ -67,6 +67,16 @@ def logits(model, ids: torch.Tensor | None = None) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
+def _randomize_and_save(pm, out: Path, seed: int) -> None:
+    """Every IA3 vector of the PEFT model ``pm`` to 1 + 0.2 * N(0, 1) (seeded), saved to ``out``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    pm.save_pretrained(out)
+
+
 def random_peft_adapter(model, family_name: str, out: Path, seed: int = 1, sites=None):
     """Wrap ``model`` with PEFT IA3 on the registry's default sites, randomize, save to ``out``."""
     from peft import IA3Config, get_peft_model
@@ -79,12 +89,7 @@ def random_peft_adapter(model, family_name: str, out: Path, seed: int = 1, sites
     cfg = IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=ff,
                     fan_in_fan_out=fam.conv1d)
     pm = get_peft_model(model, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "ia3_l" in name:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-    pm.save_pretrained(out)
+    _randomize_and_save(pm, out, seed)
     return pm
 
 
@@ -157,12 +162,7 @@ def random_t5_peft_adapter(model, out: Path, seed: int = 1, every_site: bool = F
 
     kw = {"target_modules": ["q", "k", "v", "o", "wo"], "feedforward_modules": ["wo"]} if every_site else {}
     pm = get_peft_model(model, IA3Config(task_type="SEQ_2_SEQ_LM", **kw))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "ia3_l" in name:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-    pm.save_pretrained(out)
+    _randomize_and_save(pm, out, seed)
     return pm.eval()
 
 
