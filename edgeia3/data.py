@@ -8,10 +8,9 @@
 
 from __future__ import annotations
 
-import random
-
 import io
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -21,7 +21,7 @@ from edgeia3.formats import load_adapter
 from edgeia3.registry import Family, Site, family_for_gguf_arch
 from edgeia3.validate import validate_adapter
 
-from .ggml_index import OUTPUT_NORM, TOKEN_EMBD, GGUFIndex
+from .ggml_index import OUTPUT_NORM, TOKEN_EMBD, GGUFIndex, tensor_name_map
 from .plan import gguf_config
 
 
@@ -107,11 +107,7 @@ class GGUFBase:
 
 def _gguf_name(family: Family, hf_name: str, default: str) -> str:
     """``hf_name``'s tensor name in llama.cpp's files (gguf-py's map), else ``default``."""
-    import gguf
-
-    arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == family.gguf_arch)
-    name = gguf.get_tensor_name_map(arch, 1).get_name(hf_name, try_suffixes=(".weight",))
-    return name or default
+    return tensor_name_map(family.gguf_arch).get_name(hf_name, try_suffixes=(".weight",)) or default
 
 
 def resolve_gguf_base(spec: str | Path) -> Path:

@@ -23,6 +23,16 @@ def _tensor_name(which: str) -> str:
     return gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, which)] + ".weight"
 
 
+def tensor_name_map(arch: str, n_layers: int = 1) -> Any:
+    """gguf-py's HF -> GGUF tensor-name map for llama.cpp architecture ``arch`` (e.g. "t5")."""
+    import gguf
+
+    for k, v in gguf.MODEL_ARCH_NAMES.items():
+        if v == arch:
+            return gguf.get_tensor_name_map(k, n_layers)
+    raise EdgeIA3Error(f"gguf-py does not know architecture '{arch}'")
+
+
 # Architecture-independent tensor names, from gguf-py's constants (the names llama.cpp uses)
 TOKEN_EMBD, OUTPUT, OUTPUT_NORM = (_tensor_name(w) for w in ("TOKEN_EMBD", "OUTPUT", "OUTPUT_NORM"))
 

@@ -21,6 +21,7 @@ from edgeia3.errors import EdgeIA3Error
 from edgeia3.fingerprint import BaseIdentity, hf_config, identity_of_dir, num_layers
 from edgeia3.registry import Family, families, family_for_config
 
+from .ggml_index import tensor_name_map
 from .plan import rope_permute
 from .vocab import choose_pre_tokenizer, write_vocab
 
@@ -34,15 +35,6 @@ class WrittenGGUF:
     source: BaseIdentity
     tokenizer: str  # what was written for the tokenizer
     pre_verified: bool
-
-
-def _arch_enum(arch: str) -> Any:
-    import gguf
-
-    for k, v in gguf.MODEL_ARCH_NAMES.items():
-        if v == arch:
-            return k
-    raise EdgeIA3Error(f"gguf-py does not know architecture '{arch}'")
 
 
 def _hparams(config: Any, family: Family, dtype: str) -> Callable[[Any], None]:
@@ -99,7 +91,7 @@ def write_hf_gguf(hf_dir: str | Path, out: str | Path, dtype: str = "f32") -> Wr
     add_hparams(gguf.GGUFWriter(None, family.gguf_arch))  # refuses an unsupported config before any work
     source = identity_of_dir(hf_dir, family, hf_dir.name)
     n_layers = num_layers(config)
-    names = gguf.get_tensor_name_map(_arch_enum(family.gguf_arch), n_layers)
+    names = tensor_name_map(family.gguf_arch, n_layers)
     heads = {"q": config.num_attention_heads, "k": getattr(config, "num_key_value_heads", None)
              or config.num_attention_heads}
     permute = {family.module_path(i, s): heads[s.gguf_permute]

@@ -37,7 +37,7 @@ from edgeia3.atomic import atomic_dir, check_out
 from edgeia3.manifest import read_manifest, write_manifest
 from edgeia3.merge import merge_loaded
 from edgeia3.prompts import RECORD_KEY, recorded_template
-from edgeia3.registry import Scaling
+from edgeia3.registry import Scaling, decoder_start_token
 from edgeia3.validate import load_adapter_for
 
 KIND = "onnx-t5"
@@ -287,8 +287,8 @@ def _write(out: Path, base: Any, loaded: dict[str, IA3Adapter], merge: str | Non
     (out / ADAPTER_DIR).mkdir(exist_ok=True)
     for name, ad in loaded.items():
         entry = {"sites": ad.sites, "params": ad.num_params, "trained_on": ad.quant, "trained_weights": ad.trained_on}
-        if recorded_template(ad):  # the chat template it was trained with renders its prompts
-            entry[RECORD_KEY] = recorded_template(ad)
+        if template := recorded_template(ad):  # the chat template it was trained with renders its prompts
+            entry[RECORD_KEY] = template
         if merge is None:
             rel = f"{ADAPTER_DIR}/{name}.safetensors"
             save_file(adapter_tensors(ad, sites, sizes), str(out / rel), metadata={"format": "edgeia3-onnx-t5-ia3"})
@@ -310,8 +310,7 @@ def _write(out: Path, base: Any, loaded: dict[str, IA3Adapter], merge: str | Non
         "ia3_inputs": [{"name": ia3_name(*k), "layer": k[0], "site": k[1], "size": sizes[k],
                         "graph": "encoder" if k in enc_sites else "decoder"} for k in sites],
         "adapters": entries,
-        "decoder_start_token_id": (cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None
-                                   else cfg.pad_token_id),  # T5 starts from pad when unset
+        "decoder_start_token_id": decoder_start_token(cfg),
         "eos_token_id": cfg.eos_token_id,
     }
     write_manifest(out, KIND, doc)

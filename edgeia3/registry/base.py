@@ -135,6 +135,15 @@ class Family:
         return f"{self.stack_of(site)}.{layer}.{site.module}"
 
 
+def decoder_start_token(config: Any) -> int:
+    """The token an encoder-decoder model's decoder starts from: the config's
+    ``decoder_start_token_id``, else its pad token (T5's convention), else 0."""
+    for key in ("decoder_start_token_id", "pad_token_id"):
+        if getattr(config, key, None) is not None:
+            return int(getattr(config, key))
+    return 0
+
+
 _REGISTRY: dict[str, Family] = {}
 
 

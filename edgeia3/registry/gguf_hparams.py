@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import EdgeIA3Error
+from .base import decoder_start_token
 
 
 def _head_dim(c: Any) -> int:
@@ -210,5 +211,5 @@ def t5(c: Any, w: Any) -> None:
     w.add_layer_norm_eps(float(c.layer_norm_epsilon))
     w.add_layer_norm_rms_eps(float(c.layer_norm_epsilon))
     w.add_relative_attn_buckets_count(int(c.relative_attention_num_buckets))
-    w.add_decoder_start_token_id(int(c.decoder_start_token_id or 0))
+    w.add_decoder_start_token_id(decoder_start_token(c))
     w.add_vocab_size(int(c.vocab_size))

@@ -24,6 +24,7 @@ from ..errors import EdgeIA3Error
 from ..formats.peft_dir import write_peft_dir
 from ..manifest import MANIFEST
 from ..prompts import FLAT_CHAT, ChatTemplates
+from ..registry import decoder_start_token
 from . import refuse_options, register_runtime
 
 
@@ -101,7 +102,7 @@ class TorchRuntime:
 
     @property
     def _start(self) -> int:
-        return int(self.base.model.config.decoder_start_token_id or 0)
+        return decoder_start_token(self.base.model.config)
 
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 64,
                      ignore_eos: bool = False) -> Iterator[int]:
