@@ -3,12 +3,15 @@
 A SentencePiece ``tokenizer.model`` (Gemma, Phi-3, Llama 2: llama.cpp's
 "llama" tokenizer) is written with its pieces, scores and piece types and its
 dummy-prefix setting, as llama.cpp's converter does (it too tries SentencePiece
-first). BPE tokenizers (SmolLM2, Qwen2, Llama 3) are written the way llama.cpp's
-converter writes them: ``tokenizer.ggml.model = "gpt2"``, tokens with types,
-merges, special token ids (gguf.SpecialVocab) and the chat template. The
-pre-tokenizer name (``tokenizer.ggml.pre``) picks llama.cpp's split regex; it
-is chosen from the family's candidates in the registry by checking that
-llama.cpp tokenizes a probe text exactly as transformers does.
+first). A ``tokenizer.json`` whose model is Unigram (a T5 saved by transformers 5
+without ``spiece.model``) is written as the same "t5" vocabulary (unigram.py reads
+its pieces, scores and normalizer settings). BPE tokenizers (SmolLM2, Qwen2,
+Llama 3) are written the way llama.cpp's converter writes them:
+``tokenizer.ggml.model = "gpt2"``, tokens with types, merges, special token ids
+(gguf.SpecialVocab) and the chat template. The pre-tokenizer name
+(``tokenizer.ggml.pre``) picks llama.cpp's split regex; it is chosen from the
+family's candidates in the registry by checking that llama.cpp tokenizes a probe
+text exactly as transformers does.
 
 A model without a tokenizer (tiny random test models) gets placeholder
 tokens so llama.cpp can load it; such a model is driven by token ids.
@@ -23,6 +26,8 @@ from typing import Any, Callable
 
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.prompts import read_template
+
+from .unigram import model_type, read_unigram, unigram_tokens
 
 PROBE = ("Hello world! It's 2024-06-01, 3.14159 and 12345678 items.\n\n  Indented\tTab   spaces "
          "don't, we'll, I'M. café naïve 你好世界 🚀🦙 <|im_start|>user\nhi<|im_end|> ```code``` ....!!!")
@@ -83,17 +88,35 @@ def _spm_proto(hf_dir: Path) -> Any | None:
 
 
 def tokenizer_kind(hf_dir: Path) -> str | None:
-    """"spm", "bpe", "none" (no tokenizer: placeholders) or None (not writable to GGUF)."""
-    hf_dir = Path(hf_dir)
+    """"spm", "bpe", "unigram" (tokenizer.json), "none" (no tokenizer: placeholders) or None
+    (not writable to GGUF)."""
+    try:
+        return _checked_kind(Path(hf_dir))
+    except EdgeIA3Error:
+        return None
+
+
+JSON_KINDS = {"BPE": "bpe", "Unigram": "unigram"}  # tokenizer.json model type -> what write_vocab writes
+
+
+def _checked_kind(hf_dir: Path) -> str:
+    """tokenizer_kind, refusing (one EdgeIA3Error naming the file) what edgeia3 cannot write."""
     if _spm_proto(hf_dir) is not None:
         return "spm"
     path = hf_dir / "tokenizer.json"
     if not path.exists():
-        return None if (hf_dir / "tokenizer_config.json").exists() else "none"
-    try:
-        return "bpe" if json.loads(path.read_text()).get("model", {}).get("type") == "BPE" else None
-    except (OSError, ValueError, AttributeError):
-        return None
+        if (hf_dir / "tokenizer_config.json").exists():
+            raise EdgeIA3Error(f"{hf_dir}: the tokenizer has neither a tokenizer.json nor a SentencePiece model "
+                               f"({' / '.join(SPM_FILES)}); edgeia3 writes BPE and Unigram tokenizer.json and "
+                               "SentencePiece tokenizers to GGUF; convert this one with llama.cpp's "
+                               "convert_hf_to_gguf.py")
+        return "none"
+    kind = model_type(path)
+    if kind not in JSON_KINDS:
+        raise EdgeIA3Error(f"{path}: its tokenizer model is {kind!r}; edgeia3 writes BPE and Unigram "
+                           "tokenizer.json and SentencePiece (tokenizer.model, spiece.model) tokenizers to GGUF; "
+                           "convert this one with llama.cpp's convert_hf_to_gguf.py")
+    return JSON_KINDS[kind]
 
 
 def _spm_tokens(proto: Any, tok: Any, vocab_size: int) -> tuple[list[str], list[float], list[int]]:
@@ -122,6 +145,7 @@ def write_vocab(w: Any, hf_dir: Path, vocab_size: int, pre: str | None = None) -
     """Add the tokenizer of ``hf_dir`` to GGUFWriter ``w``; returns a note on what was written."""
     import gguf
 
+    kind = _checked_kind(hf_dir)  # an unsupported tokenizer is refused before transformers loads it
     tok = _load_tokenizer(hf_dir)
     if tok is None:
         # SentencePiece-style placeholders (no merges needed), with a newline byte token:
@@ -155,11 +179,9 @@ def write_vocab(w: Any, hf_dir: Path, vocab_size: int, pre: str | None = None) -
             if norm.precompiled_charsmap:
                 w.add_precompiled_charsmap(bytes(norm.precompiled_charsmap))
         _add_specials_and_template(w, hf_dir, vocab_size, merges=False)
-        kind = "Unigram" if unigram else "BPE"
-        return f"SentencePiece {kind} tokenizer, {len(proto.pieces)} pieces"
-    if tokenizer_kind(hf_dir) != "bpe":
-        raise EdgeIA3Error(f"{hf_dir}: edgeia3 writes BPE (tokenizer.json) and SentencePiece (tokenizer.model) "
-                           "tokenizers to GGUF; convert this one with llama.cpp's convert_hf_to_gguf.py")
+        return f"SentencePiece {'Unigram' if unigram else 'BPE'} tokenizer, {len(proto.pieces)} pieces"
+    if kind == "unigram":
+        return _write_unigram(w, hf_dir, tok, vocab_size)
     tokens, types = _bpe_tokens(tok, vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre or "default")
@@ -169,10 +191,39 @@ def write_vocab(w: Any, hf_dir: Path, vocab_size: int, pre: str | None = None) -
     return f"BPE tokenizer, {len(tokens)} tokens, pre-tokenizer '{pre or 'default'}'"
 
 
-def _add_specials_and_template(w: Any, hf_dir: Path, vocab_size: int, merges: bool) -> None:
+def _write_unigram(w: Any, hf_dir: Path, tok: Any, vocab_size: int) -> str:
+    """A Unigram tokenizer.json as llama.cpp's "t5" vocabulary: the fields the SentencePiece
+    route writes for a Unigram model, read from the pieces, normalizer and pre-tokenizer."""
+    backend = getattr(tok, "backend_tokenizer", None)  # what transformers runs, else the file
+    u = read_unigram(hf_dir / "tokenizer.json", json.loads(backend.to_str()) if backend is not None else None)
+    tokens, scores, types = unigram_tokens(u, tok, vocab_size)
+    w.add_tokenizer_model("t5")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_add_space_prefix(u.add_space_prefix)
+    w.add_remove_extra_whitespaces(u.remove_extra_whitespaces)
+    if u.charsmap:
+        w.add_precompiled_charsmap(u.charsmap)
+    _add_specials_and_template(w, hf_dir, vocab_size, merges=False,
+                               fallback={"unk": u.unk_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id})
+    note = f"Unigram tokenizer (tokenizer.json), {len(u.pieces)} pieces"
+    if u.unmatched:
+        note += f"; llama.cpp has no counterpart for: {', '.join(u.unmatched)}"
+    return note
+
+
+def _add_specials_and_template(w: Any, hf_dir: Path, vocab_size: int, merges: bool,
+                               fallback: dict[str, int | None] | None = None) -> None:
+    """gguf.SpecialVocab's special ids, add-BOS/EOS flags (and merges); ``fallback`` ids for
+    the kinds it did not find; the chat template."""
     import gguf
 
     special = gguf.SpecialVocab(hf_dir, load_merges=merges, n_vocab=vocab_size)
+    for typ, tid in (fallback or {}).items():
+        if tid is not None and typ not in special.special_token_ids:
+            special.special_token_ids[typ] = int(tid)
     special.chat_template = None  # written below from edgeia3's own reader (chat_template.jinja too)
     special.add_to_gguf(w, quiet=True)
     template = read_template(hf_dir)
@@ -187,11 +238,12 @@ def choose_pre_tokenizer(hf_dir: Path, candidates: tuple[str, ...], arch: str, v
     Each candidate is tried on a vocabulary-only GGUF (metadata, no tensors),
     loaded by llama.cpp with vocab_only. Returns (name, verified).
     """
+    kind = _checked_kind(Path(hf_dir))  # refuses an unsupported tokenizer before transformers loads it
     tok = _load_tokenizer(hf_dir)
     if tok is None:
         return None, False
-    if _spm_proto(hf_dir) is not None:
-        candidates = (None,)  # SentencePiece has no pre-tokenizer to choose: check it once
+    if kind in ("spm", "unigram"):
+        candidates = (None,)  # SentencePiece / Unigram has no pre-tokenizer to choose: check it once
     elif not candidates:
         return None, False
     import gguf
