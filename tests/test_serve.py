@@ -119,6 +119,15 @@ def test_text_deltas_hold_back_stop_strings_and_partial_utf8():
     assert [ts.push(t) for t in (1, 2, 3)] + [ts.finish()] == ["H", "ell", "o ", "EN"]  # no stop: all of it
     ts = TextStream(detok, [])
     assert ts.push(1) == "Hel" and ts.push(5) == "" and ts.push(6) == "é" and ts.finish() == ""
+    # stop strings longer than the text so far: nothing is sent until the text outgrows the hold
+    ts = TextStream(detok, ["Hello world!"])
+    assert [ts.push(t) for t in (1, 2, 3, 4)] == ["", "", "", ""] and ts.finish() == "Hello END!"
+    ts = TextStream(detok, ["lo END!", "x" * 30])
+    assert [ts.push(t) for t in (1, 2, 3)] == ["", "", ""]
+    assert ts.push(4) == "" and ts.stopped_at == 3 and ts.finish() == "Hel"
+    ts = TextStream(detok, ["lo END!"])
+    assert [ts.push(t) for t in (1, 2, 3)] == ["", "", "He"]
+    assert ts.push(4) == "" and ts.finish() == "l"
 
 
 # -- the server, per export ---------------------------------------------------------------------------------------
@@ -220,6 +229,23 @@ def test_stop_strings_cut_the_answer_the_same_way_streamed(srv):
     chunks = [c for c in stream if c.choices]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text[:i]
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_stop_strings_longer_than_the_text_so_far_never_leak(srv):
+    client = srv.client()
+    extra = {"extra_body": {"ignore_eos": True}}
+    text, finish = chat(client, "a", PROMPTS[0], max_tokens=40, **extra)
+    assert finish == "length" and len(text) >= 20
+    i = next(i for i in range(1, 5) if text.find(text[i:i + 12]) == i)
+    for stop, want in (([text[:12]], ("", "stop")),  # at the very start
+                       ([text[i:i + 12]], (text[:i], "stop")),  # a few characters in
+                       ([text[:10] + "\x00", "y" * 40], (text, "length"))):  # never matches
+        assert chat(client, "a", PROMPTS[0], max_tokens=40, stop=stop, **extra) == want, stop
+        stream = client.chat.completions.create(model="a", messages=[{"role": "user", "content": PROMPTS[0]}],
+                                                max_tokens=40, stop=stop, stream=True, **extra)
+        chunks = [c for c in stream if c.choices]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == want[0], stop
+        assert chunks[-1].choices[0].finish_reason == want[1]
 
 
 def test_adapters_load_and_unload_at_run_time(srv, tiny):

@@ -102,7 +102,7 @@ class TextStream:
                 self.stopped_at = min(hits)
                 return ""
         safe = min(len(self.full.rstrip("\ufffd")), len(self.full) - self.hold)
-        return self._advance(self.full[:safe])
+        return self._advance(self.full[:max(0, safe)])  # text shorter than the hold: nothing yet
 
     def finish(self) -> str:
         """The rest of the text once generation ended (stop string excluded)."""
