@@ -258,7 +258,12 @@ def serve(
                                           help="require 'Authorization: Bearer KEY' (or set EDGEIA3_API_KEY)"),
     adapters_dir: Optional[Path] = typer.Option(None, help="load every adapter in DIR at start (NAME/, "
                                                 "NAME.ia3.gguf, NAME.onnx_adapter, NAME.safetensors); "
-                                                "POST /v1/adapters then only accepts paths inside DIR"),
+                                                "POST /v1/adapters then only accepts paths inside DIR "
+                                                "(without DIR it refuses every path)"),
+    insecure: bool = typer.Option(False, "--insecure", help="allow a --host beyond this machine without "
+                                  "--api-key"),
+    max_adapters: int = typer.Option(64, help="adapters served at once (the export's and DIR's included); "
+                                     "POST /v1/adapters beyond it gets 400"),
     max_queue: int = typer.Option(64, help="requests that may wait; more get 429"),
     max_tokens: int = typer.Option(1024, help="cap on a request's max_tokens (and the chat default)"),
     max_prompt_tokens: int = typer.Option(4096, help="cap on prompt tokens (the model's context caps too)"),
@@ -278,13 +283,14 @@ def serve(
     _quiet_libraries()
     for name, value in (("--max-queue", max_queue), ("--max-tokens", max_tokens),
                         ("--max-prompt-tokens", max_prompt_tokens), ("--max-body-bytes", max_body_bytes),
-                        ("--max-batch", max_batch)):
+                        ("--max-batch", max_batch), ("--max-adapters", max_adapters)):
         if value < 1:
             raise EdgeIA3Error(f"{name} must be at least 1")
     limits = Limits(max_queue=max_queue, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
-                    max_body_bytes=max_body_bytes, max_group_wait=max_group_wait, max_batch=max_batch)
+                    max_body_bytes=max_body_bytes, max_group_wait=max_group_wait, max_batch=max_batch,
+                    max_adapters=max_adapters)
     serve_fn(model, host=host, port=port, api_key=api_key, adapters_dir=adapters_dir, limits=limits,
-             provider=provider, log_level=log_level, chat_template=chat_template,
+             provider=provider, log_level=log_level, chat_template=chat_template, insecure=insecure,
              announce=lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True))
 
 

@@ -1,6 +1,7 @@
 """The real `edgeia3 serve` for tests: started in a subprocess on 127.0.0.1 and driven by the
-official openai client (test_serve.py, test_serve_batching.py, test_t5_gguf.py), with the tiny
-model's tokenizer, the exports it serves and the helpers that synchronize on /metrics."""
+official openai client (test_serve*.py, test_t5_gguf.py), or in a thread through the Python API
+(``ThreadServer``), with the tiny model's tokenizer, the exports it serves and the helpers that
+synchronize on /metrics."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,6 +75,38 @@ def wait_until(cond, timeout: float = 60.0, what: str = "condition"):
             return value
         time.sleep(0.01)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+class ThreadServer:
+    """``edgeia3.serve`` through its Python API (build + create_app), uvicorn on 127.0.0.1 in a thread."""
+
+    def __init__(self, model: Path, limits=None, adapters_dir: Path | None = None):
+        import uvicorn
+
+        from edgeia3.serve import build, create_app
+
+        self.engine = build(model, adapters_dir, limits=limits)
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine), host="127.0.0.1", port=free_port(),
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{self.server.config.port}"
+
+    def __enter__(self) -> "ThreadServer":
+        self.thread.start()
+        wait_until(lambda: self.server.started, 60, "the in-thread server")
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.http.close()
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def client(self):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def batch(self) -> dict:
+        return self.http.get("/metrics").json()["batch"]
 
 
 class Server:

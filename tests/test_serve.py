@@ -10,7 +10,6 @@ then synchronize on ``/metrics`` - never on sleeps. Batching itself: tests/test_
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import dataclasses
 import json
@@ -18,7 +17,6 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
@@ -27,8 +25,8 @@ import pytest
 from edgeia3 import load_base
 from edgeia3.formats import load_adapter
 from edgeia3.serve.engine import Job, Scheduler, TextStream
-from serving import (LONG, MAX_QUEUE, MODELS, PROMPTS, SERVED, Blocker, Server, ascii_bpe_tokenizer, chat,
-                     error_of, expected_alone, export, free_port, long_request, wait_until)
+from serving import (LONG, MAX_QUEUE, MODELS, PROMPTS, SERVED, Blocker, Server, ThreadServer, ascii_bpe_tokenizer,
+                     chat, error_of, expected_alone, export, long_request, wait_until)
 from tiny_models import make_tiny_model, random_peft_adapter
 
 
@@ -136,6 +134,8 @@ def test_health_and_models(srv):
     assert r.status_code == 200 and r.json()["status"] == "ok"
     client = srv.client()
     assert [m.id for m in client.models.list()] == SERVED
+    for text in (r.text, srv.http.get("/v1/models").text, srv.http.get("/v1/models/c0").text):  # no paths
+        assert str(srv.root.parent) not in text and str(srv.main) not in text and "/" not in text, text
     assert client.models.retrieve("a").id == "a"
     runtime = {"onnx": "onnxruntime-genai", "gguf": "llama.cpp"}[srv.kind]
     assert srv.metrics()["runtime"] == runtime
@@ -278,7 +278,7 @@ def test_adapters_load_and_unload_at_run_time(srv, tiny):
            ({"name": "x", "path": str(tiny["more"] / "missing")}, 400, "not found"),
            ({"name": "x", "path": str(tiny["foreign"])}, 400, "another base"),
            ({"name": "x", "path": str(tiny["garbage"])}, 400, "garbage"),
-           ({"name": "x", "path": str(tiny["base"])}, 400, "--adapters-dir"),  # outside the adapters dir
+           ({"name": "x", "path": str(tiny["base"])}, 403, "--adapters-dir"),  # outside the adapters dir
            ({"name": "x"}, 400, "path")]
     for body, status, words in bad:
         r = srv.http.post("/v1/adapters", json=body)
@@ -403,30 +403,11 @@ def test_errors_have_openai_shape_and_status(srv):
     assert m["rejected_queue_full"] >= len(full) and m["errors"]["429"] >= len(full)
 
 
-@contextlib.contextmanager
-def thread_server(model: Path):
-    """The same app through the Python API (edgeia3.serve.build + create_app), uvicorn in a thread."""
-    import uvicorn
-
-    from edgeia3.serve import build, create_app
-
-    app = create_app(build(model))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, 60, "the in-thread server")
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 def test_merged_export_says_it_cannot_load_adapters(srv, tiny):
     merged = export(srv.kind, tiny, srv.root / "merged", ["a"], merge="a")
-    with thread_server(merged) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        r = httpx.post(url + "/v1/adapters", json={"name": "x", "path": str(tiny["canonical_c"])})
+    with ThreadServer(merged) as ts:
+        client = ts.client()
+        r = ts.http.post("/v1/adapters", json={"name": "x", "path": str(tiny["canonical_c"])})
         assert r.status_code == 400 and "merged" in error_of(r)["message"]
         assert error_of(r)["code"] == "adapter_loading_not_supported"
         # the merged export answers like the side export with 'a' active

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -22,7 +22,7 @@ import pytest
 from edgeia3 import load_base
 from edgeia3.runtimes import onnx_batch, open_runtime
 from edgeia3.serve import Limits
-from serving import PROMPTS, ascii_bpe_tokenizer, chat, free_port, wait_until
+from serving import PROMPTS, ThreadServer, ascii_bpe_tokenizer, chat, error_of, wait_until
 from tiny_models import make_tiny_model, random_peft_adapter
 
 MODELS = ["base", "a", "b"]
@@ -148,38 +148,6 @@ def test_decoder_refuses_what_does_not_fit(rt):
 
 
 # -- the server ----------------------------------------------------------------------------------------------
-class ThreadServer:
-    """``edgeia3.serve`` through its Python API (build + create_app), uvicorn on 127.0.0.1 in a thread."""
-
-    def __init__(self, model: Path, limits: Limits):
-        import uvicorn
-
-        from edgeia3.serve import build, create_app
-
-        self.engine = build(model, limits=limits)
-        self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine), host="127.0.0.1", port=free_port(),
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{self.server.config.port}"
-
-    def __enter__(self) -> "ThreadServer":
-        self.thread.start()
-        wait_until(lambda: self.server.started, 60, "the in-thread server")
-        self.http = httpx.Client(base_url=self.url, timeout=60)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.http.close()
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    def client(self):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-    def batch(self) -> dict:
-        return self.http.get("/metrics").json()["batch"]
-
-
 @contextlib.contextmanager
 def paced(monkeypatch, seconds: float):
     """Each step (or token) takes >= ``seconds``: concurrent requests of a tiny model really overlap."""
@@ -228,3 +196,72 @@ def test_server_batches_mixed_adapters_and_answers_as_one_at_a_time(served, monk
         m = wait_until(lambda: (m := srv.http.get("/metrics").json())["running"] == 0 and m, 30, "idle")
         assert m["cancelled"] == 1 and m["generated_tokens"] < len(cases) * 24 + LONG_B + 1000
         assert chat(client, "a", PROMPTS[0]) == ref[("a", PROMPTS[0])]
+
+
+# -- faults: the worker never dies silently ----------------------------------------------------------------------
+FAULT_FIRST, FAULT_LATER, FAULT_FINISH = "\x01fault-first", "\x01fault-later", "\x01fault-finish"
+
+
+def inject_faults(monkeypatch):
+    """Requests carrying a marker stop string fail inside the worker: detokenizing their first token
+    (as it joins the batch), a later one (in a batch step), or finishing (``Engine._complete``)."""
+    from edgeia3.serve import batching, engine
+    from edgeia3.serve.requests import TextStream
+
+    class FaultyText(TextStream):
+        def __init__(self, detokenize, stop):
+            at = 1 if FAULT_FIRST in stop else 3 if FAULT_LATER in stop else None
+
+            def faulty(ids):
+                if at is not None and len(ids) >= at:
+                    raise RuntimeError(f"injected fault at token {len(ids)}")
+                return detokenize(ids)
+
+            super().__init__(faulty, stop)
+
+    complete = engine.Engine._complete
+
+    def faulty_complete(self, job, *args):
+        if FAULT_FINISH in job.stop:
+            raise RuntimeError("injected fault while finishing")
+        return complete(self, job, *args)
+
+    for module in (batching, engine):
+        monkeypatch.setattr(module, "TextStream", FaultyText)
+    monkeypatch.setattr(engine.Engine, "_complete", faulty_complete)
+
+
+@pytest.mark.parametrize("max_batch", [8, 1])
+def test_a_failing_request_gets_500_and_the_others_are_served(served, monkeypatch, max_batch):
+    inject_faults(monkeypatch)
+    cases = [(m, p) for p in PROMPTS[:2] for m in MODELS]
+    with paced(monkeypatch, 0.002), ThreadServer(served, Limits(max_batch=max_batch)) as srv:
+        client = srv.client()
+        ref = {c: chat(client, *c, 30) for c in cases}  # no marker: no fault
+        stream_body = {"model": "a", "prompt": "x", "max_tokens": 30, "stream": True, "stop": [FAULT_LATER],
+                       "ignore_eos": True}
+
+        def faulty(marker):
+            r = srv.http.post("/v1/chat/completions", json={
+                "model": "b", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 30,
+                "stop": [marker], "ignore_eos": True})
+            return r.status_code, error_of(r)
+
+        def streamed():
+            with srv.http.stream("POST", "/v1/completions", json=stream_body) as r:
+                return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+
+        with ThreadPoolExecutor(len(cases) + 4) as ex:
+            good = [ex.submit(chat, client, *c, 30) for c in cases]
+            bad = [ex.submit(faulty, mark) for mark in (FAULT_FIRST, FAULT_LATER, FAULT_FINISH)]
+            events = ex.submit(streamed).result(timeout=60)
+            assert [f.result(timeout=60) for f in good] == [ref[c] for c in cases]
+            for f in bad:
+                status, err = f.result(timeout=60)
+                assert status == 500 and err["code"] == "internal_error" and err["type"] == "server_error"
+                assert "injected fault" in err["message"]
+        assert "error" in events[-1] and events[-1]["error"]["code"] == "internal_error"
+        m = wait_until(lambda: (m := srv.http.get("/metrics").json())["running"] == 0 and m, 30, "idle")
+        assert m["errors"]["500"] == 4 and m["queue_depth"] == 0
+        assert srv.engine.thread.is_alive() and srv.http.get("/health").status_code == 200
+        assert [chat(client, *c, 30) for c in cases] == [ref[c] for c in cases]  # still serving

@@ -4,7 +4,8 @@ Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/complet
 (both also streaming, as OpenAI's server-sent events ending with ``data: [DONE]``),
 ``POST /v1/adapters`` / ``DELETE /v1/adapters/{name}`` (load / unload an IA3 adapter at
 run time), ``GET /health``, ``GET /metrics``. Every error is OpenAI's JSON shape
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``. Who may call it: ``security``
+(Host check, API key on every path but ``/health``); what bodies it takes: ``bodies``.
 
 Decoding is always greedy: ``temperature``, ``top_p`` and ``seed`` are accepted and
 ignored; parameters that would change the answer in ways greedy decoding cannot
@@ -15,122 +16,24 @@ tools) are refused with a 400.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EdgeIA3Error
+from .bodies import AdapterRequest, ChatRequest, CompletionRequest, Generation, parse, read_json
 from .engine import Engine
-from .requests import BASE, Job, ServeError
 from .hotload import can_load, check_name
+from .requests import BASE, Job, ServeError, internal_error
+from .security import Guard, HostCheck, confine
 
 SAMPLING_NOTE = "greedy"  # sent as the x-edgeia3-decoding header
-
-
-# -- request bodies -------------------------------------------------------------------------------
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # like most OpenAI-compatible servers: unknown fields are ignored
-
-
-class TextPart(_Body):
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class _Generation(_Body):
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
-    temperature: float | None = Field(None, ge=0, le=2)  # ignored: greedy
-    top_p: float | None = Field(None, ge=0, le=1)  # ignored: greedy
-    seed: int | None = None  # ignored: greedy is deterministic
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    ignore_eos: bool = False  # extension (as in vLLM): always generate max_tokens tokens
-
-
-class ChatRequest(_Generation):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list | None = None
-    functions: list | None = None
-    response_format: dict | None = None
-
-
-class CompletionRequest(_Generation):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-    logprobs: int | None = None
-
-
-class AdapterRequest(_Body):
-    name: str
-    path: str
-
-
-# -- helpers ----------------------------------------------------------------------------------------
-def _validation_message(e: ValidationError) -> tuple[str, str | None]:
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err.get("loc", ()))
-    return f"invalid request body: {loc or 'body'}: {err.get('msg')}", (str(err["loc"][0]) if err.get("loc") else None)
-
-
-def parse(model: type[BaseModel], body: Any) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        msg, param = _validation_message(e)
-        raise ServeError(400, msg, "invalid_value", param) from None
-
-
-async def read_json(request: Any, limit: int) -> Any:
-    """The request body as JSON, refusing more than ``limit`` bytes (413) before reading it all."""
-    length = request.headers.get("content-length")
-    if length is not None:
-        try:
-            too_big = int(length) > limit
-        except ValueError:
-            raise ServeError(400, "invalid Content-Length header", "invalid_value") from None
-        if too_big:
-            raise ServeError(413, f"request body of {int(length)} bytes exceeds the limit of {limit} bytes "
-                                  "(--max-body-bytes)", "request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServeError(413, f"request body exceeds the limit of {limit} bytes (--max-body-bytes)",
-                             "request_too_large")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks) or b"null")
-    except (ValueError, RecursionError) as e:
-        raise ServeError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
 
 
 def _unsupported(param: str, what: str) -> ServeError:
@@ -138,7 +41,7 @@ def _unsupported(param: str, what: str) -> ServeError:
                       "unsupported_parameter", param)
 
 
-def _check_common(req: _Generation) -> list[str]:
+def _check_common(req: Generation) -> list[str]:
     """Refuse what greedy decoding cannot honour; the stop strings."""
     if req.n != 1:
         raise _unsupported("n", "more than one choice")
@@ -218,8 +121,9 @@ async def _next_event(job: Job, watch: asyncio.Task | None) -> tuple:
 
 
 # -- the app ----------------------------------------------------------------------------------------
-def create_app(engine: Engine, api_key: str | None = None, model_label: str = "") -> Any:
-    """A FastAPI app serving ``engine`` (started and closed with the app's lifespan)."""
+def create_app(engine: Engine, api_key: str | None = None, host: str = "127.0.0.1") -> Any:
+    """A FastAPI app serving ``engine`` (started and closed with the app's lifespan); ``host``: the
+    address it is bound to (which Host headers it answers)."""
     import contextlib
 
     @contextlib.asynccontextmanager
@@ -258,19 +162,9 @@ def create_app(engine: Engine, api_key: str | None = None, model_label: str = ""
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, err: Exception):
-        return error_response(ServeError(500, f"internal error: {type(err).__name__}: {err}", "internal_error"))
+        return error_response(internal_error(err))
 
-    def auth(request: Request) -> None:
-        if not api_key:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise ServeError(401, "missing API key: send 'Authorization: Bearer YOUR_KEY'", "invalid_api_key")
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise ServeError(401, "incorrect API key provided", "invalid_api_key")
-
-    guarded = [Depends(auth)]
+    app.add_middleware(Guard, hosts=HostCheck(host), api_key=api_key, reply=error_response)
 
     def model_object(name: str) -> dict:
         info = {"kind": "base"} if name == BASE else {"kind": "adapter", **engine.names.get(name, {})}
@@ -285,50 +179,46 @@ def create_app(engine: Engine, api_key: str | None = None, model_label: str = ""
         if engine.closed or not engine.thread.is_alive():
             raise ServeError(503, "the worker is not running", "unavailable")
         snap = engine.snapshot()
-        return JSONResponse({"status": "ok", "runtime": engine.rt.name, "model": model_label,
+        return JSONResponse({"status": "ok", "runtime": engine.rt.name,
                              "adapters": snap["adapters_loaded"], "queue_depth": snap["queue_depth"],
                              "running": snap["running"]})
 
-    @app.get("/metrics", dependencies=guarded)
+    @app.get("/metrics")
     async def metrics():
         return JSONResponse(engine.snapshot())
 
-    @app.get("/v1/models", dependencies=guarded)
+    @app.get("/v1/models")
     async def list_models():
         return JSONResponse({"object": "list", "data": [model_object(n) for n in [BASE] + engine.model_names()]})
 
-    @app.get("/v1/models/{model_id:path}", dependencies=guarded)
+    @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
         engine.resolve(model_id)
         return JSONResponse(model_object(model_id))
 
     # -- adapters -------------------------------------------------------------------------------------
-    @app.post("/v1/adapters", dependencies=guarded)
+    @app.post("/v1/adapters")
     async def load_adapter(request: Request):
         req = parse(AdapterRequest, await read_json(request, engine.limits.max_body_bytes))
         try:
             check_name(req.name)
         except EdgeIA3Error as e:
             raise ServeError(400, str(e), "invalid_value", "name") from None
-        if req.name in engine.model_names():
-            raise ServeError(409, f"a model named '{req.name}' is already served; unload it first",
-                             "model_exists", "name")
         reason = can_load(engine.rt)
         if reason:
             raise ServeError(400, reason, "adapter_loading_not_supported")
-        path = engine.check_adapter_path(req.path)
+        path = confine(engine.adapters_dir, req.path)  # 403 outside --adapters-dir, or without one
         if not path.exists():
             raise ServeError(400, f"adapter not found: {req.path}", "invalid_adapter", "path")
-        fut = engine.call(lambda: engine.load_adapter_now(req.name, path))
-        info = await asyncio.wrap_future(fut)
+        info = await asyncio.wrap_future(engine.load_adapter(req.name, path, req.path))
         return JSONResponse({**model_object(req.name), "edgeia3": {"kind": "adapter", **info,
                                                                     "runtime": engine.rt.name}})
 
-    @app.get("/v1/adapters", dependencies=guarded)
+    @app.get("/v1/adapters")
     async def list_adapters():
         return JSONResponse({"object": "list", "data": [model_object(n) for n in engine.model_names()]})
 
-    @app.delete("/v1/adapters/{name}", dependencies=guarded)
+    @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str):
         fut = engine.unload_adapter(name)
         await asyncio.wrap_future(fut)
@@ -423,7 +313,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_label: str = ""
         finally:
             engine.cancel(job)  # the client went away mid-stream (no-op once the job finished)
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
+    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = parse(ChatRequest, await read_json(request, engine.limits.max_body_bytes))
         adapter = engine.resolve(req.model)
@@ -441,7 +331,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_label: str = ""
         return await run(request, job, "chat", req.model, req.stream,
                          bool(req.stream_options and req.stream_options.include_usage))
 
-    @app.post("/v1/completions", dependencies=guarded)
+    @app.post("/v1/completions")
     async def completions(request: Request):
         req = parse(CompletionRequest, await read_json(request, engine.limits.max_body_bytes))
         adapter = engine.resolve(req.model)

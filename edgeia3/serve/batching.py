@@ -8,6 +8,10 @@ one token for every row. A row leaves on EOS, ``max_tokens``, a stop string, or
 when its client went away; a step never waits for a slow client (events are
 queued to the HTTP handlers).
 
+An exception while handling one row (detokenizing, finishing it) fails that request
+alone with a 500 in OpenAI's error shape; a failed step fails the batch's rows; the
+loop itself never dies (``run``).
+
 Every row has its own adapter vectors (copied when it joins, so an unload
 cannot change a running request: it finishes with the adapter it started with,
 while waiting requests for that adapter fail with 404, as without batching) and
@@ -21,7 +25,8 @@ import time
 from typing import Any
 
 from ..errors import EdgeIA3Error
-from .requests import Job, ServeError, TextStream
+from .engine import run_control
+from .requests import Job, ServeError, TextStream, internal_error
 
 log = logging.getLogger("edgeia3.serve")
 
@@ -45,36 +50,47 @@ class BatchLoop:
         self.rows: dict[str, _Row] = {}
 
     def run(self) -> None:
-        e = self.e
+        """The worker thread's loop. It never dies silently: a failure in one row fails that request
+        (500), a failure of the loop itself fails every request in flight, and serving goes on."""
         while True:
-            with e.cond:
-                while not (e.controls or e.waiting or self.rows or e.closed):
-                    e.cond.wait()
-                if e.closed:
-                    return  # close() answered every waiting and running request
-                control, admit = (e.controls.popleft() if e.controls else None), []
-                if control is None:
-                    free = e.max_batch - len(self.rows)
-                    admit, e.waiting = e.waiting[:free], e.waiting[free:]
-                    e.running.extend(admit)  # so that close() reaches them
-            if control is not None:
-                fn, fut = control
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn())
-                    except BaseException as ex:  # handed to whoever awaits the control task
-                        fut.set_exception(ex)
-                continue
-            for job in admit:
-                try:
-                    self._join(job)
-                except Exception as ex:  # a bug or a runtime failure: answer 500, keep serving
-                    log.exception("request %s failed", job.id)
-                    self._drop(job, ServeError(500, f"internal error: {type(ex).__name__}: {ex}", "internal_error"))
-            for row in [r for r in self.rows.values() if r.job.cancelled.is_set()]:
-                self._end(row, None)  # gone before this step: no token spent on it
-            if self.rows:
-                self._step()
+            try:
+                if not self._once():
+                    return
+            except Exception as ex:
+                self.rows, self.dec = {}, None  # a fresh decoder for whatever comes next
+                self.e.fail_all(ex)
+
+    def _once(self) -> bool:
+        """One control task, or admissions then one step; False once the engine is closed."""
+        e = self.e
+        with e.cond:
+            while not (e.controls or e.waiting or self.rows or e.closed):
+                e.cond.wait()
+            if e.closed:
+                return False  # close() answered every waiting and running request
+            control, admit = (e.controls.popleft() if e.controls else None), []
+            if control is None:
+                free = e.max_batch - len(self.rows)
+                admit, e.waiting = e.waiting[:free], e.waiting[free:]
+                e.running.extend(admit)  # so that close() reaches them
+        if control is not None:  # run without the lock: handlers keep answering meanwhile
+            return run_control(*control)
+        for job in admit:
+            self._guarded(job, self._join, job)
+        for row in [r for r in self.rows.values() if r.job.cancelled.is_set()]:
+            self._guarded(row.job, self._end, row, None)  # gone before this step: no token spent on it
+        if self.rows:
+            self._step()
+        return True
+
+    def _guarded(self, job: Job, fn: Any, *args: Any) -> None:
+        """``fn(*args)`` for one request; if it raises (a bug, a runtime failure), that request alone
+        fails with a 500 and leaves the batch."""
+        try:
+            fn(*args)
+        except Exception as ex:
+            log.exception("request %s failed", job.id)
+            self._drop(job, internal_error(ex))
 
     # -- rows --------------------------------------------------------------------------------------
     def _join(self, job: Job) -> None:
@@ -107,11 +123,9 @@ class BatchLoop:
             out = self.dec.step()
         except Exception as ex:  # which row failed is unknown: fail them all, start a fresh decoder
             log.exception("a batch step failed")
-            err = ServeError(500, f"internal error: {type(ex).__name__}: {ex}", "internal_error")
             self.dec = None
             for row in list(self.rows.values()):
-                del self.rows[row.job.id]
-                self._drop(row.job, err)
+                self._drop(row.job, internal_error(ex))
             return
         with m.lock:
             m.decode_seconds += time.perf_counter() - t0
@@ -119,7 +133,8 @@ class BatchLoop:
             m.batch_rows += len(out)
             m.batch_peak = max(m.batch_peak, len(out))
         for key, tok in out:
-            self._token(self.rows[key], tok)
+            row = self.rows[key]
+            self._guarded(row.job, self._token, row, tok)
         self.e.pace()
 
     def _token(self, row: _Row, tok: int | None) -> None:
@@ -148,6 +163,8 @@ class BatchLoop:
         self.e._complete(row.job, row.text, finish, row.n, row.max_tokens, row.n_prompt)
 
     def _drop(self, job: Job, err: ServeError) -> None:
+        """``job`` fails with ``err``, and its row (if it has one) leaves the batch."""
+        self.rows.pop(job.id, None)
         if self.dec is not None:
             self.dec.leave(job.id)
         self._forget(job)

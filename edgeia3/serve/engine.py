@@ -37,13 +37,26 @@ from ..errors import EdgeIA3Error
 from ..prompts import NoChatTemplate
 from ..runtimes import prompt_ids_for
 from .hotload import NotLoadable, add_adapter, remove_adapter
-from .requests import BASE, Job, Limits, ServeError, TextStream, not_found
+from .metrics import Metrics, snapshot
+from .requests import BASE, Job, Limits, ServeError, TextStream, internal_error, not_found
 
 # Seconds to wait after each generated token. For tests and demos only: it paces a tiny
 # model so that queueing, grouping and disconnects can be observed deterministically.
 TOKEN_DELAY = float(os.environ.get("EDGEIA3_SERVE_TOKEN_DELAY", "0") or 0)
 
 log = logging.getLogger("edgeia3.serve")
+
+
+def run_control(fn: Callable[[], Any], fut: concurrent.futures.Future) -> bool:
+    """Run a control task on the worker thread; its outcome goes to whoever awaits ``fut``."""
+    if fut.set_running_or_notify_cancel():
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # handed to whoever awaits the control task
+            fut.set_exception(e)
+    return True
+
+
 class Scheduler:
     """Which waiting job runs next: requests are served in adapter *turns*.
 
@@ -73,40 +86,6 @@ class Scheduler:
         nxt = waiting[0].adapter  # a new turn, for the oldest request's adapter
         self.turn = {j.id for j in waiting[1:] if j.adapter == nxt}
         return 0
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.t0 = time.time()
-        self.requests = 0  # accepted into the queue
-        self.completed = 0
-        self.cancelled = 0  # client went away
-        self.rejected_queue_full = 0
-        self.errors: dict[str, int] = {}  # HTTP status -> count (every error response)
-        self.prompt_tokens = 0
-        self.generated_tokens = 0
-        self.decode_seconds = 0.0  # time spent generating (prefill included)
-        self.adapter_swaps = 0
-        self.swap_seconds = 0.0
-        self.batch_steps = 0  # batched decoding: steps run, and rows decoded over those steps
-        self.batch_rows = 0
-        self.batch_peak = 0
-        self.by_model: dict[str, int] = {}
-        self.latency: deque = deque(maxlen=2048)  # submit -> done, seconds
-        self.ttft: deque = deque(maxlen=2048)  # submit -> first token
-        self.queue_wait: deque = deque(maxlen=2048)
-
-    def error(self, status: int) -> None:
-        with self.lock:
-            self.errors[str(status)] = self.errors.get(str(status), 0) + 1
-
-
-def _pct(values: deque, q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    return round(v[min(len(v) - 1, int(q * len(v)))], 6)
 
 
 def context_length(rt: Any) -> int:
@@ -151,6 +130,7 @@ class Engine:
         self.active: str | None = getattr(runtime, "_active", None)
         self.closed = False
         self.names: dict[str, dict] = {n: {"source": "export"} for n in runtime.adapters}
+        self.pending: set[str] = set()  # names reserved by run-time loads not done yet
         merged = self._merged_name()
         if merged:
             self.names.setdefault(merged, {"source": "export"})["merged"] = True
@@ -252,30 +232,48 @@ class Engine:
         return fut
 
     # -- adapters -------------------------------------------------------------------------------
-    def check_adapter_path(self, path: str) -> Path:
-        p = Path(path)
-        if self.adapters_dir is not None:
-            p = (self.adapters_dir / p).resolve() if not p.is_absolute() else p.resolve()
-            if p != self.adapters_dir and self.adapters_dir not in p.parents:
-                raise ServeError(400, f"adapter paths must lie inside the server's --adapters-dir "
-                                      f"({self.adapters_dir})", "path_not_allowed", "path")
-        return p
+    def _check_new(self, name: str, others: Any = ()) -> None:
+        """409 if ``name`` is taken (names are case-insensitive: the server's copies of adapters are
+        files named after them, on filesystems that may not tell case apart). Under ``cond``."""
+        taken = next((n for n in (BASE, *self.names, *others) if n.lower() == name.lower()), None)
+        if taken is not None:
+            raise ServeError(409, f"a model named '{taken}' is already served or being loaded (names are "
+                                  "case-insensitive); unload it first", "model_exists", "name")
 
-    def load_adapter_now(self, name: str, path: str | Path) -> dict:
-        """On the worker thread (or before it starts): validate and add adapter ``name``."""
+    def load_adapter(self, name: str, path: Path, shown: str) -> concurrent.futures.Future:
+        """A run-time load: reserve ``name`` now (unique; at most ``max_adapters`` served or being loaded,
+        so pending loads are bounded too), validate and add it on the worker thread."""
         with self.cond:
-            if name == BASE or name in self.names:
-                raise ServeError(409, f"a model named '{name}' is already served; unload it first",
-                                 "model_exists", "name")
+            self._check_new(name, self.pending)
+            cap = self.limits.max_adapters
+            if len(self.names) + len(self.pending) >= cap:
+                raise ServeError(400, f"this server already serves or is loading {cap} adapters, the most "
+                                      "--max-adapters allows; unload one first (DELETE /v1/adapters/NAME)",
+                                 "too_many_adapters", "name")
+            self.pending.add(name)
+        fut = self.call(lambda: self.load_adapter_now(name, path, shown, source="request"))
+        fut.add_done_callback(lambda _: self._release(name))  # loaded, refused or cancelled
+        return fut
+
+    def _release(self, name: str) -> None:
+        with self.cond:
+            self.pending.discard(name)
+
+    def load_adapter_now(self, name: str, path: str | Path, shown: str | None = None,
+                         source: str = "adapters_dir") -> dict:
+        """On the worker thread (or before it starts): validate and add adapter ``name``. Errors name
+        the path as ``shown`` (what the client sent); the model list never shows paths."""
+        with self.cond:
+            self._check_new(name)
         t0 = time.perf_counter()
         try:
             info = add_adapter(self.rt, name, path, self.workdir / "adapters")
         except NotLoadable as e:
             raise ServeError(400, str(e), "adapter_loading_not_supported") from None
         except EdgeIA3Error as e:
-            raise ServeError(400, f"cannot load adapter '{name}' from {path}: {e}", "invalid_adapter",
+            raise ServeError(400, f"cannot load adapter '{name}' from {shown or path}: {e}", "invalid_adapter",
                              "path") from None
-        info = {**info, "source": str(path), "load_seconds": round(time.perf_counter() - t0, 6)}
+        info = {**info, "source": source, "load_seconds": round(time.perf_counter() - t0, 6)}
         with self.cond:
             self.names[name] = info
         return info
@@ -308,34 +306,46 @@ class Engine:
 
     # -- the worker -----------------------------------------------------------------------------
     def _loop(self) -> None:
+        """One request at a time (llama.cpp, or ``max_batch`` 1). The thread never dies silently."""
         while True:
-            with self.cond:
-                while not (self.controls or self.waiting or self.closed):
-                    self.cond.wait()
-                if self.controls:
-                    fn, fut = self.controls.popleft()
-                    job = None
-                elif self.closed:
-                    return
-                else:
-                    job = self.waiting.pop(self.scheduler.pick(self.waiting, self.active, time.perf_counter()))
-                    self.running = [job]
-            if job is None:
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn())
-                    except BaseException as e:  # handed to whoever awaits the control task
-                        fut.set_exception(e)
-                continue
             try:
-                self._run(job)
-            except Exception as e:  # a bug or a runtime failure: answer 500, keep serving
-                log.exception("request %s failed", job.id)
-                job.post("error", ServeError(500, f"internal error: {type(e).__name__}: {e}", "internal_error"))
-            finally:
-                job.finished = job.finished or time.perf_counter()
-                with self.cond:
-                    self.running = []
+                if not self._serve_next():
+                    return
+            except Exception as e:
+                self.fail_all(e)
+
+    def _serve_next(self) -> bool:
+        """Run the next control task or request; False once the engine is closed."""
+        with self.cond:
+            while not (self.controls or self.waiting or self.closed):
+                self.cond.wait()
+            control = self.controls.popleft() if self.controls else None
+            if control is None and self.closed:
+                return False
+            if control is None:
+                job = self.waiting.pop(self.scheduler.pick(self.waiting, self.active, time.perf_counter()))
+                self.running = [job]
+        if control is not None:  # run without the lock: handlers keep answering meanwhile
+            return run_control(*control)
+        try:
+            self._run(job)
+        except Exception as e:  # a bug or a runtime failure: answer 500, keep serving
+            log.exception("request %s failed", job.id)
+            self._fail(job, internal_error(e))
+        finally:
+            job.finished = job.finished or time.perf_counter()
+            with self.cond:
+                self.running = []
+        return True
+
+    def fail_all(self, e: Exception) -> None:
+        """The worker loop itself failed (a bug outside any one request's handling): every request
+        running or waiting gets a 500, and the loop goes on serving."""
+        log.exception("the worker loop failed; answering every request in flight with an error")
+        with self.cond:
+            jobs, self.waiting, self.running = self.waiting + self.running, [], []
+        for job in jobs:
+            self._fail(job, internal_error(e))
 
     def _fail(self, job: Job, err: ServeError) -> None:
         job.finished = time.perf_counter()
@@ -464,37 +474,4 @@ class Engine:
             time.sleep(TOKEN_DELAY)
 
     def snapshot(self) -> dict:
-        m = self.metrics
-        with self.cond:
-            depth, running, adapters = len(self.waiting), len(self.running), len(self.names)
-        with m.lock:
-            uptime = time.time() - m.t0
-            return {
-                "uptime_s": round(uptime, 3),
-                "runtime": self.rt.name,
-                "requests": m.requests,
-                "completed": m.completed,
-                "cancelled": m.cancelled,
-                "rejected_queue_full": m.rejected_queue_full,
-                "errors": dict(m.errors),
-                "queue_depth": depth,
-                "running": running,
-                "prompt_tokens": m.prompt_tokens,
-                "generated_tokens": m.generated_tokens,
-                "tokens_per_s": round(m.generated_tokens / m.decode_seconds, 3) if m.decode_seconds else 0.0,
-                "tokens_per_s_uptime": round(m.generated_tokens / uptime, 3) if uptime else 0.0,
-                "batch": {"max_rows": self.max_batch, "steps": m.batch_steps, "rows_decoded": m.batch_rows,
-                          "mean_rows": round(m.batch_rows / m.batch_steps, 3) if m.batch_steps else 0.0,
-                          "peak_rows": m.batch_peak},
-                "adapter_swaps": m.adapter_swaps,
-                "swap_seconds_total": round(m.swap_seconds, 6),
-                "adapters_loaded": adapters,
-                "active_adapter": self.active or BASE,
-                "requests_by_model": dict(m.by_model),
-                "latency_s": {"p50": _pct(m.latency, 0.5), "p99": _pct(m.latency, 0.99)},
-                "ttft_s": {"p50": _pct(m.ttft, 0.5), "p99": _pct(m.ttft, 0.99)},
-                "queue_wait_s": {"p50": _pct(m.queue_wait, 0.5), "p99": _pct(m.queue_wait, 0.99)},
-                "limits": {"max_queue": self.limits.max_queue, "max_tokens": self.limits.max_tokens,
-                           "max_prompt_tokens": self.limits.max_prompt_tokens,
-                           "max_body_bytes": self.limits.max_body_bytes, "context": self.context},
-            }
+        return snapshot(self)

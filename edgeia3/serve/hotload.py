@@ -23,6 +23,7 @@ is used through those instead.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -33,6 +34,7 @@ import numpy as np
 from ..errors import EdgeIA3Error
 from ..formats import load_adapter
 
+log = logging.getLogger("edgeia3.serve")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RESERVED = {"base"}
 ADAPTER_SUFFIXES = (".ia3.gguf", ".onnx_adapter", ".safetensors")
@@ -46,17 +48,18 @@ def check_name(name: str) -> None:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise EdgeIA3Error(f"adapter name {name!r} must be 1-64 characters of letters, digits, '.', '_' or '-' "
                            "(starting with a letter or digit)")
-    if name in RESERVED:
+    if name.lower() in RESERVED:
         raise EdgeIA3Error(f"'{name}' names the base model; pick another adapter name")
 
 
 def discover(directory: str | Path) -> dict[str, Path]:
     """Adapters in ``directory``: NAME/ (canonical or PEFT dir), NAME.ia3.gguf, NAME.onnx_adapter,
-    NAME.safetensors (canonical file). Names are sorted; anything else is ignored."""
+    NAME.safetensors (canonical file). Names are sorted; anything else is ignored, and so is a
+    name that differs from an earlier one only in case (names are case-insensitive)."""
     d = Path(directory)
     if not d.is_dir():
         raise EdgeIA3Error(f"adapters dir not found: {d}")
-    found: dict[str, Path] = {}
+    found: dict[str, tuple[str, Path]] = {}  # lower-case name -> (name, path)
     for p in sorted(d.iterdir()):
         if p.name.startswith("."):
             continue
@@ -68,9 +71,9 @@ def discover(directory: str | Path) -> dict[str, Path]:
                 if p.name.endswith(suffix) and len(p.name) > len(suffix):
                     name = p.name[: -len(suffix)]
                     break
-        if name is not None and NAME_RE.fullmatch(name) and name not in RESERVED:
-            found.setdefault(name, p)
-    return found
+        if name is not None and NAME_RE.fullmatch(name) and name.lower() not in RESERVED:
+            found.setdefault(name.lower(), (name, p))
+    return dict(found.values())
 
 
 def can_load(rt: Any) -> str | None:
@@ -105,9 +108,26 @@ def add_adapter(rt: Any, name: str, path: str | Path, workdir: Path) -> dict:
     reason = can_load(rt)
     if reason:
         raise NotLoadable(reason)
-    if hasattr(rt, "add_adapter"):  # runtimes that load adapters themselves (llama.cpp)
-        return {**rt.add_adapter(name, path), "format": _format_of(path)}
-    return _onnx_add(rt, name, path, workdir)
+    try:
+        if hasattr(rt, "add_adapter"):  # runtimes that load adapters themselves (llama.cpp)
+            return {**rt.add_adapter(name, path), "format": _format_of(path)}
+        return _onnx_add(rt, name, path, workdir)
+    except BaseException:
+        _forget_refused(rt, name)
+        raise
+
+
+def _forget_refused(rt: Any, name: str) -> None:
+    """A refused adapter leaves no trace: a runtime may have recorded it (or its chat template)
+    before refusing it (llama.cpp: an overflowing scale), and the name must stay loadable."""
+    if name in rt.adapters and hasattr(rt, "remove_adapter"):
+        try:
+            rt.remove_adapter(name)
+        except Exception:  # never hide the refusal's own error
+            log.exception("could not forget refused adapter %r", name)
+    templates = getattr(rt, "templates", None)
+    if templates is not None:
+        templates.forget(name)
 
 
 def remove_adapter(rt: Any, name: str, workdir: Path | None = None) -> None:

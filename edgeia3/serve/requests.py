@@ -19,9 +19,9 @@ BASE = "base"  # the model id of the base model (no adapter)
 class ServeError(Exception):
     """An error with its HTTP status and OpenAI error fields."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_exceeded",
-             500: "server_error", 503: "server_error"}
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+             404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+             415: "invalid_request_error", 429: "rate_limit_exceeded", 500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
                  type_: str | None = None):
@@ -31,6 +31,11 @@ class ServeError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def internal_error(e: BaseException) -> ServeError:
+    """A bug or a runtime failure, as the 500 its request gets."""
+    return ServeError(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
 
 
 def not_found(model: str, names: list[str]) -> ServeError:
@@ -46,6 +51,7 @@ class Limits:
     max_body_bytes: int = 1 << 20  # request body; more: 413
     max_group_wait: float = 1.0  # seconds another adapter's oldest request may wait while one adapter is served
     max_batch: int = 16  # requests decoded together (runtimes that batch: ONNX); 1: one at a time
+    max_adapters: int = 64  # adapters served at once (the export's own included); a run-time load beyond: 400
 
 
 class Job:
