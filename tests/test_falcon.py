@@ -3,13 +3,14 @@ and edgeia3's transformers -> GGUF writer against the real llama.cpp.
 
 Merge parity and PEFT round trips on the default tiny Falcon also run in
 test_merge_parity.py (FAMILIES); here: the other layouts, and that the
-registry's q/k/v rows are the ones transformers' own ``_split_heads`` uses.
+registry's q/k/v rows are the ones the model's own forward computes with.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+from dataclasses import replace
 
 import gguf
 import numpy as np
@@ -44,19 +45,23 @@ REFUSED = {
 }
 
 
-def _scale_after_split(model, adapter) -> None:
-    """Apply the adapter's q/k/v vectors after transformers' own _split_heads (no registry rows)."""
-    for i, layer in enumerate(model.transformer.h):
-        attn = layer.self_attention
+def _with_vectors(adapter, **values):
+    """A copy of ``adapter`` whose vectors of the named sites are ``values[site]`` in every layer."""
+    vectors = [replace(v, values=np.asarray(values[v.site], np.float32)) for v in adapter.vectors]
+    return replace(adapter, vectors=vectors)
 
-        def split(fused, orig=attn._split_heads, i=i):
-            parts = []
-            for name, t in zip("qkv", orig(fused)):
-                vec = adapter.get(i, name)
-                parts.append(t if vec is None else t * torch.from_numpy(vec.values).view(-1, t.shape[-1]))
-            return tuple(parts)
 
-        attn._split_heads = split
+def _dense_inputs(model) -> list[torch.Tensor]:
+    """What each layer's public ``self_attention.dense`` receives: the heads' outputs, concatenated."""
+    seen = []
+    hooks = [layer.self_attention.dense.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+             for layer in model.transformer.h]
+    try:
+        logits(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
 
 
 @pytest.mark.parametrize("variant", list(SUPPORTED))
@@ -78,14 +83,33 @@ def test_supported_layouts_merge_like_peft(variant, tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("variant", list(SUPPORTED))
-def test_qkv_rows_are_transformers_split(variant, tiny_dir):
-    """Merging q/k/v rows equals scaling the q, k, v that transformers splits out itself."""
+def test_qkv_rows_are_what_the_model_computes(variant, tiny_dir):
+    """The registry's q/k/v rows, checked only through the model's own forward (no private
+    methods): v rows scale every head's attention output by the same per-dim vector; q rows
+    scaled by l and k rows by 1/l (l equal on each rotary pair) leave the attention scores,
+    hence the logits, unchanged, while q alone changes them."""
     path = tiny_dir("falcon", **SUPPORTED[variant])
-    hooked = load_base(path)
-    adapter = adapter_for_base(hooked, ["q", "k", "v"], seed=3)
-    _scale_after_split(hooked.model, adapter)
-    merged = merge_loaded(load_base(path), adapter)
-    assert (logits(hooked.model) - logits(merged)).abs().max() <= 1e-5
+    base = load_base(path)
+    n_head, hd = base.config.num_attention_heads, 64 // 4
+    template = adapter_for_base(base, ["q", "k", "v"])
+    rng = np.random.default_rng(3)
+    half = (0.5 + 2.5 * rng.random(hd // 2)).astype(np.float32)
+    pair = np.concatenate([half, half])  # rotary mixes dims d and d + hd/2: keep them equal
+    ones = np.ones(hd, np.float32)
+    v_vec = (1 + 0.3 * rng.standard_normal(hd)).astype(np.float32)
+
+    reference = _dense_inputs(base.model)[0]  # the first layer's: later ones see its changed output
+    v_only = merge_loaded(load_base(path), _with_vectors(template, q=np.tile(ones, n_head), k=ones, v=v_vec))
+    got = _dense_inputs(v_only)[0]
+    assert (got - reference * torch.from_numpy(np.tile(v_vec, n_head))).abs().max() <= 1e-5
+    assert (got - reference).abs().max() > 1e-3
+
+    base_logits = logits(base.model)
+    balanced = merge_loaded(load_base(path), _with_vectors(template, q=np.tile(pair, n_head), k=1 / pair, v=ones))
+    unchanged = float((logits(balanced) - base_logits).abs().max())
+    assert unchanged <= 1e-4
+    q_only = merge_loaded(load_base(path), _with_vectors(template, q=np.tile(pair, n_head), k=ones, v=ones))
+    assert float((logits(q_only) - base_logits).abs().max()) > 20 * max(unchanged, 1e-6)
 
 
 @pytest.mark.parametrize("variant", list(REFUSED))
