@@ -196,7 +196,10 @@ def run(
                  adapters=parse_named(attach, "--with"), chat_template=chat_template)
     err_console.print(f"[dim]{res.runtime}, adapter {res.adapter or '(none: base)'}: {res.how}[/]",
                       highlight=False)
-    console.print(res.text, highlight=False, markup=False)
+    # the answer as is on stdout: one trailing newline, never re-wrapped to the terminal width
+    sys.stderr.flush()
+    sys.stdout.write(res.text + "\n")
+    sys.stdout.flush()
 
 
 @export_app.command("onnx")

@@ -33,6 +33,8 @@ def test_export_then_run_with_adapter(llama, tmp_path):
     assert "side-tensors" in res.output and (out / "adapters" / "a.onnx_adapter").exists()
     run = runner.invoke(app, ["run", "--model", str(out), "--adapter", "a", "--prompt", "hi", "--max-tokens", "4"])
     assert run.exit_code == 0, run.output
+    # the answer alone on stdout, ending its line; what ran where goes to stderr
+    assert run.stdout.endswith("\n") and "adapter a" not in run.stdout and "adapter a" in run.stderr
     bad = runner.invoke(app, ["run", "--model", str(out), "--adapter", "zzz", "--prompt", "hi"])
     assert bad.exit_code == 2 and "unknown adapter 'zzz'" in bad.output
     # --with (attach at run time) cannot apply to an ONNX export: refused, not silently ignored
