@@ -230,6 +230,13 @@ class LoadedBase:
     def identities(self) -> list:
         return [self.identity]
 
+    @cached_property
+    def tokens(self):
+        """The special tokens this base's tokenization adds (``tokens.TokenContract``)."""
+        from .tokens import TokenContract
+
+        return TokenContract.of_tokenizer(self.tokenizer, encoder_source=self.family.encoder_decoder)
+
     def module_shape(self, layer: int, site: Any) -> tuple[int, int]:
         """Logical [out, in] of the module holding ``site`` in ``layer``."""
         from .fingerprint import module_shape

@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import EdgeIA3Error
 from .prompts import OPTION, NoChatTemplate, render_chat
+from .tokens import TokenContract
 
 IGNORE = -100
 ROLES = {"system", "user", "assistant", "tool"}
@@ -92,7 +93,8 @@ def _check_row(row: Any, where: str) -> None:
 
 def encode(row: dict, tokenizer: Any, max_length: int, chat_template: str | None = None) -> Example:
     """Tokenize one row; labels mask everything the model should not learn to write.
-    Chat rows render with ``chat_template`` (None: the tokenizer's own)."""
+    Chat rows render with ``chat_template`` (None: the tokenizer's own). The ids start with
+    the BOS the base's tokenization adds (``tokens.TokenContract``), as every runtime feeds it."""
     if "messages" in row:
         msgs = row["messages"]
         template = chat_template or tokenizer.chat_template
@@ -112,7 +114,8 @@ def encode(row: dict, tokenizer: Any, max_length: int, chat_template: str | None
     else:
         text, spans, prompt, target = row["text"], [(0, len(row["text"]))], row["text"], ""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, labels = [], []
+    bos = TokenContract.of_tokenizer(tokenizer).bos_prefix(enc["input_ids"])
+    ids, labels = list(bos), [IGNORE] * len(bos)
     for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
         ids.append(tid)
         inside = any(s <= a and b <= e and b > a for s, e in spans)

@@ -9,6 +9,7 @@ import torch
 
 from .data import IGNORE, Example
 from .prompts import render_chat
+from .tokens import TokenContract, hf_encoder
 
 SHORT_ANSWER_TOKENS = 48  # answers up to this long count as "short labels"
 BATCH = 16
@@ -54,11 +55,11 @@ def prompt_text(tokenizer: Any, prompt: Any, chat_template: str | None = None) -
 def greedy_answers(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int,
                    chat_template: str | None = None) -> list[str]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    contract, encode = TokenContract.of_tokenizer(tokenizer), hf_encoder(tokenizer)  # as training encoded them
     answers = []
     with torch.no_grad():
         for i in range(0, len(prompts), BATCH):
-            seqs = [tokenizer(prompt_text(tokenizer, p, chat_template), add_special_tokens=False)["input_ids"]
-                    for p in prompts[i:i + BATCH]]
+            seqs = [contract.ids(encode, prompt_text(tokenizer, p, chat_template)) for p in prompts[i:i + BATCH]]
             ids, mask = _left_pad(seqs, pad)
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=pad)

@@ -34,6 +34,7 @@ from .data import IGNORE, Example, length_batches, read_jsonl
 from .errors import EdgeIA3Error
 from .evaluate import BATCH, SHORT_ANSWER_TOKENS
 from .prompts import FLAT_CHAT, render_chat
+from .tokens import TokenContract, hf_encoder
 
 QUANTS = ("none",)  # what encoder-decoder training runs on ("auto" picks none)
 
@@ -81,9 +82,11 @@ def chat_template(given: str | None, tokenizer: Any) -> str:
 
 
 def source_ids(tokenizer: Any, text: str, max_length: int) -> list[int]:
-    """Encoder input: the text's tokens + EOS (the EOS kept when cut to ``max_length``)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1]
-    return ids + [tokenizer.eos_token_id]
+    """Encoder input: the text's tokens wrapped as the tokenizer's own defaults do (T5: + EOS,
+    kept when cut to ``max_length``)."""
+    contract = TokenContract.of_tokenizer(tokenizer, encoder_source=True)
+    room = max_length - int(contract.add_bos) - int(contract.add_eos)
+    return contract.wrap(hf_encoder(tokenizer)(text)[:room])
 
 
 def encode(row: dict, tokenizer: Any, max_length: int, template: str, where: str) -> Example:

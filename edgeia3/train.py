@@ -300,6 +300,7 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
 
     from .progress import TrainProgress
     from .prompts import RECORD_KEY, resolve_template
+    from .tokens import RECORD_KEY as TOKENS_KEY
 
     cfg = config or TrainConfig()
     cfg.validate()
@@ -406,7 +407,8 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     after = run_eval()
     model = acc.unwrap_model(model)
     adapter = adapter_from_peft(model, lb, sites, quant)
-    extra = {"trained_on": str(data), "steps": step, **({RECORD_KEY: recorded} if recorded else {})}
+    extra = {"trained_on": str(data), "steps": step, **({RECORD_KEY: recorded} if recorded else {}),
+             TOKENS_KEY: lb.tokens.to_json()}  # what the rows were encoded with
     adapter = dataclasses.replace(adapter, extra=extra)
     result = TrainResult(Path(out), step, seconds, tokens / seconds, losses, before, after, adapter,
                          acc.is_main_process, {"bf16_autocast": use_bf16,

@@ -25,9 +25,12 @@ from edgeia3.atomic import atomic_dir, check_out
 from edgeia3.base import LLAMA_QUANTS, locate_base, quantized_gguf, resolve_base
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.manifest import write_manifest
+from edgeia3.tokens import RECORD_KEY as TOKENS_KEY
+from edgeia3.tokens import TokenContract, check_tokens
 from edgeia3.weights import check_deployment, llama_quant
 
 from .adapter_file import SUFFIX, write_ia3_gguf
+from .llama_vocab import llama_cpp_tokens
 from .base_gguf import GGUFBase
 from .ggml_index import GGUFIndex, gguf_weights
 from .merge import adapter_plan, apply_plan
@@ -104,6 +107,7 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
         gb = GGUFBase(model, name=str(base))
         loaded = {name: gb.load_adapter(path) for name, path in adapters.items()}
         info: dict[str, dict] = {}
+        tokens = llama_cpp_tokens(model)
         (tmp / "adapters").mkdir()
         for name, ad in loaded.items():
             adapter_plan(ad, gb)  # the runtime swaps by this plan: refuse what it cannot apply, now
@@ -112,7 +116,9 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
             info[name] = {"file": rel, "sites": ad.sites, "params": ad.num_params,
                           "bytes": (tmp / rel).stat().st_size, "trained_quant": ad.quant,
                           "trained_weights": ad.trained_on,
-                          "same_weights": check_deployment(name, ad, deployed, strict, notes)}
+                          "same_weights": check_deployment(name, ad, deployed, strict, notes),
+                          TOKENS_KEY: TokenContract.recorded(ad).to_json()}
+            check_tokens(name, ad, tokens, "llama.cpp on this GGUF", strict, notes)
         if merge is not None:
             # The copy in tmp is ours: patch its block scales in place.
             plan = adapter_plan(loaded[merge], gb)
@@ -122,6 +128,7 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
             del mm
         manifest = {
             "model": MODEL_FILE,
+            TOKENS_KEY: tokens.to_json(),  # what llama.cpp adds around a text for this file
             "base": {"spec": str(base), "identity": gb.identity.to_dict(),
                      "source_identity": gb.identities[-1].to_dict() if len(gb.identities) > 1 else None},
             "family": gb.family.name,
@@ -159,4 +166,3 @@ def _from_transformers(hf_dir: Path, model: Path, quant: str, notes: list[str]) 
     if not written.pre_verified and "placeholder" not in written.tokenizer:
         notes.append(f"tokenizer: {written.tokenizer}")
     return quant
-

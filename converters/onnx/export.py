@@ -34,6 +34,8 @@ from edgeia3.manifest import write_manifest
 from edgeia3.fingerprint import num_layers
 from edgeia3.prompts import TEMPLATE_FILE, read_template
 from edgeia3.registry import Family, Scaling, families
+from edgeia3.tokens import RECORD_KEY as TOKENS_KEY
+from edgeia3.tokens import TokenContract, check_tokens
 from edgeia3.validate import expected_length, load_adapter_for
 from edgeia3.weights import check_deployment, llama_quant, same_weights
 
@@ -188,6 +190,7 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
     deployed = _deployed(lb, precision, gguf)
     for name, ad in loaded.items():
         check_deployment(name, ad, deployed, strict, notes)
+        check_tokens(name, ad, lb.tokens, "this export's tokenizer", strict, notes)
     extra = _builder_options(view, fuse_qkv, accuracy_level)
     with atomic_dir(out, force=force) as tmp, tempfile.TemporaryDirectory(prefix="edgeia3-onnx-") as work:
         transcoded = None
@@ -215,7 +218,8 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
         manifest["transcoded"] = transcoded
         for name, ad in loaded.items():
             entry = {"sites": ad.sites, "params": ad.num_params, "trained_on": ad.quant, "source": str(adapters[name]),
-                     "trained_weights": ad.trained_on, "same_weights": same_weights(ad, deployed)}
+                     "trained_weights": ad.trained_on, "same_weights": same_weights(ad, deployed),
+                     TOKENS_KEY: TokenContract.recorded(ad).to_json()}
             if merge is None:
                 dtype = _np_activation_dtype(tmp)
                 path = write_onnx_adapter(ad, plans, tmp / ADAPTER_DIR / f"{name}{SUFFIX}", dtype)
@@ -230,6 +234,7 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
             from .mobile import make_mobile
 
             manifest["mobile"] = make_mobile(tmp)
+        manifest[TOKENS_KEY] = lb.tokens.to_json()  # what the export's tokenizer adds (the runtimes' rule)
         manifest["notes"] = notes
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         write_manifest(tmp, "onnx", manifest)

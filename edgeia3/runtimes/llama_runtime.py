@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import EdgeIA3Error
 from ..manifest import export_kind, merged_name, read_manifest
 from ..prompts import RECORD_KEY, ChatTemplates, read_template
+from ..tokens import TokenContract
 from . import refuse_options, register_runtime
 
 # Adapters whose scale fields stay computed (~4 MB each on SmolLM2): switching among these
@@ -75,6 +76,7 @@ class LlamaCppRuntime:
         self._active: str | None = merged
         self._ll = _llama_cpp()
         self._model = self._ctx = self._batch = None
+        self._tokens: TokenContract | None = None
 
         # A private working copy: the pristine file stays untouched whatever we patch.
         self._workdir = Path(tempfile.mkdtemp(prefix="edgeia3-llama-", dir=workdir))
@@ -245,7 +247,19 @@ class LlamaCppRuntime:
     def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
         if not isinstance(prompt, str):
             prompt = self.templates.render(prompt, self._active)
-        return self._model.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        return self.tokens.ids(self._plain_tokens, prompt)
+
+    def _plain_tokens(self, text: str) -> list[int]:
+        return self._model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    @property
+    def tokens(self) -> TokenContract:
+        """What llama.cpp's own tokenization adds (its add_special: the vocabulary decides)."""
+        if self._tokens is None:
+            from edgeia3.converters.gguf.llama_vocab import vocab_tokens
+
+            self._tokens = vocab_tokens(self._model.vocab)
+        return self._tokens
 
     def detokenize(self, ids: list[int]) -> str:
         return self._model.detokenize(list(ids), special=False).decode("utf-8", errors="replace")

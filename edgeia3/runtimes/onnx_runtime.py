@@ -28,6 +28,7 @@ import numpy as np
 from ..errors import EdgeIA3Error
 from ..manifest import MANIFEST, export_kind, merged_name, read_manifest
 from ..prompts import RECORD_KEY, ChatTemplates, read_template
+from ..tokens import TokenContract, hf_encoder
 from . import refuse_options, register_runtime
 
 
@@ -70,6 +71,7 @@ class OnnxRuntime:
             self.templates.own = self.templates.recorded[merged]
         self._tokenizer: Any = None  # created on first use (see the tokenizer property)
         self._hf_tokenizer = False
+        self._tokens: TokenContract | None = None
         self._session = None  # plain onnxruntime session for full logits / mixed batches
         self._ort_adapters: dict[str, Any] = {}
         self._vectors: dict[str, dict[str, np.ndarray]] = {}
@@ -132,9 +134,24 @@ class OnnxRuntime:
         if not isinstance(prompt, str):
             prompt = self.templates.render(prompt, self._active)
         tok = self.tokenizer
-        if self._hf_tokenizer:
-            return tok(prompt, add_special_tokens=False)["input_ids"]
-        return [int(t) for t in tok.encode(prompt)]
+        return self.tokens.ids(hf_encoder(tok) if self._hf_tokenizer else tok.encode, prompt)
+
+    @property
+    def tokens(self) -> TokenContract:
+        """What this export's tokenizer adds by default: its post-processor, as transformers and
+        llama.cpp apply it. (onnxruntime-genai 0.18's ``encode`` adds nothing unless told
+        ``update_options(add_special_tokens="true")``; edgeia3 applies the contract itself.)"""
+        if self._tokens is None:
+            tok = self.tokenizer
+            if self._hf_tokenizer:
+                self._tokens = TokenContract.of_tokenizer(tok)
+            else:  # what the tokenizer's post-processor adds shows on the empty text
+                tok.update_options(add_special_tokens="true")
+                full = tok.encode("")
+                tok.update_options(add_special_tokens="false")  # encode adds nothing; the contract does
+                eos = [int(e) for e in tok.eos_token_ids]
+                self._tokens = TokenContract.observed([], full, int(tok.bos_token_id), eos[0] if eos else None)
+        return self._tokens
 
     def detokenize(self, ids: list[int]) -> str:
         tok = self.tokenizer

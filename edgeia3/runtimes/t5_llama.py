@@ -52,8 +52,7 @@ class T5LlamaRuntime(LlamaCppRuntime):
 
     def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
         text = prompt if isinstance(prompt, str) else self.templates.render(prompt, self._active)
-        # add_bos=True asks for the vocabulary's own specials: T5's is the trailing EOS
-        return self._model.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        return self.tokens.ids(self._plain_tokens, text)  # T5's vocabulary adds the trailing EOS
 
     def logits(self, token_ids: list[int], target_ids: list[int] | None = None) -> np.ndarray:
         """Decoder logits [len(target)+1, vocab] for source ``token_ids``: the first row is the

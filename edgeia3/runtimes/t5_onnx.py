@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import EdgeIA3Error
 from ..manifest import export_kind, read_manifest
 from ..prompts import FLAT_CHAT, RECORD_KEY, ChatTemplates
+from ..tokens import TokenContract, hf_encoder
 
 KIND = "onnx-t5"
 
@@ -131,7 +132,8 @@ class T5OnnxRuntime:
     def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
         if not isinstance(prompt, str):
             prompt = self.templates.render(prompt, self.active)
-        return list(self._tokenizer()(prompt)["input_ids"])
+        tok = self._tokenizer()
+        return TokenContract.of_tokenizer(tok, encoder_source=True).ids(hf_encoder(tok), prompt)
 
     def detokenize(self, ids: list[int]) -> str:
         return self._tokenizer().decode(ids, skip_special_tokens=True)

@@ -25,6 +25,7 @@ from ..formats.peft_dir import write_peft_dir
 from ..manifest import MANIFEST
 from ..prompts import FLAT_CHAT, ChatTemplates
 from ..registry import decoder_start_token
+from ..tokens import hf_encoder
 from . import refuse_options, register_runtime
 
 
@@ -86,8 +87,7 @@ class TorchRuntime:
             raise EdgeIA3Error("this model has no tokenizer; cannot encode text")
         if not isinstance(prompt, str):
             prompt = self.templates.render(prompt, self._active)
-        # an encoder's source ends with the tokenizer's EOS, as T5 trains on it
-        return self.tokenizer(prompt, add_special_tokens=self.seq2seq)["input_ids"]
+        return self.base.tokens.ids(hf_encoder(self.tokenizer), prompt)
 
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -108,17 +108,17 @@ class TorchRuntime:
                      ignore_eos: bool = False) -> Iterator[int]:
         eos = set() if ignore_eos else set(_eos_ids(self.model.generation_config, self.tokenizer))
         ids = torch.tensor([prompt_ids])
-        past, kw = None, {}
+        cache, kw = None, {}  # transformers >= 5.25 names the KV cache `cache` (in and out)
         if self.seq2seq:  # the source is encoded once (first step), then only the decoder runs
             kw, ids = {"input_ids": ids}, torch.tensor([[self._start]])
         with torch.no_grad(), self._context():
             for _ in range(max_tokens):
                 if self.seq2seq:
-                    out = self.model(decoder_input_ids=ids, past_key_values=past, use_cache=True, **kw)
+                    out = self.model(decoder_input_ids=ids, cache=cache, use_cache=True, **kw)
                     kw = {"encoder_outputs": (out.encoder_last_hidden_state,)}
                 else:
-                    out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                    out = self.model(input_ids=ids, cache=cache, use_cache=True)
+                cache = out.cache
                 nxt = int(out.logits[0, -1].argmax())
                 if nxt in eos:
                     return
