@@ -198,7 +198,12 @@ class LlamaCppRuntime:
             self._track(t)
         self._plans[name] = plan
         self._cache.pop(name, None)
-        self._scaled_fields(name)  # refuses an overflowing scale now, not at switch time
+        try:
+            self._scaled_fields(name)  # refuses an overflowing scale now, not at switch time
+        except Exception:
+            self._plans.pop(name, None)  # a refused adapter leaves no trace
+            self._cache.pop(name, None)
+            raise
 
     def _scaled_fields(self, name: str) -> dict[str, np.ndarray]:
         if name not in self._cache:

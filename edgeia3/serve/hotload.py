@@ -166,13 +166,13 @@ def _onnx_add(rt: Any, name: str, path: Path, workdir: Path) -> dict:
         _check_onnx_identity(adapter, m)
         adapter.check_finite()
         write_onnx_adapter(adapter, plans, target, dtype)  # refuses vectors of other lengths / sites
-        rt.templates.record(name, adapter)  # its prompts render as it was trained (.onnx_adapter: none recorded)
         info = {"sites": adapter.sites, "params": adapter.num_params, "format": _format_of(path)}
     try:
         rt.load_adapter_file(name, target, source=path)
     except EdgeIA3Error:
         target.unlink(missing_ok=True)
         raise
+    rt.templates.record(name, adapter)  # only once loaded; its prompts render as it was trained
     return info
 
 
