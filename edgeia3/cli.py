@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import EdgeIA3Error
+from .schedule import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP
 
 app = typer.Typer(
     help="edgeia3: train, merge, convert (ONNX, GGUF) and hot-swap IA3 adapters for on-device LLMs.",
@@ -77,7 +78,12 @@ def train(
     max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps (wins over --epochs)"),
     batch_size: int = typer.Option(8, help="rows per step (per process)"),
     max_length: int = typer.Option(256, help="truncate rows to this many tokens"),
-    lr: float = typer.Option(3e-3, help="AdamW learning rate"),
+    lr: float = typer.Option(DEFAULT_LR, help="AdamW learning rate (the peak, after warm-up)"),
+    schedule: str = typer.Option(DEFAULT_SCHEDULE, help="learning-rate shape after warm-up: constant, constant-decay "
+                                 "(constant, then linear to 0 over the last 20% of steps), cosine (to 0) or "
+                                 "linear (to 10% of --lr)"),
+    warmup: float = typer.Option(DEFAULT_WARMUP, help="warm-up: this fraction of the steps (at least 1 step), lr rising "
+                                 "linearly to --lr"),
     seed: int = typer.Option(0, help="random seed"),
     targets: Optional[str] = typer.Option(None, help="comma-separated IA3 sites, e.g. k,v,down (default: registry)"),
     max_eval: Optional[int] = typer.Option(None, help="use only the first N eval rows"),
@@ -93,7 +99,7 @@ def train(
     _quiet_libraries()
     cfg = TrainConfig(lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, max_length=max_length,
                       seed=seed, targets=targets.split(",") if targets else None, max_eval=max_eval,
-                      bf16=bf16)
+                      bf16=bf16, schedule=schedule, warmup_ratio=warmup)
     res = train_fn(base=base, data=data, out=out, eval_data=eval_data, quant=quant, config=cfg, quiet=quiet,
                    force=force, chat_template=chat_template)
     if not quiet and res.main_process:

@@ -33,13 +33,13 @@ from .data import IGNORE, Example, length_batches, load_examples
 from .errors import EdgeIA3Error
 from .evaluate import evaluate
 from .formats.peft_dir import peft_target_modules, write_peft_dir
-from .schedule import plan
+from .schedule import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP, SCHEDULES, plan
 
 
 
 @dataclass
 class TrainConfig:
-    lr: float = 3e-3
+    lr: float = DEFAULT_LR
     # Neither set: steps chosen from the row count (schedule.plan: many epochs of a few dozen
     # rows, ~1 epoch of thousands). --max-steps wins over --epochs.
     epochs: float | None = None
@@ -48,7 +48,9 @@ class TrainConfig:
     max_length: int = 256
     seed: int = 0
     grad_clip: float = 1.0
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = DEFAULT_WARMUP
+    # The learning-rate shape after warm-up: constant, constant-decay, cosine or linear (schedule.py).
+    schedule: str = DEFAULT_SCHEDULE
     targets: list[str] | None = None  # site names; default: the registry's
     eval_accuracy: bool | None = None  # None: when the eval answers are short labels
     max_eval: int | None = None  # cap eval rows (speed)
@@ -86,7 +88,9 @@ class TrainConfig:
         if not real(self.grad_clip) or not self.grad_clip > 0:
             bad("grad_clip", "> 0", self.grad_clip)
         if not real(self.warmup_ratio) or not 0 <= self.warmup_ratio <= 1:
-            bad("warmup_ratio", "between 0 and 1", self.warmup_ratio)
+            bad("--warmup", "between 0 and 1", self.warmup_ratio)
+        if self.schedule not in SCHEDULES:
+            bad("--schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
         if self.targets and not all(isinstance(t, str) and t.strip() for t in self.targets):
             bad("--targets", "comma-separated site names", ",".join(map(str, self.targets)))
 
@@ -256,12 +260,6 @@ def labelled_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: tor
     return torch.nn.functional.cross_entropy(logits, target[keep])
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.1, 1 - (step - warmup) / max(1, total - warmup))
-
-
 class _Guard:
     """Fails the run loudly when IA3 training silently stops learning."""
 
@@ -340,8 +338,8 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     shard = train_set[acc.process_index::acc.num_processes]  # each process its own rows
     # Planned from the largest shard, so every process runs the same number of steps.
     schedule = plan(math.ceil(len(train_set) / acc.num_processes), cfg.batch_size, cfg.epochs, cfg.max_steps,
-                    cfg.warmup_ratio)
-    total, warmup = schedule.steps, schedule.warmup_steps
+                    cfg.warmup_ratio, cfg.schedule)
+    total = schedule.steps
     want_acc = cfg.eval_accuracy
     use_bf16 = bf16_supported(acc.device) if cfg.bf16 is None else cfg.bf16
 
@@ -393,7 +391,7 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
                     warnings.append(gradient_warning(step, grad_norm))
                     progress.warn(warnings[-1])
                 for g in optim.param_groups:
-                    g["lr"] = cfg.lr * _lr_factor(step, total, warmup)
+                    g["lr"] = cfg.lr * schedule.lr_factor(step)
                 optim.step()
                 optim.zero_grad(set_to_none=True)
                 step_loss = float(acc.reduce(loss.detach(), reduction="mean"))

@@ -1,0 +1,111 @@
+"""The learning-rate schedule: its shape step by step, the option, and the run that follows it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edgeia3 import EdgeIA3Error
+from edgeia3.cli import app
+from edgeia3.schedule import SCHEDULES, lr_factor, plan
+from edgeia3.train import TrainConfig, train
+from tiny_models import write_label_task
+
+runner = CliRunner()
+
+
+def curve(schedule: str, total: int = 100, warmup: int = 5) -> list[float]:
+    return [lr_factor(schedule, s, total, warmup) for s in range(total)]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_warm_up_rises_linearly_to_the_peak(schedule):
+    c = curve(schedule)
+    assert c[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert c[5] == pytest.approx(1.0)  # the first step after warm-up runs at the peak
+    assert all(0 < f <= 1 for f in c)
+
+
+def test_linear_decays_to_ten_percent():
+    c = curve("linear")
+    assert c[5] == 1.0 and c[52] == pytest.approx(1 - 47 / 95)
+    assert all(a >= b for a, b in zip(c[5:], c[6:]))
+    assert c[-1] == pytest.approx(0.1) and c[94] == pytest.approx(0.1)  # the floor
+
+
+def test_constant_stays_at_the_peak():
+    assert curve("constant")[5:] == [1.0] * 95
+
+
+def test_constant_decay_holds_then_decays_over_the_last_fifth():
+    c = curve("constant-decay")
+    assert c[5:81] == [1.0] * 76  # steps 5..80 at the peak (step 80: 20 steps left of a 20-step decay)
+    assert c[90] == pytest.approx(0.5) and c[99] == pytest.approx(0.05)
+    assert all(a > b for a, b in zip(c[80:], c[81:]))
+    # 30 steps: 6 decay steps
+    short = curve("constant-decay", total=30, warmup=1)
+    assert short[:24] == [1.0] * 24 and short[24:] == pytest.approx([1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+
+
+def test_cosine_halves_at_the_midpoint():
+    c = curve("cosine", total=105, warmup=5)
+    assert c[5] == 1.0 and c[55] == pytest.approx(0.5)
+    assert c[30] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert all(a > b for a, b in zip(c[5:], c[6:])) and 0 < c[-1] < 0.01
+
+
+def test_plan_carries_the_schedule():
+    s = plan(48, 8, max_steps=20, warmup_ratio=0.1, lr_schedule="cosine")
+    assert s.warmup_steps == 2 and s.lr_schedule == "cosine" and s.to_dict()["lr_schedule"] == "cosine"
+    assert [s.lr_factor(i) for i in range(20)] == curve("cosine", 20, 2)
+    assert "lr cosine" in s.describe()
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_factor("step", 0, 10, 1)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"schedule": "cosin"}, "--schedule must be one of constant, constant-decay, cosine, linear (got cosin)"),
+    ({"warmup_ratio": 1.5}, "--warmup must be between 0 and 1 (got 1.5)"),
+])
+def test_bad_schedule_values_are_one_clear_error(kwargs, needle):
+    with pytest.raises(EdgeIA3Error) as e:
+        TrainConfig(**kwargs)
+    assert str(e.value) == needle
+
+
+def test_cli_refuses_a_bad_schedule(tmp_path):
+    """Exit code 2, the one-line message, before anything is loaded or written."""
+    data = write_label_task(tmp_path / "t.jsonl", 8, seed=0)
+    out = tmp_path / "ad"
+    res = runner.invoke(app, ["train", "--base", str(tmp_path / "no-such-base"), "--data", str(data),
+                              "--out", str(out), "--schedule", "wsd"])
+    assert res.exit_code == 2, res.output
+    assert "--schedule must be one of constant, constant-decay, cosine, linear (got wsd)" in res.output
+    assert not out.exists()
+
+
+def test_the_run_follows_the_schedule(tiny_dir, tmp_path, monkeypatch):
+    """The optimizer steps at --lr times the schedule's factor, and training.json says which."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    data = write_label_task(tmp_path / "t.jsonl", 32, seed=0)
+    base = str(tiny_dir("llama", tokenizer=True))
+    res = runner.invoke(app, ["train", "--base", base, "--data", str(data), "--out", str(tmp_path / "ad"),
+                              "--quant", "none", "--max-steps", "10", "--batch-size", "4", "--lr", "0.02",
+                              "--schedule", "constant-decay", "--warmup", "0.2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    # 2 warm-up steps (0.5, 1), then the peak, then a 2-step decay (10 steps x 20%): 2/2, 1/2
+    assert seen == pytest.approx([0.01] + [0.02] * 8 + [0.01])
+    report = json.loads((tmp_path / "ad" / "training.json").read_text())
+    assert report["config"]["schedule"] == "constant-decay" and report["config"]["warmup_ratio"] == 0.2
+    assert report["schedule"]["lr_schedule"] == "constant-decay" and report["schedule"]["warmup_steps"] == 2
