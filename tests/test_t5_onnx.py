@@ -181,3 +181,68 @@ def test_int4_export_runs_matmulnbits_with_exact_side_inputs(variant, tmp_path):
     assert corr(side, want) > 0.95 and corr(side - base_int4, want - plain) > 0.85
     assert (side.argmax(-1) == want.argmax(-1)).mean() >= 0.8
     assert np.abs(merged - side).mean() < 0.25 * spread  # merged: folded first, then quantized
+
+
+def test_graph_contract_batch_ia3_batch_and_past_axes(tmp_path):
+    """The graphs as onnxruntime sees them: opset 17 (IR 8), the named dynamic axes, and in a
+    batch of 2 (one row padded) each row equals its batch-1 run, IA3 inputs fed [1, 1, N] or
+    [2, 1, N], the decoder from past length 0 and then with that past."""
+    import onnx
+    import onnxruntime as ort
+
+    _t5(tmp_path / "m", "gated-gelu", factor=3.0)
+    doc = export_t5(tmp_path / "m", tmp_path / "x")
+    enc, dec = (onnx.load(str(tmp_path / "x" / f)) for f in ("encoder.onnx", "decoder.onnx"))
+
+    def dims(values):
+        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
+
+    ia3 = {i["name"]: i for i in doc["ia3_inputs"]}
+    for g in (enc, dec):
+        assert {o.domain: o.version for o in g.opset_import}[""] == 17 and g.ir_version == 8
+        assert all(dims(g.graph.input)[n] == ["ia3_batch", 1, ia3[n]["size"]] for n in dims(g.graph.input) if n in ia3)
+    ein, eout, din, dout = dims(enc.graph.input), dims(enc.graph.output), dims(dec.graph.input), dims(dec.graph.output)
+    assert list(ein)[:2] == ["input_ids", "attention_mask"] and ein["attention_mask"] == ["batch", "src"]
+    assert list(eout) == ["encoder_hidden_states", "cross_key.0", "cross_value.0", "cross_key.1", "cross_value.1"]
+    assert eout["encoder_hidden_states"] == ["batch", "src", 64] and eout["cross_value.1"] == ["batch", 4, "src", 16]
+    assert list(din)[:6] == ["decoder_input_ids", "encoder_attention_mask", "past_key.0", "past_value.0",
+                             "past_key.1", "past_value.1"]
+    assert din["decoder_input_ids"] == ["batch", "tgt"] and din["past_key.1"] == ["batch", 4, "past", 16]
+    assert list(dout) == ["logits", "present_key.0", "present_value.0", "present_key.1", "present_value.1"]
+    assert dout["logits"] == ["batch", "tgt", 128] and dout["present_value.0"] == ["batch", 4, "total", 16]
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.INT64
+               for v in [*enc.graph.input[:2], *dec.graph.input[:2]])
+
+    e, d = (ort.InferenceSession(str(tmp_path / "x" / f)) for f in ("encoder.onnx", "decoder.onnx"))
+    rng = np.random.default_rng(0)
+    vec = {n: rng.uniform(0.5, 1.5, (1, 1, i["size"])).astype(np.float32) for n, i in ia3.items()}
+
+    def run(src, mask, dec_ids, vecs, past=None):
+        b = len(src)
+        eo = e.run(None, {"input_ids": np.array(src), "attention_mask": np.array(mask),
+                          **{n: v for n, v in vecs.items() if ia3[n]["graph"] == "encoder"}})
+        feeds = {"decoder_input_ids": np.array(dec_ids), "encoder_attention_mask": np.array(mask),
+                 **{n: v for n, v in vecs.items() if ia3[n]["graph"] == "decoder"}}
+        past = past or [np.zeros((b, 4, 0, 16), np.float32)] * 4
+        for i in range(2):
+            feeds[f"past_key.{i}"], feeds[f"past_value.{i}"] = past[2 * i], past[2 * i + 1]
+            feeds[f"cross_key.{i}"], feeds[f"cross_value.{i}"] = eo[1 + 2 * i], eo[2 + 2 * i]
+        out = d.run(None, feeds)
+        return eo, out[0], out[1:]
+
+    short = SRC[:5]
+    src2, mask2 = [SRC, short + [0] * 4], [[1] * 9, [1] * 5 + [0] * 4]
+    dec2 = [DEC, DEC[::-1]]
+    eo, logits, present = run(src2, mask2, dec2, vec)
+    assert [p.shape for p in present] == [(2, 4, 5, 16)] * 4
+    tiled = run(src2, mask2, dec2, {n: np.concatenate([v, v]) for n, v in vec.items()})
+    assert np.abs(tiled[1] - logits).max() < 1e-5  # [2, 1, N] rows equal to [1, 1, N] broadcast
+    for row, (src, dec_ids) in enumerate(zip([SRC, short], dec2)):
+        eo1, logits1, _ = run([src], [[1] * len(src)], [dec_ids], vec)
+        assert np.abs(logits[row] - logits1[0]).max() < 1e-4
+        assert np.abs(eo[0][row, :len(src)] - eo1[0][0]).max() < 1e-4
+    # the past: the first 3 tokens from past length 0, then the last 2 with their past
+    _, head, past = run(src2, mask2, [r[:3] for r in dec2], vec)
+    _, tail, present2 = run(src2, mask2, [r[3:] for r in dec2], vec, past=past)
+    assert [p.shape for p in past] == [(2, 4, 3, 16)] * 4 and [p.shape for p in present2] == [(2, 4, 5, 16)] * 4
+    assert np.abs(np.concatenate([head, tail], axis=1) - logits).max() < 1e-4
