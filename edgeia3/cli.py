@@ -24,7 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-export_app = typer.Typer(help="Convert a base (+ IA3 adapters) to ONNX or GGUF.", no_args_is_help=True)
+export_app = typer.Typer(help="Convert a base (+ IA3 adapters) to ONNX, GGUF or a browser folder.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
 console = Console()
 err_console = Console(stderr=True)
@@ -254,6 +254,29 @@ def export_gguf(
     _quiet_libraries()
     res = fn(base=base, out=out, quant=quant, adapters=parse_named(adapter, "--adapter"), merge=merge, force=force,
              strict=strict)
+    console.print(str(res))
+
+
+@export_app.command("web")
+@user_errors
+def export_web(
+    base: str = typer.Option("default", help="'default', a model dir, a .gguf or a hub id"),
+    out: Path = typer.Option(..., help="output directory: a static folder to serve (index.html, edgeia3.js)"),
+    adapter: Optional[list[str]] = typer.Option(None, help="NAME=ADAPTER_DIR, repeatable"),
+    precision: str = typer.Option("int4", help="int4, int8 or fp32"),
+    matmul: str = typer.Option("dequantize", help="int4/int8 matmuls in the browser: dequantize (DequantizeLinear + "
+                               "MatMul, folded to fp32 once at load: fast, more memory) or nbits (MatMulNBits)"),
+    weights: str = typer.Option("auto", help="as `export onnx --weights`"),
+    accuracy_level: Optional[int] = typer.Option(None, help="as `export onnx --accuracy-level` (nbits only)"),
+    strict: bool = typer.Option(False, help="refuse adapters trained on other weights than the export runs"),
+    force: bool = typer.Option(False, "--force", help="replace --out if it already exists (atomically, once done)"),
+) -> None:
+    """Export for the browser (onnxruntime-web): model, adapters, tokenizer, JS runtime and a demo page."""
+    from .web import export_web as fn
+
+    _quiet_libraries()
+    res = fn(base=base, out=out, adapters=parse_named(adapter, "--adapter"), precision=precision, matmul=matmul,
+             weights=weights, accuracy_level=accuracy_level, strict=strict, force=force)
     console.print(str(res))
 
 
