@@ -250,6 +250,40 @@ def test_served_by_edgeia3_serve_with_per_request_adapters(unigram_tokenizer, tm
         stream = client.chat.completions.create(model="b", messages=[{"role": "user", "content": prompt}],
                                                 max_tokens=8, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want["b"]
+        # token ids out of the vocabulary and sources past the context are 400s, as for other models
+        import openai
+
+        with pytest.raises(openai.BadRequestError, match="token ids must lie in"):
+            client.completions.create(model="a", prompt=[VOCAB + 5], max_tokens=2)
+        with pytest.raises(openai.BadRequestError, match="context"):
+            client.completions.create(model="a", prompt=[5] * 5000, max_tokens=2)
+    finally:
+        srv.close()
+
+
+def test_t5_onnx_server_checks_ids_and_context(unigram_tokenizer, tmp_path):
+    """A T5 ONNX export served: the runtime protocol gives the server its vocabulary and context
+    (before, the server knew neither for onnxruntime-t5 and let any id through)."""
+    import copy
+
+    import openai
+
+    from edgeia3.converters.onnx.t5 import export_t5
+    from serving import Server, chat
+
+    d, model = _t5_dir(tmp_path, "gated-gelu", unigram_tokenizer)
+    random_t5_peft_adapter(copy.deepcopy(model), tmp_path / "a", every_site=True)
+    export_t5(d, tmp_path / "onnx", {"a": tmp_path / "a"})
+    with open_runtime(tmp_path / "onnx") as rt:
+        assert rt.vocab_size == VOCAB and rt.context_length == 512  # what the GGUF writer records for T5
+        rt.use_adapter("a")
+        want = generate(rt, "the lazy dog", max_tokens=6)
+    srv = Server(tmp_path / "onnx", tmp_path / "serve.log")
+    try:
+        client = srv.client()
+        assert chat(client, "a", "the lazy dog", max_tokens=6)[0] == want
+        with pytest.raises(openai.BadRequestError, match="token ids must lie in"):
+            client.completions.create(model="a", prompt=[VOCAB + 5], max_tokens=2)
     finally:
         srv.close()
 

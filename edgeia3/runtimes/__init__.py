@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import EdgeIA3Error
 from ..prompts import ChatTemplates, resolve_template
+from ..tokens import TokenContract
 
 
 @runtime_checkable
@@ -24,6 +25,18 @@ class Runtime(Protocol):
 
     @property
     def adapters(self) -> list[str]: ...
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens (prompt + answer; a T5 source) one sequence may hold here."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids valid here lie in [0, vocab_size)."""
+
+    @property
+    def tokens(self) -> TokenContract:
+        """The special tokens this runtime's tokenization puts around a text (edgeia3.tokens)."""
 
     def use_adapter(self, name: str | None) -> None:
         """Activate adapter ``name`` for the next requests (None: the base model)."""

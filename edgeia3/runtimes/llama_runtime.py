@@ -258,6 +258,14 @@ class LlamaCppRuntime:
         return self._model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     @property
+    def context_length(self) -> int:
+        return int(self.n_ctx)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.n_vocab)
+
+    @property
     def tokens(self) -> TokenContract:
         """What llama.cpp's own tokenization adds (its add_special: the vocabulary decides)."""
         if self._tokens is None:

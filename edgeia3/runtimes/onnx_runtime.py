@@ -137,6 +137,14 @@ class OnnxRuntime:
         return self.tokens.ids(hf_encoder(tok) if self._hf_tokenizer else tok.encode, prompt)
 
     @property
+    def context_length(self) -> int:
+        return int(self.genai_config["model"]["context_length"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.genai_config["model"]["vocab_size"])
+
+    @property
     def tokens(self) -> TokenContract:
         """What this export's tokenizer adds by default: its post-processor, as transformers and
         llama.cpp apply it. (onnxruntime-genai 0.18's ``encode`` adds nothing unless told

@@ -18,6 +18,8 @@ from ..manifest import export_kind, read_manifest
 from ..prompts import FLAT_CHAT, RECORD_KEY, ChatTemplates
 from ..tokens import TokenContract, hf_encoder
 
+SOURCE_LIMIT = 512  # tokens of a T5 source (see context_length)
+
 KIND = "onnx-t5"
 
 
@@ -132,8 +134,22 @@ class T5OnnxRuntime:
     def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
         if not isinstance(prompt, str):
             prompt = self.templates.render(prompt, self.active)
-        tok = self._tokenizer()
-        return TokenContract.of_tokenizer(tok, encoder_source=True).ids(hf_encoder(tok), prompt)
+        return self.tokens.ids(hf_encoder(self._tokenizer()), prompt)
+
+    @property
+    def tokens(self) -> TokenContract:
+        return TokenContract.of_tokenizer(self._tokenizer(), encoder_source=True)
+
+    @property
+    def context_length(self) -> int:
+        """T5's positions are relative: no hard limit; 512, the length T5 was pre-trained with
+        (and the context the GGUF writer records for it), bounds a source here."""
+        return SOURCE_LIMIT
+
+    @property
+    def vocab_size(self) -> int:
+        width = self.decoder.get_outputs()[0].shape[-1]  # the logits' last axis (static in the graph)
+        return int(width) if isinstance(width, int) else len(self._tokenizer())
 
     def detokenize(self, ids: list[int]) -> str:
         return self._tokenizer().decode(ids, skip_special_tokens=True)

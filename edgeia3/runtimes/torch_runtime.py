@@ -25,7 +25,7 @@ from ..formats.peft_dir import write_peft_dir
 from ..manifest import MANIFEST
 from ..prompts import FLAT_CHAT, ChatTemplates
 from ..registry import decoder_start_token
-from ..tokens import hf_encoder
+from ..tokens import TokenContract, hf_encoder
 from . import refuse_options, register_runtime
 
 
@@ -69,6 +69,19 @@ class TorchRuntime:
     @property
     def adapters(self) -> list[str]:
         return list(self._names)
+
+    @property
+    def context_length(self) -> int:
+        cfg = self.base.config  # T5 has none (relative positions): the 512 it was pre-trained with
+        return int(getattr(cfg, "max_position_embeddings", None) or (512 if self.seq2seq else 2048))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.base.config.vocab_size)
+
+    @property
+    def tokens(self) -> TokenContract:
+        return self.base.tokens
 
     def use_adapter(self, name: str | None) -> None:
         if name is not None and name not in self._names:

@@ -88,24 +88,6 @@ class Scheduler:
         return 0
 
 
-def context_length(rt: Any) -> int:
-    if rt.name == "llama.cpp":
-        return int(rt.n_ctx)
-    if rt.name == "onnxruntime-genai":
-        return int(rt.genai_config["model"]["context_length"])
-    cfg = getattr(getattr(rt, "base", None), "config", None)
-    return int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
-
-
-def vocab_size(rt: Any) -> int | None:
-    if rt.name == "llama.cpp":
-        return int(rt.n_vocab)
-    if rt.name == "onnxruntime-genai":
-        return int(rt.genai_config["model"]["vocab_size"])
-    cfg = getattr(getattr(rt, "base", None), "config", None)
-    return getattr(cfg, "vocab_size", None)
-
-
 class Engine:
     """One runtime served by one worker thread."""
 
@@ -118,8 +100,8 @@ class Engine:
         self._tmp = tempfile.TemporaryDirectory(prefix="edgeia3-serve-", dir=workdir)
         self.workdir = Path(self._tmp.name)
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir else None
-        self.context = context_length(runtime)
-        self.vocab = vocab_size(runtime)
+        self.context = runtime.context_length  # the runtime protocol's, T5 runtimes' included
+        self.vocab = runtime.vocab_size
         self.metrics = Metrics()
         self.cond = threading.Condition()
         self.waiting: list[Job] = []
