@@ -107,7 +107,7 @@ def check_tokens(name: str, adapter: Any, runtime: TokenContract, where: str, st
                  notes: list[str]) -> bool:
     """Append a note to ``notes`` (raise under ``strict``) when ``where`` feeds the adapter other
     special tokens than it was trained with; True when they agree."""
-    from .errors import EdgeIA3Error
+    from .errors import note_or_refuse
 
     trained = TokenContract.recorded(adapter)
     if trained.same_as(runtime):
@@ -115,7 +115,5 @@ def check_tokens(name: str, adapter: Any, runtime: TokenContract, where: str, st
     msg = (f"adapter '{name}' was trained with {trained.describe()} around each text, but {where} feeds "
            f"{runtime.describe()}: its answers there may differ from the trained model's (retrain it with this "
            "edgeia3, which trains on the base's own tokenization)")
-    if strict:
-        raise EdgeIA3Error(msg + "; refused (--strict)")
-    notes.append(msg)
+    note_or_refuse(msg, strict, notes)
     return False

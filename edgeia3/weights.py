@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import EdgeIA3Error
+from .errors import note_or_refuse
 
 COST = ("measured on SmolLM2-135M: an adapter trained to 93.8% on one 4-bit grid answered 70% on "
         "llama.cpp's Q4_1 and 60% on the ONNX builder's int4 (FACTS.md)")
@@ -66,7 +66,5 @@ def check_deployment(name: str, adapter: Any, deployed: dict, strict: bool, note
     msg = (f"adapter '{name}' was trained on {trained_label(adapter)} but this export runs "
            f"{deployed_label(deployed)}: expect its accuracy to drop ({COST}). Train on the weights you deploy "
            "(edgeia3 train --quant auto on the same base) to remove the gap")
-    if strict:
-        raise EdgeIA3Error(msg + "; refused (--strict)")
-    notes.append(msg)
+    note_or_refuse(msg, strict, notes)
     return False

@@ -25,8 +25,7 @@ import time
 from typing import Any
 
 from ..errors import EdgeIA3Error
-from .engine import run_control
-from .requests import Job, ServeError, TextStream, internal_error
+from .requests import Job, ServeError, TextStream, internal_error, run_control
 
 log = logging.getLogger("edgeia3.serve")
 

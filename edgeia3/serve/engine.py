@@ -38,23 +38,13 @@ from ..prompts import NoChatTemplate
 from ..runtimes import prompt_ids_for
 from .hotload import NotLoadable, add_adapter, remove_adapter
 from .metrics import Metrics, snapshot
-from .requests import BASE, Job, Limits, ServeError, TextStream, internal_error, not_found
+from .requests import BASE, Job, Limits, ServeError, TextStream, internal_error, not_found, run_control
 
 # Seconds to wait after each generated token. For tests and demos only: it paces a tiny
 # model so that queueing, grouping and disconnects can be observed deterministically.
 TOKEN_DELAY = float(os.environ.get("EDGEIA3_SERVE_TOKEN_DELAY", "0") or 0)
 
 log = logging.getLogger("edgeia3.serve")
-
-
-def run_control(fn: Callable[[], Any], fut: concurrent.futures.Future) -> bool:
-    """Run a control task on the worker thread; its outcome goes to whoever awaits ``fut``."""
-    if fut.set_running_or_notify_cancel():
-        try:
-            fut.set_result(fn())
-        except BaseException as e:  # handed to whoever awaits the control task
-            fut.set_exception(e)
-    return True
 
 
 class Scheduler:

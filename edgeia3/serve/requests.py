@@ -4,6 +4,7 @@ HTTP handler), its errors in OpenAI's shape, and the text stream its tokens beco
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -123,3 +124,13 @@ class TextStream:
         delta = text[len(self.sent):]
         self.sent += delta
         return delta
+
+
+def run_control(fn: Callable[[], Any], fut: concurrent.futures.Future) -> bool:
+    """Run a control task on the worker thread; its outcome goes to whoever awaits ``fut``."""
+    if fut.set_running_or_notify_cancel():
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # handed to whoever awaits the control task
+            fut.set_exception(e)
+    return True
