@@ -1,0 +1,381 @@
+"""`edgeia3 export web` in a real browser: Debian's Chromium, headless, driven by Playwright.
+
+A static server on 127.0.0.1 (COOP/COEP headers, ``.wasm`` as application/wasm) serves the
+exported folder; the demo page and its ES module run the graph on onnxruntime-web (WASM).
+Every answer is checked against native onnxruntime on the same folder's graph with the same
+inputs (``edgeia3.web.NativeWeb``): the same greedy token ids, the same prompt ids.
+
+Needs ``playwright`` (pip; its driver only - never ``playwright install``) and a Chromium at
+/usr/bin/chromium (Debian: ``apt-get install -y chromium``) or $EDGEIA3_CHROMIUM. Without
+them the module is skipped, unless EDGEIA3_REQUIRE_BROWSER=1 (CI) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import threading
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgeia3 import load_base
+from edgeia3.cli import app
+from edgeia3.converters.onnx.web import write_web_adapter
+from edgeia3.web import NativeWeb, make_server
+from cli_checks import runner
+from tiny_models import VOCAB, make_tiny_model, random_peft_adapter
+
+CHROMIUM = os.environ.get("EDGEIA3_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+PROMPTS = ["hello there", "sun is warm", "what is 2+2?"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _browser_missing() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install playwright)"
+    if not Path(CHROMIUM).is_file():
+        return f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set EDGEIA3_CHROMIUM)"
+    return None
+
+
+_MISSING = _browser_missing()
+if _MISSING:
+    if os.environ.get("EDGEIA3_REQUIRE_BROWSER") == "1":
+        raise RuntimeError(f"browser tests required (EDGEIA3_REQUIRE_BROWSER=1) but {_MISSING}")
+    pytest.skip(_MISSING, allow_module_level=True)
+
+
+# -- the browser and the server ----------------------------------------------------------------
+class Page:
+    """One Chromium tab on the static server."""
+
+    def __init__(self, browser, root_url: str):
+        self.page = browser.new_page()
+        self.root = root_url
+        self.errors: list[str] = []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+    def open(self, folder: str, **query) -> dict:
+        """Open ``folder``/index.html with ``query``; wait for done/error; what #answer says."""
+        q = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        self.page.goto(f"{self.root}/{folder}/index.html" + (f"?{q}" if q else ""))
+        if not query:
+            self.page.wait_for_selector("#answer[data-state=ready], #answer[data-state=error]", timeout=60_000)
+        else:
+            self.page.wait_for_selector("#answer[data-state=done], #answer[data-state=error]", timeout=60_000)
+        a = self.page.locator("#answer")
+        out = {"state": a.get_attribute("data-state"), "text": a.text_content()}
+        if out["state"] == "done":
+            out["ids"] = json.loads(a.get_attribute("data-ids"))
+            out["prompt_ids"] = json.loads(a.get_attribute("data-prompt-ids"))
+            out["stats"] = json.loads(self.page.locator("#stats").text_content())
+        return out
+
+    def generate(self, **request) -> dict:
+        """``window.edgeia3Model.generate(request)`` on the loaded page."""
+        return self.page.evaluate("""async (r) => {
+            const res = await window.edgeia3Model.generate(r);
+            return {text: res.text, ids: res.ids, prompt_ids: res.promptIds, aborted: res.aborted, stats: res.stats};
+        }""", request)
+
+    def js(self, expr: str, arg=None):
+        return self.page.evaluate(expr, arg)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A static server over one folder (exports are copied or linked into it)."""
+    root = tmp_path_factory.mktemp("site")
+    srv = make_server(root, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dir, tmp_path_factory, site):
+    """A tiny llama (BPE tokenizer), two adapters, exported with the CLI into the site."""
+    tmp = tmp_path_factory.mktemp("web")
+    base = tiny_dir("llama", tokenizer="bpe")
+    for name, seed in (("a", 1), ("b", 2)):
+        random_peft_adapter(copy.deepcopy(load_base(base).model), "llama", tmp / name, seed=seed)
+        _scale_adapter(tmp / name, 2.5)  # far enough from ones that the greedy answers differ
+    out = site[0] / "tiny"
+    res = runner.invoke(app, ["export", "web", "--base", str(base), "--out", str(out),
+                              "--adapter", f"a={tmp / 'a'}", "--adapter", f"b={tmp / 'b'}"])
+    assert res.exit_code == 0, res.output
+    assert "web export of" in res.output
+    return out, NativeWeb(out)
+
+
+def _scale_adapter(path: Path, k: float) -> None:
+    """Spread an adapter's vectors: 1 + k * (v - 1), in both files it holds."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), framework="numpy") as h:
+            meta = h.metadata()
+        t = load_file(str(f))
+        save_file({n: (1 + k * (v - 1)).astype(v.dtype) for n, v in t.items()}, str(f), metadata=meta)
+
+
+@pytest.fixture(scope="module")
+def page(browser, site):
+    p = Page(browser, site[1])
+    yield p
+    p.page.close()
+
+
+# -- the folder --------------------------------------------------------------------------------
+def test_the_folder_is_what_onnxruntime_web_runs(exported):
+    out, native = exported
+    m = native.manifest
+    for f in ("index.html", "edgeia3.js", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
+              "chat_template.jinja", "runtime/ort.wasm.min.mjs", "runtime/ort-wasm-simd-threaded.wasm",
+              "runtime/tokenizers.min.mjs", "runtime/jinja.mjs", "adapters/a.safetensors", "adapters/b.safetensors"):
+        assert (out / f).is_file(), f
+    assert m["kind"] == "web" and m["token_contract"] == {"add_bos": False, "bos_id": None, "add_eos": False,
+                                                          "eos_id": None}
+    assert {p["package"]: p["version"] for p in m["runtime"]["packages"]}["onnxruntime-web"] == "1.31.1"
+    g = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    names = {p["name"] for p in m["ia3_inputs"]}
+    assert names and names <= {i.name for i in g.graph.input}
+    assert not names & {t.name for t in g.graph.initializer}  # plain inputs: onnxruntime-web exposes them
+    assert g.ir_version <= 13
+    ops = {n.op_type for n in g.graph.node}
+    assert "MatMulNBits" not in ops and "DequantizeLinear" in ops  # dequantized once at load
+    for name, a in m["adapters"].items():
+        blob = (out / a["file"]).read_bytes()
+        assert len(blob) == a["bytes"] < 4096
+
+
+def _nbits_model(k: int, n: int, bits: int, block: int, zero_points: bool, bias: bool, seed: int = 0):
+    """One MatMulNBits (accuracy_level 0: fp32 compute) with random codes, scales, zero points, bias."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    blocks = -(-k // block)
+    per = block * bits // 8
+    b = rng.integers(0, 256, (n, blocks, per), dtype=np.uint8)
+    scales = rng.uniform(0.01, 0.1, (n * blocks,)).astype(np.float32)
+    inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "S")]
+    inputs = ["x", "B", "S"]
+    if zero_points or bias:
+        zp = rng.integers(0, 256, (n * (-(-blocks // 2) if bits == 4 else blocks),), dtype=np.uint8)
+        inits.append(numpy_helper.from_array(zp, "Z"))
+        inputs.append("Z" if zero_points else "")
+        if not zero_points:
+            inits.pop()
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "bias"))
+        inputs += ["", "bias"]
+    node = helper.make_node("MatMulNBits", inputs, ["y"], name="/m/MatMul_Q4", domain="com.microsoft",
+                            K=k, N=n, bits=bits, block_size=block, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=10)
+
+
+@pytest.mark.parametrize("bits, k, zero_points, bias", [(4, 96, False, False), (4, 80, True, True),
+                                                        (8, 64, False, True), (8, 96, True, False)])
+def test_matmulnbits_as_dequantize_linear_is_exact(bits, k, zero_points, bias):
+    """DequantizeLinear (blocked) + MatMul over the same codes, scales and zero points computes what
+    MatMulNBits computes at fp32 (K not a multiple of the block included)."""
+    import onnxruntime as ort
+
+    from edgeia3.converters.onnx.web import dequantize_matmuls
+
+    model = _nbits_model(k, 48, bits, 32, zero_points, bias)
+    x = np.random.default_rng(1).standard_normal((3, k)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert dequantize_matmuls(model.graph) == 1
+    assert [n.op_type for n in model.graph.node][:2] == ["DequantizeLinear", "MatMul"]
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    got = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+# -- answers -----------------------------------------------------------------------------------
+def test_page_answers_as_native_onnxruntime(exported, page):
+    out, native = exported
+    answers = {}
+    for adapter in (None, "a", "b"):
+        for prompt in PROMPTS[:2]:
+            got = page.open("tiny", adapter=adapter, prompt=prompt, max_tokens=12)
+            assert got["state"] == "done", got["text"]
+            ids = native.prompt_ids(prompt, adapter)
+            assert got["prompt_ids"] == ids
+            assert got["ids"] == native.generate(ids, adapter, 12)
+            assert got["text"] == native.detokenize(got["ids"])
+            answers[adapter, prompt] = got["ids"]
+    s = got["stats"]
+    assert s["backend"] == "wasm" and s["cross_origin_isolated"] and s["sessions_created"] == 1
+    assert all(isinstance(s[k], (int, float)) and s[k] > 0 for k in ("load_ms", "ttft_ms", "decode_tok_s"))
+    assert answers[None, PROMPTS[0]] != answers["a", PROMPTS[0]]  # the adapters change the answers
+    # a whole conversation through the URL
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sun?"},
+            {"role": "assistant", "content": "warm"}, {"role": "user", "content": "ice?"}]
+    got = page.open("tiny", adapter="b", messages=json.dumps(msgs), max_tokens=8)
+    assert got["state"] == "done", got["text"]
+    ids = native.prompt_ids(msgs, "b")
+    assert got["prompt_ids"] == ids and got["ids"] == native.generate(ids, "b", 8)
+
+
+def test_adapters_switch_per_request_in_one_session(exported, page):
+    out, native = exported
+    assert page.open("tiny")["state"] == "ready"
+    assert page.js("window.edgeia3Model.loadedAdapters()") == []
+    seen = {}
+    for adapter in ("a", None, "b", "a", None, "b"):  # interleaved, one session
+        r = page.generate(prompt=PROMPTS[2], adapter=adapter, maxTokens=10)
+        assert r["stats"]["sessions_created"] == 1
+        want = native.generate(native.prompt_ids(PROMPTS[2], adapter), adapter, 10)
+        assert r["ids"] == want, adapter
+        seen.setdefault(adapter, r["ids"])
+        assert r["ids"] == seen[adapter]
+    assert sorted(page.js("window.edgeia3Model.loadedAdapters()")) == ["a", "b"]
+    # unloading: gone from the model; a later request loads it again and answers the same
+    assert page.js("window.edgeia3Model.unloadAdapter('a')") is True
+    assert page.js("window.edgeia3Model.loadedAdapters()") == ["b"]
+    r = page.generate(prompt=PROMPTS[2], adapter="a", maxTokens=10)
+    assert r["ids"] == seen["a"] and r["stats"]["adapter_load_ms"] > 0 and r["stats"]["sessions_created"] == 1
+    # streaming and abort: stop after the first token
+    r = page.js("""async () => {
+        const m = window.edgeia3Model, c = new AbortController(), parts = [];
+        const res = await m.generate({prompt: 'hello there', adapter: 'b', maxTokens: 10, signal: c.signal,
+                                      onToken: (delta) => { parts.push(delta); c.abort(); }});
+        return {ids: res.ids, aborted: res.aborted, parts};
+    }""")
+    assert r["aborted"] and len(r["ids"]) == 1 and len(r["parts"]) == 1
+    err = page.js("window.edgeia3Model.generate({prompt: 'x', adapter: 'zzz'}).then(() => 'no error', e => e.message)")
+    assert "unknown adapter 'zzz'" in err and "a, b" in err
+
+
+# -- bad adapter files -------------------------------------------------------------------------
+def test_a_damaged_or_foreign_adapter_is_an_error_not_an_answer(exported, page, site):
+    out, native = exported
+    root = site[0]
+    bad = root / "bad"
+    bad.mkdir(exist_ok=True)
+    good = (out / "adapters" / "a.safetensors").read_bytes()
+    (bad / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    (bad / "noise.safetensors").write_bytes(np.random.default_rng(0).bytes(len(good)))
+    (bad / "empty.safetensors").write_bytes(b"")
+    tensors = native.adapter_tensors("a")
+    write_web_adapter(tensors, bad / "foreign.safetensors", "0123456789abcdef", "a")  # another export's id
+    first = native.manifest["ia3_inputs"][0]["name"]
+    write_web_adapter({k: v for k, v in tensors.items() if k != first}, bad / "partial.safetensors",
+                      native.manifest["export_id"], "a")
+    wrong = dict(tensors, **{first: np.ones((1, 1, 7), np.float32)})
+    write_web_adapter(wrong, bad / "shape.safetensors", native.manifest["export_id"], "a")
+    write_web_adapter(tensors, bad / "nan.safetensors", native.manifest["export_id"], "a")
+    blob = bytearray((bad / "nan.safetensors").read_bytes())
+    blob[-4:] = np.float32(np.nan).tobytes()  # a value flipped after writing
+    (bad / "nan.safetensors").write_bytes(bytes(blob))
+    cases = {"truncated": "damaged file", "noise": "not an adapter for this model", "empty": "too short",
+             "foreign": "exported for another model", "partial": "missing: " + first,
+             "shape": "expected [1,1,", "nan": "non-finite"}
+    for name, needle in cases.items():
+        got = page.open("tiny", adapter="x", adapter_url=f"/bad/{name}.safetensors", prompt="hello", max_tokens=4)
+        assert got["state"] == "error", name
+        assert needle in got["text"], (name, got["text"])
+    # a listed adapter whose file was damaged after the export: its sha256 no longer matches
+    copy_dir = root / "damaged"
+    shutil.copytree(out, copy_dir, ignore=shutil.ignore_patterns("runtime"), dirs_exist_ok=True)
+    (copy_dir / "runtime").symlink_to(out / "runtime")
+    blob = bytearray((copy_dir / "adapters" / "a.safetensors").read_bytes())
+    blob[-8:-4] = np.float32(1.5).tobytes()
+    (copy_dir / "adapters" / "a.safetensors").write_bytes(bytes(blob))
+    got = page.open("damaged", adapter="a", prompt="hello", max_tokens=4)
+    assert got["state"] == "error" and "damaged or replaced" in got["text"]
+    assert page.open("damaged", adapter="b", prompt="hello", max_tokens=4)["state"] == "done"  # the rest works
+
+
+# -- the token contract: a base whose tokenizer puts BOS first -----------------------------------
+BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _bos_tokenizer(out: Path) -> None:
+    """Byte-level BPE whose post-processor puts BOS first; a template that renders bos_token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    alphabet = sorted(c for c in pre_tokenizers.ByteLevel.alphabet() if 33 <= ord(c) <= 126) + ["Ġ", "Ċ"]
+    vocab = {t: i for i, t in enumerate(specials + alphabet)}
+    merges = [("s", "u"), ("e", "a"), ("Ġ", "i")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), VOCAB)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = BOS_TEMPLATE
+    fast.save_pretrained(out)
+
+
+def test_bos_is_fed_as_the_base_tokenizes(tmp_path_factory, site, page):
+    from edgeia3.web import export_web
+
+    tmp = tmp_path_factory.mktemp("bos")
+    base = make_tiny_model("llama", tmp / "base", seed=3)
+    _bos_tokenizer(base)
+    out = export_web(str(base), site[0] / "bos").out
+    native = NativeWeb(out)
+    assert native.manifest["token_contract"]["add_bos"] and native.manifest["token_contract"]["bos_id"] == 1
+    for prompt in ("sun is", "the sea"):
+        got = page.open("bos", prompt=prompt, max_tokens=8)
+        assert got["state"] == "done", got["text"]
+        ids = native.prompt_ids(prompt)
+        assert ids[0] == 1 and ids.count(1) == 1  # one BOS: the template's bos_token renders empty, the rule adds it
+        assert got["prompt_ids"] == ids and got["ids"] == native.generate(ids, None, 8)
+
+
+# -- offline -----------------------------------------------------------------------------------
+def test_offline_without_a_cached_runtime_is_one_clear_error(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEIA3_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("EDGEIA3_NPM_REGISTRY", "http://127.0.0.1:9")  # nothing listens there
+    out = tmp_path / "web"
+    res = runner.invoke(app, ["export", "web", "--base", str(tiny_dir("llama", tokenizer="bpe")), "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "cannot download the browser runtime onnxruntime-web@1.31.1" in res.output
+    assert not out.exists()
+
+
+def test_screenshot_of_the_demo_page(exported, page, tmp_path):
+    got = page.open("tiny", adapter="a", prompt="hello there", max_tokens=12)
+    assert got["state"] == "done"
+    shot = tmp_path / "web-demo.png"
+    page.page.set_viewport_size({"width": 900, "height": 760})
+    page.page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
