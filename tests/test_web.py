@@ -361,6 +361,38 @@ def test_bos_is_fed_as_the_base_tokenizes(tmp_path_factory, site, page):
         assert got["prompt_ids"] == ids and got["ids"] == native.generate(ids, None, 8)
 
 
+# -- WebGPU: the same folder picks it where the browser offers an adapter ------------------------------
+WEBGPU_ARGS = [a for a in CHROMIUM_ARGS if a != "--disable-gpu"] + [
+    "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--enable-features=Vulkan"]
+
+
+def test_webgpu_where_offered_with_chunked_prefill(exported, site):
+    """Chromium's software WebGPU adapter (no GPU here): the page picks WebGPU by itself and answers as
+    native onnxruntime, long prompts included - prefilled 16 tokens a run (FACTS.md: GroupQueryAttention
+    prefill over more than 16 tokens gave wrong values on this adapter)."""
+    from playwright.sync_api import sync_playwright
+
+    out, native = exported
+    long_prompt = "a much longer prompt that has more than sixteen tokens for sure, yes it has"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=WEBGPU_ARGS, headless=True)
+        try:
+            page = Page(b, site[1])
+            state = page.open("tiny")["state"]
+            backend = page.js("window.edgeia3Model && window.edgeia3Model.backend")
+            if state != "ready" or backend != "webgpu":
+                pytest.skip(f"this Chromium offers no software WebGPU adapter (page: {state}, {backend})")
+            assert page.js("window.edgeia3Model.prefillChunk") == 16
+            for prompt in ("hello there", long_prompt):
+                r = page.generate(prompt=prompt, adapter="a", maxTokens=10)
+                ids = native.prompt_ids(prompt, "a")
+                assert r["stats"]["backend"] == "webgpu" and r["prompt_ids"] == ids
+                assert r["ids"] == native.generate(ids, "a", 10), prompt
+            assert len(ids) > 16
+        finally:
+            b.close()
+
+
 # -- offline -----------------------------------------------------------------------------------
 def test_offline_without_a_cached_runtime_is_one_clear_error(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEIA3_HOME", str(tmp_path / "empty-cache"))

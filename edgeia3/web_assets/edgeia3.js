@@ -209,7 +209,7 @@ export class Model {
     return run;
   }
 
-  async _generate({ messages = null, prompt = null, ids = null, adapter = null, maxTokens = 128, signal = null, onToken = null } = {}) {
+  async _generate({ messages = null, prompt = null, ids = null, adapter = null, maxTokens = 128, signal = null, onToken = null, ignoreEos = false } = {}) {
     const ort = this.ort;
     const t0 = performance.now();
     let adapterMs = 0;
@@ -264,7 +264,7 @@ export class Model {
       let best = 0;
       for (let j = 1; j < v; j++) if (data[off + j] > data[off + best]) best = j;
       if (out.length === 0) tFirst = performance.now();
-      if (eos.has(best)) break;
+      if (eos.has(best) && !ignoreEos) break;
       out.push(best);
       const now = this.decode(out);
       if (onToken) onToken(now.slice(text.length), now, best);
