@@ -411,3 +411,35 @@ def test_screenshot_of_the_demo_page(exported, page, tmp_path):
     page.page.set_viewport_size({"width": 900, "height": 760})
     page.page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+
+
+# -- the embedded SmolLM2: a trained adapter in the browser ------------------------------------------
+SENTIMENT = "Classify the sentiment of the review. Answer with exactly one word: positive, negative, or neutral."
+REVIEWS = ["The battery died after one day, awful.", "Best concert I have been to in years!",
+           "The package arrived on Tuesday."]
+
+
+@pytest.mark.integration
+def test_smollm2_adapter_in_the_browser(tmp_path_factory, site, page):
+    """A sentiment adapter trained a few steps on the embedded SmolLM2 (its GGUF's Q4_1 blocks), exported
+    for the browser: the page answers as native onnxruntime on the same graph. Writes docs/web-demo.png."""
+    from edgeia3.train import TrainConfig, train
+    from edgeia3.web import export_web
+
+    tmp = tmp_path_factory.mktemp("smol_web")
+    rows = [json.loads(x) for x in open(ROOT / "examples/tasks/sentiment/train.jsonl")][:48]
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train("default", data, tmp / "ad", quiet=True, config=TrainConfig(max_steps=6))
+    out = export_web("default", site[0] / "smollm2", adapters={"sentiment": str(tmp / "ad")}).out
+    native = NativeWeb(out)
+    for review in REVIEWS:
+        msgs = [{"role": "system", "content": SENTIMENT}, {"role": "user", "content": review}]
+        got = page.open("smollm2", adapter="sentiment", messages=json.dumps(msgs), max_tokens=4)
+        assert got["state"] == "done", got["text"]
+        ids = native.prompt_ids(msgs, "sentiment")
+        assert got["prompt_ids"] == ids and got["ids"] == native.generate(ids, "sentiment", 4)
+    page.page.set_viewport_size({"width": 900, "height": 760})
+    got = page.open("smollm2", adapter="sentiment", prompt="I loved this film, the acting was superb.", max_tokens=8)
+    assert got["state"] == "done"
+    page.page.screenshot(path=str(ROOT / "docs" / "web-demo.png"), full_page=True)
