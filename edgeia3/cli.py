@@ -110,6 +110,8 @@ def train(
             if ev:
                 acc = f", accuracy {ev['accuracy']:.1%}" if "accuracy" in ev else ""
                 console.print(f"eval {label}: loss {ev['loss']:.3f}{acc}")
+        if res.early_signal:
+            console.print(f"early signal: {res.early_signal['message']}", highlight=False)
 
 
 @app.command()

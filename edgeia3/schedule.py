@@ -84,3 +84,73 @@ def plan(rows: int, batch_size: int, epochs: float | None = None, max_steps: int
         steps, source = max(per_epoch, MIN_STEPS), f"auto ({rows} rows)"
     warmup = max(1, int(warmup_ratio * steps))
     return Schedule(steps, per_epoch, round(steps / per_epoch, 2), warmup, source, lr_schedule)
+
+
+# Early signal: was the budget about right? Judged from a loss measured at a few points of the
+# run (the eval loss on a few eval rows at 0, 1/4, 1/2, 3/4 and the end; without an eval set,
+# the mean training loss of each quarter). "still improving" when the last quarter cut the loss
+# by at least MIN_DROP nats and either by STEEP of its level or by STEEP_SHARE of the run's whole
+# drop; "plateaued at step N" when the loss was near its best (within NEAR of
+# the run's improvement and within NEAR_REL of the best, or 0.02 nats) by half the run or
+# earlier, or when it rose more than ROSE (relative) after its best (overfitting, instability).
+CHECKPOINTS = (0.25, 0.5, 0.75)
+STEEP = 0.15
+STEEP_SHARE = 0.10
+MIN_DROP = 0.05
+NEAR = 0.05
+NEAR_REL = 0.2
+ROSE = 0.2
+FLAT = 0.02
+
+
+def early_signal(points: list[tuple[int, float]], total: int, source: str = "eval loss") -> dict | None:
+    """A verdict on the run's length from ``points`` [(step, loss), ...] (in step order, the
+    first the starting level, the last at or near the end of ``total`` steps): a dict with
+    ``verdict`` (still improving, plateaued, converged, not improving), ``message`` (with the
+    numbers), ``source``, ``points``, and the figures it was judged by. None: under 3 points."""
+    if len(points) < 3:
+        return None
+    steps, loss = [s for s, _ in points], [float(v) for _, v in points]
+    start, end, best = loss[0], loss[-1], min(loss)
+    at_best = steps[loss.index(best)]
+    gain = start - best  # the run's whole improvement
+    last_drop = loss[-2] - end
+    last_rel = last_drop / loss[-2] if loss[-2] > 0 else 0.0
+    share = last_drop / (start - end) if start > end else 0.0  # of the run's whole drop
+    figures = {"source": source, "points": [[s, round(v, 5)] for s, v in points],
+               "last_quarter_drop": round(last_rel, 4), "last_quarter_share": round(share, 4), "best_step": at_best}
+    span = f"{source} {loss[-2]:.3f} -> {end:.3f} over steps {steps[-2]}-{steps[-1]}"
+    if gain <= FLAT * max(start, 1e-12):
+        return {"verdict": "not improving", **figures,
+                "message": f"not improving: {source} {start:.3f} at step {steps[0]}, {end:.3f} at step "
+                           f"{steps[-1]}, best {best:.3f}; check the data or raise --lr"}
+    if last_drop >= MIN_DROP and (last_rel >= STEEP or share >= STEEP_SHARE):
+        return {"verdict": "still improving", **figures,
+                "message": f"still improving: more steps would help ({span}: -{last_rel:.0%} in the last "
+                           f"quarter of the run, {share:.0%} of its whole drop)"}
+    tol = min(NEAR * gain, max(NEAR_REL * best, 0.02))
+    near = next(s for s, v in zip(steps, loss) if v <= best + tol)
+    rose = end > best * (1 + ROSE) + 0.01
+    if near <= total / 2 or rose:
+        why = (f"{source} rose after it: {best:.3f} at step {at_best}, {end:.3f} at step {steps[-1]}" if rose else
+               f"{source} {loss[steps.index(near)]:.3f} there, {end:.3f} at step {steps[-1]} (best {best:.3f})")
+        return {"verdict": "plateaued", "plateau_step": at_best if rose else near, **figures,
+                "message": f"plateaued at step {at_best if rose else near}: {why}; fewer steps would do"
+                           + (" (or a lower --lr)" if rose else "")}
+    return {"verdict": "converged", **figures,
+            "message": f"converged: {source} {start:.3f} -> {end:.3f}, the last quarter "
+                       f"{-last_rel:+.0%} ({span})"}
+
+
+def checkpoint_steps(total: int) -> list[int]:
+    """The steps (after which) the early signal measures the eval loss: quarters and the end."""
+    return sorted({max(1, round(f * total)) for f in CHECKPOINTS} | {total})
+
+
+def quarter_means(losses: list[float]) -> list[tuple[int, float]]:
+    """Training-loss points without an eval set: each quarter's mean, at the quarter's last step."""
+    n = len(losses)
+    if n < 4:
+        return []
+    bounds = [round(i * n / 4) for i in range(5)]
+    return [(bounds[i + 1], sum(losses[bounds[i]:bounds[i + 1]]) / (bounds[i + 1] - bounds[i])) for i in range(4)]

@@ -31,9 +31,10 @@ from .atomic import atomic_dir, check_out
 from .base import DEFAULT_BASE, LoadedBase, load_base
 from .data import IGNORE, Example, length_batches, load_examples
 from .errors import EdgeIA3Error
-from .evaluate import evaluate
+from .evaluate import eval_loss, evaluate
 from .formats.peft_dir import peft_target_modules, write_peft_dir
-from .schedule import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP, SCHEDULES, plan
+from .schedule import (DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP, SCHEDULES, checkpoint_steps, early_signal,
+                       plan, quarter_means)
 
 
 
@@ -110,7 +111,11 @@ class TrainResult:
     grad_norms: list[float] = field(default_factory=list)  # IA3 gradient norm per step (before clipping)
     warnings: list[str] = field(default_factory=list)
     schedule: dict = field(default_factory=dict)  # schedule.Schedule: steps, epochs, warm-up, why
+    early_signal: dict | None = None  # schedule.early_signal: still improving / plateaued at step N / ...
 
+
+# Eval rows whose loss the early signal measures at each checkpoint (schedule.checkpoint_steps).
+PROBE_ROWS = 32
 
 # Healthy band of the IA3 gradient norm (all vectors together, before clipping). Measured on
 # SmolLM2 and the tiny test models at the default lr: ~1e-3 .. 10. Outside it training
@@ -351,11 +356,31 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
                                                        eval_set, want_acc, template)
 
     before = run_eval()
+    pad = lb.tokenizer.pad_token_id if lb.tokenizer.pad_token_id is not None else lb.tokenizer.eos_token_id
+    # Early signal: the eval loss of the first PROBE_ROWS eval rows at a few checkpoints (decoder
+    # models, main process); otherwise the training loss's quarter means. Not counted as training time.
+    probe = eval_set[:PROBE_ROWS] if eval_set and acc.is_main_process and not s2s else None
+    checkpoints = set(checkpoint_steps(total)) if probe else set()
+    points: list[tuple[int, float]] = []
+    probe_s = 0.0
+
+    def probe_loss(at: int) -> None:
+        nonlocal probe_s
+        t = time.perf_counter()
+        trained = acc.unwrap_model(model)
+        m = twin.sync(trained) if twin else trained
+        was = m.training
+        m.eval()
+        points.append((at, eval_loss(m, probe, pad)))
+        m.train(was)
+        probe_s += time.perf_counter() - t
+
+    if probe:
+        probe_loss(0)
     import psutil
 
     rss_start_mb = psutil.Process().memory_info().rss / 2**20
     rng = random.Random(cfg.seed)
-    pad = lb.tokenizer.pad_token_id if lb.tokenizer.pad_token_id is not None else lb.tokenizer.eos_token_id
     guard = _Guard(params)
     losses: list[float] = []
     grad_norms: list[float] = []  # IA3 gradient L2 norm per step, before clipping
@@ -400,8 +425,16 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
                 step += 1
                 if step % 10 == 0 or step == total:
                     guard.check_moved(step)
-                progress.update(step, step_loss, tokens / (time.perf_counter() - t0), grad_norm)
-    seconds = time.perf_counter() - t0
+                if step in checkpoints:
+                    probe_loss(step)
+                progress.update(step, step_loss, tokens / (time.perf_counter() - t0 - probe_s), grad_norm)
+    seconds = time.perf_counter() - t0 - probe_s
+    if points:
+        signal = early_signal(points, total, "eval loss")
+    else:
+        signal = early_signal(quarter_means(losses), total, "training loss")
+    if signal is not None:
+        signal = {**signal, **({"probe_rows": len(probe), "probe_seconds": round(probe_s, 2)} if points else {})}
     after = run_eval()
     model = acc.unwrap_model(model)
     adapter = adapter_from_peft(model, lb, sites, quant)
@@ -412,7 +445,7 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
                          acc.is_main_process, {"bf16_autocast": use_bf16,
                                                "base_weights_mb": round(weights_mb, 1),
                                                "rss_at_loop_start_mb": round(rss_start_mb, 1)},
-                         grad_norms, warnings, schedule.to_dict())
+                         grad_norms, warnings, schedule.to_dict(), signal)
     if acc.is_main_process:
         source = (str(chat_template) if given else "base" if own else "seq2seq-flat") if recorded else None
         _save(result, lb, cfg, quant, acc.num_processes, str(acc.state.backend or "none"), force, source)
@@ -448,6 +481,7 @@ def _save(res: TrainResult, lb: LoadedBase, cfg: TrainConfig, quant: str, proces
         "warnings": res.warnings,
         "eval_before": res.eval_before,
         "eval_after": res.eval_after,
+        "early_signal": res.early_signal,
     }
     with atomic_dir(res.out, force=force) as tmp:
         write_peft_dir(res.adapter, tmp, base_model_name_or_path=lb.source.name)

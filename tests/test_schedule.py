@@ -109,3 +109,77 @@ def test_the_run_follows_the_schedule(tiny_dir, tmp_path, monkeypatch):
     report = json.loads((tmp_path / "ad" / "training.json").read_text())
     assert report["config"]["schedule"] == "constant-decay" and report["config"]["warmup_ratio"] == 0.2
     assert report["schedule"]["lr_schedule"] == "constant-decay" and report["schedule"]["warmup_steps"] == 2
+
+
+# --- early signal: was the budget about right? ---------------------------------------------
+
+def test_early_signal_verdicts_on_known_curves():
+    from edgeia3.schedule import early_signal
+
+    still = early_signal([(0, 2.5), (15, 1.8), (30, 1.0), (45, 0.6), (60, 0.45)], 60)
+    assert still["verdict"] == "still improving"
+    assert still["message"].startswith("still improving: more steps would help (eval loss 0.600 -> 0.450 over "
+                                       "steps 45-60: -25% in the last quarter")
+    assert still["last_quarter_drop"] == 0.25 and still["points"][-1] == [60, 0.45]
+    flat_end = early_signal([(0, 2.5), (15, 0.2), (30, 0.12), (45, 0.115), (60, 0.11)], 60)
+    assert flat_end["verdict"] == "plateaued" and flat_end["plateau_step"] == 30
+    assert flat_end["message"].startswith("plateaued at step 30: eval loss 0.120 there, 0.110 at step 60")
+    rose = early_signal([(0, 2.5), (15, 0.2), (30, 0.07), (45, 0.1), (60, 0.12)], 60)
+    assert rose["verdict"] == "plateaued" and rose["plateau_step"] == 30 and "rose after it" in rose["message"]
+    late = early_signal([(0, 2.5), (15, 0.2), (30, 0.15), (45, 0.12), (60, 0.11)], 60)
+    assert late["verdict"] == "converged"  # near its best only in the second half, the last quarter small
+    stuck = early_signal([(0, 2.5), (15, 2.49), (30, 2.5), (45, 2.48), (60, 2.47)], 60)
+    assert stuck["verdict"] == "not improving" and "raise --lr" in stuck["message"]
+    assert early_signal([(0, 1.0), (5, 0.5)], 5) is None
+
+
+def test_checkpoints_and_quarter_means():
+    from edgeia3.schedule import checkpoint_steps, quarter_means
+
+    assert checkpoint_steps(60) == [15, 30, 45, 60] and checkpoint_steps(3) == [1, 2, 3]
+    assert quarter_means([4, 4, 3, 3, 2, 2, 1, 1]) == [(2, 4), (4, 3), (6, 2), (8, 1)]
+    assert quarter_means([1, 2, 3]) == []
+
+
+@pytest.fixture(scope="module")
+def learnable(tmp_path_factory):
+    """A tiny model whose logits can move far (initializer_range 0.3: the default 0.02 caps the
+    IA3-reachable loss near ln(vocab)), and the label task."""
+    d = tmp_path_factory.mktemp("es")
+    return write_label_task(d / "train.jsonl", 48, seed=0), write_label_task(d / "eval.jsonl", 16, seed=1)
+
+
+def test_early_signal_says_still_improving_for_a_short_slow_run(tiny_dir, learnable, tmp_path):
+    """lr 1e-2, 40 steps: the eval loss still falls steeply at the end -> "still improving", recorded
+    in training.json and printed in the CLI summary; the same verdict from the training loss alone."""
+    base = str(tiny_dir("llama", tokenizer=True, initializer_range=0.3))
+    args = ["train", "--base", base, "--data", str(learnable[0]), "--quant", "none", "--max-steps", "40",
+            "--lr", "0.01", "--schedule", "constant"]
+    res = runner.invoke(app, [*args, "--eval", str(learnable[1]), "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "ev" / "training.json").read_text())
+    signal = report["early_signal"]
+    assert signal["verdict"] == "still improving" and signal["source"] == "eval loss", signal
+    assert [s for s, _ in signal["points"]] == [0, 10, 20, 30, 40] and signal["probe_rows"] == 16
+    first, *_, before_last, last = [v for _, v in signal["points"]]
+    assert last < before_last * 0.9 and last < first
+    assert "early signal: still improving: more steps would help" in " ".join(res.output.split())
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "tr"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    signal = json.loads((tmp_path / "tr" / "training.json").read_text())["early_signal"]
+    assert signal["verdict"] == "still improving" and signal["source"] == "training loss", signal
+    assert [s for s, _ in signal["points"]] == [10, 20, 30, 40] and "probe_rows" not in signal
+
+
+def test_early_signal_says_plateaued_when_the_loss_stops_early(tiny_dir, learnable, tmp_path):
+    """lr 10 (far too high), 60 steps: the eval loss stops improving by step 30 of 60 -> "plateaued at
+    step 30", with the loss there and at the end."""
+    base = str(tiny_dir("llama", tokenizer=True, initializer_range=0.3))
+    res = train(base, learnable[0], tmp_path / "ad", eval_data=learnable[1], quant="none", quiet=True,
+                config=TrainConfig(max_steps=60, lr=10.0, schedule="constant", eval_accuracy=False))
+    signal = res.early_signal
+    assert signal["verdict"] == "plateaued" and signal["plateau_step"] == 30, signal
+    losses = dict(signal["points"])
+    assert min(losses.values()) > losses[30] - 0.05 * (losses[0] - min(losses.values()))  # near its best by 30
+    assert signal["message"].startswith(f"plateaued at step 30: eval loss {losses[30]:.3f} there")
+    assert json.loads((tmp_path / "ad" / "training.json").read_text())["early_signal"] == signal
