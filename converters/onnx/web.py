@@ -11,7 +11,9 @@ that matter here (measured, FACTS.md):
   step. ``matmul="dequantize"`` rewrites each MatMulNBits as ``DequantizeLinear`` (blocked,
   int4/uint4 or int8/uint8, the same codes, scales and zero points: exact) + ``MatMul``;
   with the session option ``session.disable_quant_qdq=1`` onnxruntime folds the
-  dequantization into fp32 weights once, at load. ``matmul="nbits"`` keeps MatMulNBits.
+  dequantization into fp32 weights once, at load. The transcoder's per-block minimum term
+  (Q4_1 and other GGUF types with a minimum: ``blocksum(x) @ M``, two small MatMuls and an Add
+  per linear) is folded into that weight too. ``matmul="nbits"`` keeps MatMulNBits.
 
 Adapters become ``.safetensors`` files (float32 tensors named like the graph inputs, shape
 [1, 1, N], every input of the export present; the header's ``__metadata__`` names the
@@ -54,6 +56,7 @@ def browser_graph(src: Path, dst: Path, ia3_names: list[str], matmul: str = "deq
     del graph.initializer[:]
     graph.initializer.extend(kept)
     rewritten = dequantize_matmuls(graph) if matmul == "dequantize" else 0
+    folded = fold_block_minimum(graph) if rewritten else 0
     model.ir_version = min(model.ir_version, max(MAX_IR, _min_ir(model)))
     if model.ir_version > MAX_IR:
         raise EdgeIA3Error(f"the graph needs ONNX IR {model.ir_version}; onnxruntime-web reads up to {MAX_IR}")
@@ -66,7 +69,8 @@ def browser_graph(src: Path, dst: Path, ia3_names: list[str], matmul: str = "deq
     ops: dict[str, int] = {}
     for n in graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return {"matmul": matmul, "dequantized_matmuls": rewritten, "ia3_initializers_dropped": dropped,
+    return {"matmul": matmul, "dequantized_matmuls": rewritten, "block_minimum_folded": folded,
+            "ia3_initializers_dropped": dropped,
             "ir_version": model.ir_version, "ops": dict(sorted(ops.items())),
             "files": [model_file, data], "bytes": sum((dst / f).stat().st_size for f in (model_file, data))}
 
@@ -169,6 +173,91 @@ def dequantize_matmuls(graph: onnx.GraphProto) -> int:
     graph.initializer.extend(kept + new_inits)
     del graph.node[:]
     graph.node.extend(out_nodes)
+    return done
+
+
+def fold_block_minimum(graph: onnx.GraphProto) -> int:
+    """Fold the transcoder's per-block minimum term (``x @ W + blocksum(x) @ M``, GGUF types with a
+    minimum such as Q4_1) into the dequantized weight: ``x @ (W + spread(M))``, one MatMul whose weight
+    onnxruntime computes once at load (``W + m`` is the GGUF's own dequantized value ``d * q + m``).
+    Only after ``dequantize_matmuls``; returns how many linears were folded."""
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    counts: dict[str, int] = {}
+    for n in graph.node:
+        counts[n.name] = counts.get(n.name, 0) + 1
+    unique = {name for name, c in counts.items() if name and c == 1}
+    drop: set[str] = set()
+    new_nodes: dict[str, list[onnx.NodeProto]] = {}
+    new_inits = []
+    done = 0
+    for add in graph.node:
+        if add.op_type != "Add" or len(add.input) != 2:
+            continue
+        mm, mn = (producer.get(add.input[0]), producer.get(add.input[1]))
+        if mm is None or mn is None or mm.op_type != "MatMul" or mn.op_type != "MatMul":
+            continue
+        if producer.get(mm.input[1]) is None or producer[mm.input[1]].op_type != "DequantizeLinear":
+            mm, mn = mn, mm
+        dq = producer.get(mm.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or mn.input[1] not in inits:
+            continue
+        sums = producer.get(mn.input[0])
+        if sums is None or sums.op_type != "MatMul" or sums.input[0] != mm.input[0] or sums.input[1] not in inits:
+            continue
+        if len(consumers.get(mm.output[0], [])) != 1 or len(consumers.get(mn.output[0], [])) != 1:
+            continue
+        if not {add.name, mm.name, mn.name} <= unique:
+            continue
+        e = numpy_helper.to_array(inits[sums.input[1]])  # [K, blocks], 1 where row k is in block b
+        table = numpy_helper.to_array(inits[mn.input[1]])  # [blocks, N]
+        k, blocks = e.shape
+        if blocks == 0 or k % blocks or table.shape[0] != blocks:
+            continue
+        block = k // blocks
+        want = np.zeros_like(e)
+        want[np.arange(k), np.arange(k) // block] = 1
+        if not np.array_equal(e, want):
+            continue
+        base = f"{add.name.strip('/').replace('/', '.')}.min_fold"
+        shape3 = numpy_helper.from_array(np.array([blocks, 1, table.shape[1]], np.int64), f"{base}.shape3")
+        expand = numpy_helper.from_array(np.array([blocks, block, table.shape[1]], np.int64), f"{base}.expand")
+        shape2 = numpy_helper.from_array(np.array([k, table.shape[1]], np.int64), f"{base}.shape2")
+        new_inits += [shape3, expand, shape2]
+        w = f"{base}.weight"
+        new_nodes[add.name] = [
+            helper.make_node("Reshape", [mn.input[1], shape3.name], [f"{base}/r3"], name=f"{base}/Reshape3"),
+            helper.make_node("Expand", [f"{base}/r3", expand.name], [f"{base}/ex"], name=f"{base}/Expand"),
+            helper.make_node("Reshape", [f"{base}/ex", shape2.name], [f"{base}/spread"], name=f"{base}/Reshape2"),
+            helper.make_node("Add", [mm.input[1], f"{base}/spread"], [w], name=f"{base}/Add"),
+            helper.make_node("MatMul", [mm.input[0], w], [add.output[0]], name=f"{base}/MatMul"),
+        ]
+        drop |= {mm.name, mn.name}
+        done += 1
+    if not done:
+        return 0
+    nodes = []
+    for n in graph.node:
+        if n.name in drop:
+            continue
+        nodes.extend(new_nodes.get(n.name, [n]))
+    outputs = {o.name for o in graph.output}
+    while True:  # the block-sum MatMuls nothing reads any more
+        needed = {i for n in nodes for i in n.input} | outputs
+        alive = [n for n in nodes if any(o in needed for o in n.output)]
+        if len(alive) == len(nodes):
+            break
+        nodes = alive
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in list(graph.initializer) + new_inits if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     return done
 
 
