@@ -48,26 +48,27 @@ TIMEOUT = 120.0
 
 
 def prepare(work: Path, kind: str) -> tuple[Path, Path]:
-    """The tiny base, adapters a/b (in the export) and c (the adapters dir), exported once."""
+    """The tiny base, adapters a/b (in the export) and c (the adapters dir), made once per work
+    dir; the export once per kind."""
     from edgeia3 import load_base
     from edgeia3.formats import load_adapter
     from tiny_models import make_tiny_model, random_peft_adapter
 
+    base, adir = work / "base", work / "adapters"
+    peft = {name: work / f"peft_{name}" for name in "abc"}
+    if not adir.exists():
+        make_tiny_model("llama", base, seed=0, max_position_embeddings=2048)
+        ascii_bpe_tokenizer(base)
+        lb = load_base(base)
+        for seed, (name, path) in enumerate(peft.items(), start=1):
+            random_peft_adapter(copy.deepcopy(lb.model), "llama", path, seed=seed)
+        c = dataclasses.replace(load_adapter(peft["c"], base_config=lb.config), base=lb.identity)
+        c.save(adir / "spare" / "hot" / "edgeia3_adapter.safetensors")  # a folder, not an adapter itself
+        c.save(adir / "c0" / "edgeia3_adapter.safetensors")
     out = work / f"export-{kind}"
-    adir = work / "adapters"
-    if out.exists():
-        return out, adir
-    base = make_tiny_model("llama", work / "base", seed=0, max_position_embeddings=2048)
-    ascii_bpe_tokenizer(base)
-    lb = load_base(base)
-    peft = {}
-    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
-        peft[name] = work / f"peft_{name}"
-        random_peft_adapter(copy.deepcopy(lb.model), "llama", peft[name], seed=seed)
-    c = dataclasses.replace(load_adapter(peft["c"], base_config=lb.config), base=lb.identity)
-    c.save(adir / "c0" / "edgeia3_adapter.safetensors")
-    c.save(adir / "spare" / "hot" / "edgeia3_adapter.safetensors")  # a folder, not an adapter itself
-    return export(kind, {"base": base, "peft": peft}, out, ["a", "b"]), adir
+    if not out.exists():
+        export(kind, {"base": base, "peft": peft}, out, ["a", "b"])
+    return out, adir
 
 
 # -- one request of each kind ---------------------------------------------------------------------------------
