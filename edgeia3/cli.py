@@ -67,7 +67,7 @@ CHAT_TEMPLATE_HELP = ("chat template for chat rows/messages: 'chatml' or a Jinja
 def train(
     data: Path = typer.Option(..., help="training JSONL (messages | prompt/completion | text rows)"),
     out: Path = typer.Option(..., help="output adapter directory"),
-    base: str = typer.Option("default", help="'default' (embedded SmolLM2), a model dir, a .gguf or a hub id"),
+    base: str = typer.Option("default", help="'default' (SmolLM2), 'gemma3-270m' (Gemma 3 270M), a model dir, a .gguf or a hub id"),
     eval_data: Optional[Path] = typer.Option(None, "--eval", help="eval JSONL (loss, exact-match accuracy)"),
     quant: str = typer.Option(
         "auto", help="auto (a GGUF base: its own quantized tensors; a transformers base: q4_0), gguf, "
@@ -117,7 +117,7 @@ def train(
 @app.command()
 @user_errors
 def merge(
-    base: str = typer.Option("default", help="'default' (embedded SmolLM2), a model dir, a .gguf or a hub id"),
+    base: str = typer.Option("default", help="'default' (SmolLM2), 'gemma3-270m' (Gemma 3 270M), a model dir, a .gguf or a hub id"),
     adapter: Path = typer.Option(..., help="IA3 adapter: edgeia3 dir/file or a PEFT IA3 dir"),
     out: Path = typer.Option(..., help="output transformers model directory"),
     into: str = typer.Option("auto", help="auto (follow the adapter's training quantization), full, nf4 or gguf (the dequantized GGUF blocks it was trained on)"),
@@ -213,7 +213,7 @@ def run(
 @export_app.command("onnx")
 @user_errors
 def export_onnx(
-    base: str = typer.Option("default", help="'default', a model dir, a .gguf or a hub id"),
+    base: str = typer.Option("default", help="'default', 'gemma3-270m', a model dir, a .gguf or a hub id"),
     out: Path = typer.Option(..., help="output directory (opens with onnxruntime_genai.Model)"),
     precision: str = typer.Option("int4", help="int4, int8, fp16 or fp32"),
     adapter: Optional[list[str]] = typer.Option(None, help="NAME=ADAPTER_DIR, repeatable"),
@@ -241,7 +241,7 @@ def export_onnx(
 @export_app.command("gguf")
 @user_errors
 def export_gguf(
-    base: str = typer.Option("default", help="'default', a model dir or a .gguf"),
+    base: str = typer.Option("default", help="'default', 'gemma3-270m', a model dir or a .gguf"),
     out: Path = typer.Option(..., help="output directory"),
     quant: Optional[str] = typer.Option(None, help="q4_0, q4_1, q5_k_m, q4_k_m, q8_0 or f16; default: what the "
                                         "adapters were trained on (a .gguf base: the file as is; else q4_0)"),
@@ -262,7 +262,7 @@ def export_gguf(
 @export_app.command("web")
 @user_errors
 def export_web(
-    base: str = typer.Option("default", help="'default', a model dir, a .gguf or a hub id"),
+    base: str = typer.Option("default", help="'default', 'gemma3-270m', a model dir, a .gguf or a hub id"),
     out: Path = typer.Option(..., help="output directory: a static folder to serve (index.html, edgeia3.js)"),
     adapter: Optional[list[str]] = typer.Option(None, help="NAME=ADAPTER_DIR, repeatable"),
     precision: str = typer.Option("int4", help="int4, int8 or fp32"),
