@@ -180,8 +180,3 @@ def gguf_config(index: GGUFIndex, family: Family) -> SimpleNamespace:
         num_attention_heads=heads, num_key_value_heads=index.arch_int("attention.head_count_kv", heads),
         head_dim=head_dim, vocab_size=index.arch_int("vocab_size", 0) or None,
     )
-
-
-def head_counts(index: GGUFIndex) -> dict[str, int]:
-    heads = index.arch_int("attention.head_count")
-    return {"q": heads, "k": index.arch_int("attention.head_count_kv", heads)}

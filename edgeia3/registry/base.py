@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import EdgeIA3Error
@@ -91,7 +91,6 @@ class Family:
     # GGUF tensor names -> why transformers' own GGUF reader would build another model from
     # such a file (None: it reads it right); loading that GGUF as a base is then refused.
     gguf_misread: Callable[[set], str | None] | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def encoder_decoder(self) -> bool:
