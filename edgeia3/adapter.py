@@ -28,6 +28,23 @@ from .registry import Family, Scaling, get_family
 CANONICAL_FILE = "edgeia3_adapter.safetensors"
 FORMAT = "edgeia3-ia3"
 FORMAT_VERSION = "1"
+# What an adapter may be called wherever it gets a name (exports' files and manifests, the server's
+# models): file-name safe, and never "base", the server's name for the model without an adapter.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+RESERVED_NAMES = frozenset({"base"})  # compared case-insensitively
+
+
+def is_adapter_name(name: Any) -> bool:
+    return isinstance(name, str) and ADAPTER_NAME.fullmatch(name) is not None and name.lower() not in RESERVED_NAMES
+
+
+def check_adapter_name(name: Any) -> None:
+    """One ``EdgeIA3Error`` saying what is wrong with ``name`` as an adapter name (``is_adapter_name``)."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise EdgeIA3Error(f"adapter name {name!r} must be 1-64 characters of letters, digits, '.', '_' or '-' "
+                           "(starting with a letter or digit)")
+    if name.lower() in RESERVED_NAMES:
+        raise EdgeIA3Error(f"'{name}' names the base model; pick another adapter name")
 
 
 @dataclass

@@ -13,7 +13,6 @@ is. The whole directory is written under a temporary name and renamed.
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeia3.adapter import check_adapter_name
 from edgeia3.atomic import atomic_dir, check_out
 from edgeia3.base import LLAMA_QUANTS, locate_base, quantized_gguf, resolve_base
 from edgeia3.errors import EdgeIA3Error
@@ -79,8 +79,7 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
     if merge is not None and merge not in adapters:
         raise EdgeIA3Error(f"--merge {merge}: no adapter of that name (given: {', '.join(adapters) or 'none'})")
     for name in adapters:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-            raise EdgeIA3Error(f"adapter name '{name}' must be letters, digits, '_', '-' or '.'")
+        check_adapter_name(name)
     check_out(out, force)  # before any work: refuse a non-empty --out unless --force
     gguf_src, hf = locate_base(base)
     if gguf_src is None and not Path(hf).is_dir():

@@ -16,7 +16,6 @@ graph post-processing -> a folder ``og.Model(DIR)`` opens, with
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 
 from edgeia3.converters.gguf.ggml_index import gguf_weights
-from edgeia3.adapter import IA3Adapter
+from edgeia3.adapter import IA3Adapter, check_adapter_name
 from edgeia3.atomic import atomic_dir, check_out
 from edgeia3.base import LLAMA_QUANTS, LoadedBase, load_base, quantized_gguf
 from edgeia3.errors import EdgeIA3Error
@@ -49,7 +48,6 @@ PROVIDERS = ("cpu", "cuda")
 MODEL_FILE = "model.onnx"
 ADAPTER_DIR = "adapters"
 CANONICAL_SUFFIX = "ia3.safetensors"  # the merged adapter's own vectors (edgeia3 canonical file)
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass
@@ -91,8 +89,7 @@ def _check_args(precision: str, provider: str, adapters: dict[str, Any], merge: 
     if provider not in PROVIDERS:
         raise EdgeIA3Error(f"unsupported provider '{provider}' (choose from {', '.join(PROVIDERS)})")
     for name in adapters:
-        if not _NAME_RE.match(name):
-            raise EdgeIA3Error(f"adapter name '{name}' must be letters, digits, '_', '-' or '.'")
+        check_adapter_name(name)
     if merge is not None:
         if merge not in adapters:
             raise EdgeIA3Error(f"--merge {merge}: no adapter of that name (given: {', '.join(adapters) or 'none'})")
