@@ -98,6 +98,6 @@ def test_fp32_side_matches_peft_and_greedy_decoding(smollm2, work):
         want = peft.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
     assert np.abs(rt.logits(ids) - ref).max() <= 1e-3
     got = list(rt.generate_ids(ids, 20))
-    eos = set(rt._eos_ids())
+    eos = set(rt.eos_ids())
     assert got == [t for t in want if t not in eos][: len(got)] and len(got) >= min(5, len(want) - 1)
     assert "Paris" in rt.detokenize(got)

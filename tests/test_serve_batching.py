@@ -65,7 +65,7 @@ def alone(rt, ids, adapter, max_tokens, ignore_eos=False) -> list[int]:
 
 def early_enders(rt, n: int, max_tokens: int) -> list[tuple[list[int], str | None]]:
     """Prompts (and adapters) whose greedy answer ends with EOS before ``max_tokens``."""
-    rng, vocab, found = np.random.RandomState(1), rt._vocab(), []
+    rng, vocab, found = np.random.RandomState(1), rt.vocab_size, []
     for _ in range(200):
         ids = [int(x) for x in rng.randint(3, vocab, rng.randint(2, 20))]
         for adapter in (None, "a", "b"):
@@ -79,7 +79,7 @@ def early_enders(rt, n: int, max_tokens: int) -> list[tuple[list[int], str | Non
 
 def test_batched_rows_decode_exactly_as_alone(rt, monkeypatch):
     monkeypatch.setattr(onnx_batch, "FIRST_CAPACITY", 8)  # the KV buffers grow (and get copied) mid-batch
-    rng, vocab, T = np.random.RandomState(0), rt._vocab(), 30
+    rng, vocab, T = np.random.RandomState(0), rt.vocab_size, 30
     prompts = [[int(x) for x in rng.randint(3, vocab, n)] for n in (5, 17, 9, 23, 3, 12)]
     # (prompt, adapter, max_tokens, ignore_eos, step it may join at, steps after which the server drops it)
     cases = [(prompts[0], "a", T, False, 0, None), (prompts[1], None, T, False, 0, None),
@@ -204,7 +204,7 @@ FAULT_FIRST, FAULT_LATER, FAULT_FINISH = "\x01fault-first", "\x01fault-later", "
 
 def inject_faults(monkeypatch):
     """Requests carrying a marker stop string fail inside the worker: detokenizing their first token
-    (as it joins the batch), a later one (in a batch step), or finishing (``Engine._complete``)."""
+    (as it joins the batch), a later one (in a batch step), or finishing (``Engine.complete``)."""
     from edgeia3.serve import batching, engine
     from edgeia3.serve.requests import TextStream
 
@@ -219,7 +219,7 @@ def inject_faults(monkeypatch):
 
             super().__init__(faulty, stop)
 
-    complete = engine.Engine._complete
+    complete = engine.Engine.complete
 
     def faulty_complete(self, job, *args):
         if FAULT_FINISH in job.stop:
@@ -228,7 +228,7 @@ def inject_faults(monkeypatch):
 
     for module in (batching, engine):
         monkeypatch.setattr(module, "TextStream", FaultyText)
-    monkeypatch.setattr(engine.Engine, "_complete", faulty_complete)
+    monkeypatch.setattr(engine.Engine, "complete", faulty_complete)
 
 
 @pytest.mark.parametrize("max_batch", [8, 1])

@@ -225,7 +225,8 @@ def test_bad_inputs_get_clear_errors(tmp_path):
 def test_served_by_edgeia3_serve_with_per_request_adapters(unigram_tokenizer, tmp_path):
     """`edgeia3 serve` on a T5 GGUF export (127.0.0.1, the official openai client): the model list
     names the base and both adapters, and each request's answer is the runtime's own for that
-    adapter, streamed or not (a lone user message is sent as its text, as training reads it)."""
+    adapter, streamed or not (a lone user message is sent as its text, as training reads it).
+    The runtime loads and unloads adapters while it runs like the decoder-only llama.cpp runtime."""
     import copy
 
     from serving import Server, chat
@@ -240,6 +241,13 @@ def test_served_by_edgeia3_serve_with_per_request_adapters(unigram_tokenizer, tm
         for name in (None, "a", "b"):
             rt.use_adapter(name)
             want[name or "base"] = generate(rt, prompt, max_tokens=8)
+        assert rt.cannot_load() is None
+        facts = rt.load_adapter("b2", tmp_path / "b", tmp_path / "work")  # b's PEFT dir, under another name
+        assert facts["format"] == "peft" and rt.adapters == ["a", "b", "b2"]
+        rt.use_adapter("b2")
+        assert generate(rt, prompt, max_tokens=8) == want["b"]
+        rt.unload_adapter("b2")
+        assert rt.adapters == ["a", "b"] and rt.active is None
     assert want["a"] and want["a"] != want["b"]
     srv = Server(e.out, tmp_path / "serve.log")
     try:

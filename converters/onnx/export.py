@@ -40,7 +40,8 @@ from edgeia3.weights import check_deployment, llama_quant, same_weights
 
 from . import builder
 from .adapter_file import SUFFIX, write_onnx_adapter
-from .graph import IA3Input, activation_type, add_side_inputs, find_node, plan_inputs, scale_output_rows
+from .graph import (IA3Input, activation_np_dtype, activation_type, add_side_inputs, find_node, plan_inputs,
+                    scale_output_rows)
 from .transcode import carries, fusable_qkv, not_carried, transcode
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
@@ -218,7 +219,7 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
                      "trained_weights": ad.trained_on, "same_weights": same_weights(ad, deployed),
                      TOKENS_KEY: TokenContract.recorded(ad).to_json()}
             if merge is None:
-                dtype = _np_activation_dtype(tmp)
+                dtype = activation_np_dtype(tmp / MODEL_FILE)
                 path = write_onnx_adapter(ad, plans, tmp / ADAPTER_DIR / f"{name}{SUFFIX}", dtype)
                 entry.update(file=f"{ADAPTER_DIR}/{name}{SUFFIX}", bytes=path.stat().st_size)
             else:  # folded into the weights: keep the canonical vectors for provenance and reports
@@ -309,12 +310,6 @@ def _load_graph(model_dir: Path):
     import onnx
 
     return onnx.load(str(model_dir / MODEL_FILE), load_external_data=False)
-
-
-def _np_activation_dtype(model_dir: Path):
-    from onnx import helper
-
-    return helper.tensor_dtype_to_np_dtype(activation_type(_load_graph(model_dir)))
 
 
 def _add_side_inputs(model_dir: Path, lb: LoadedBase, loaded: dict[str, IA3Adapter], notes: list[str]):

@@ -166,6 +166,13 @@ def activation_type(model: onnx.ModelProto) -> int:
     return model.graph.output[0].type.tensor_type.elem_type
 
 
+def activation_np_dtype(model_file: Path) -> np.dtype:
+    """The numpy dtype of the activations of the graph in ``model_file`` (its IA3 inputs' dtype;
+    the graph is read without its external data)."""
+    model = onnx.load(str(model_file), load_external_data=False)
+    return np.dtype(helper.tensor_dtype_to_np_dtype(activation_type(model)))
+
+
 # -- exact merge into quantized weights ---------------------------------------------------------
 
 

@@ -3,28 +3,49 @@ llama.cpp are interchangeable in tests, the CLI and reports.
 
 A runtime is opened once on an artifact (a transformers dir, an ONNX export,
 a GGUF export) and then serves requests; ``use_adapter`` switches the active
-IA3 adapter between requests without reloading the base.
+IA3 adapter between requests without reloading the base, ``load_adapter`` /
+``unload_adapter`` change the set while it runs (where ``cannot_load`` says
+nothing against it). The protocol is all its clients (run, report, the CLI, the
+server) use; ``RuntimeBase`` (``base_runtime``) holds what runtimes share.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
 from ..errors import EdgeIA3Error
 from ..prompts import ChatTemplates, resolve_template
 from ..tokens import TokenContract
+from .base_runtime import NotLoadable, RuntimeBase, adapter_format
+
+__all__ = ["NotLoadable", "Runtime", "RuntimeBase", "adapter_format", "generate", "open_runtime", "prompt_ids_for",
+           "refuse_options", "register_runtime"]
 
 
 @runtime_checkable
 class Runtime(Protocol):
-    name: str  # e.g. "torch", "onnxruntime-genai", "llama.cpp"
+    name: str  # e.g. "torch", "onnxruntime-genai", "llama.cpp"; for people (messages, metrics), never to branch on
     templates: ChatTemplates  # which chat template renders chat for which adapter (edgeia3.prompts)
+    # Greedy decoding of up to N requests at once, each with its own adapter and KV cache
+    # (``batch_decoder(N)``: ONNX exports, see ``onnx_batch``); None: one request at a time.
+    batch_decoder: Callable[[int], Any] | None
 
     @property
-    def adapters(self) -> list[str]: ...
+    def adapters(self) -> list[str]:
+        """The adapters ``use_adapter`` takes; the merged one (``merged``) is listed by the llama.cpp
+        and T5 runtimes, not by onnxruntime-genai's."""
+
+    @property
+    def active(self) -> str | None:
+        """The adapter the next request runs with (None: the base; a merged GGUF export: its merged adapter)."""
+
+    @property
+    def merged(self) -> str | None:
+        """The adapter folded into this model's weights (None: none); it cannot be unloaded, and its
+        name and None both run the weights as they are."""
 
     @property
     def context_length(self) -> int:
@@ -61,8 +82,24 @@ class Runtime(Protocol):
     def describe(self) -> str:
         """How this runtime applies adapters, in words (e.g. in-place swap, side inputs)."""
 
+    def cannot_load(self) -> str | None:
+        """None if adapters can be loaded while this runtime runs, else why they cannot, as a
+        sentence for the user (a merged export, an export without IA3 inputs, the torch runtime)."""
+
+    def load_adapter(self, name: str, path: str | Path, workdir: str | Path) -> dict:
+        """Validate the adapter at ``path`` - any form this runtime takes (canonical, PEFT dir,
+        ``.ia3.gguf``; ONNX also ``.onnx_adapter``) - against this base exactly as the export steps do,
+        and make it usable as ``name``. ``workdir``: where the runtime may keep its own copy (deleted
+        on unload). Returns facts about it (sites, params, format[, note]). Raises ``NotLoadable``
+        (``cannot_load``), or ``EdgeIA3Error`` for a bad name or adapter; a refused adapter leaves no trace."""
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter ``name`` (the base becomes active if it was) and any copy of it the runtime
+        made. Raises ``NotLoadable`` for the merged adapter or a runtime that cannot unload."""
+
     def close(self) -> None:
-        """Release the model (files, sessions); the runtime is unusable afterwards."""
+        """Release the model (sessions, the llama.cpp context, its private working copy of the GGUF);
+        idempotent; the runtime is unusable afterwards. Also on leaving a ``with`` block."""
 
 
 def generate(rt: Runtime, prompt: str | list[dict], max_tokens: int = 64) -> str:
@@ -85,6 +122,8 @@ def prompt_ids_for(rt: Runtime, prompt: str | list[dict], adapter: str | None) -
 def refuse_options(path: Path, runtime: str, options: dict) -> None:
     if options:
         raise EdgeIA3Error(f"{path}: the {runtime} runtime takes no option(s) {', '.join(sorted(options))}")
+
+
 _OPENERS: list[tuple] = []
 
 

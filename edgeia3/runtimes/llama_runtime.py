@@ -34,6 +34,7 @@ from ..manifest import export_kind, merged_name, read_manifest
 from ..prompts import RECORD_KEY, ChatTemplates, read_template
 from ..tokens import TokenContract
 from . import refuse_options, register_runtime
+from .base_runtime import RuntimeBase, adapter_format
 
 # Adapters whose scale fields stay computed (~4 MB each on SmolLM2): switching among these
 # is only memory copies; any other adapter computes its fields once at switch time (~ms).
@@ -53,7 +54,7 @@ def _llama_cpp() -> Any:
     return llama_cpp
 
 
-class LlamaCppRuntime:
+class LlamaCppRuntime(RuntimeBase):
     name = "llama.cpp"
 
     def __init__(self, model: str | Path, adapters: dict[str, str | Path] | None = None, *,
@@ -66,7 +67,7 @@ class LlamaCppRuntime:
             raise EdgeIA3Error(f"swap must be auto, {IN_PLACE} or {RELOAD}")
         self.source = Path(model)
         self.base = GGUFBase(self.source)
-        self.merged = merged  # adapter already folded into the file (a merged export)
+        self._merged = merged  # adapter already folded into the file (a merged export)
         self.adapter_paths = {n: Path(p) for n, p in (adapters or {}).items()}
         loaded = {n: self.base.load_adapter(p) for n, p in self.adapter_paths.items()}
         plans = {n: adapter_plan(ad, self.base) for n, ad in loaded.items()}
@@ -157,8 +158,14 @@ class LlamaCppRuntime:
         return ([self.merged] if self.merged else []) + list(self._plans)
 
     @property
-    def active(self) -> str | None:
-        return self._active
+    def merged(self) -> str | None:
+        return self._merged
+
+    def cannot_load(self) -> str | None:
+        if self.merged:
+            return (f"this GGUF export has adapter '{self.merged}' merged into its weights; it cannot load "
+                    "adapters at run time (export without --merge to swap adapters)")
+        return None
 
     def use_adapter(self, name: str | None) -> None:
         """Activate adapter ``name`` (None: the base) without reloading the model."""
@@ -214,30 +221,23 @@ class LlamaCppRuntime:
         self._cache.move_to_end(name)
         return self._cache[name]
 
-    def add_adapter(self, name: str, path: str | Path) -> dict:
-        """Validate the adapter at ``path`` against this base and make it usable as ``name``."""
+    def _attach(self, name: str, path: Path, workdir: Path) -> dict:
+        """Validate the adapter (canonical, PEFT dir or ``.ia3.gguf``) against this GGUF and precompute
+        its scale fields like the export's own adapters'; the next ``use_adapter`` swaps them in."""
         from edgeia3.converters.gguf.merge import adapter_plan
 
-        if name in self.adapters:
-            raise EdgeIA3Error(f"adapter '{name}' is already loaded")
         adapter = self.base.load_adapter(path)  # family, identity, lengths, finite
         self._add_plan(name, adapter_plan(adapter, self.base))
         self.adapter_paths[name] = Path(path)
         self.templates.record(name, adapter)  # its prompts render as it was trained
-        return {"sites": adapter.sites, "params": adapter.num_params}
+        return {"sites": adapter.sites, "params": adapter.num_params, "format": adapter_format(path)}
 
-    def remove_adapter(self, name: str) -> None:
-        """Forget adapter ``name`` (the base becomes active if it was)."""
-        if self.merged == name:
-            raise EdgeIA3Error(f"adapter '{name}' is merged into this export's weights; it cannot be unloaded")
-        if name not in self._plans:
-            raise EdgeIA3Error(f"unknown adapter '{name}'")
+    def _detach(self, name: str) -> None:
         if self._active == name:
             self.use_adapter(None)
         del self._plans[name]
         self._cache.pop(name, None)
         self.adapter_paths.pop(name, None)
-        self.templates.forget(name)
 
     # -- inference -------------------------------------------------------------
     def _clear_kv(self) -> None:
@@ -315,12 +315,6 @@ class LlamaCppRuntime:
         self._mm = None
         shutil.rmtree(self._workdir, ignore_errors=True)
         self._workdir = None
-
-    def __enter__(self) -> "LlamaCppRuntime":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def __del__(self) -> None:
         try:

@@ -58,8 +58,8 @@ class BatchDecoder:
         if max_rows < 1:
             raise EdgeIA3Error("max_rows must be at least 1")
         self.rt, self.max_rows = rt, max_rows
-        self.sess = rt._ort_session()
-        types = rt._input_types
+        self.sess = rt.ort_session()
+        types = rt.input_types
         dec = rt.genai_config["model"]["decoder"]
         names_in, names_out = dec["inputs"], dec.get("outputs", {})
         self.heads, self.head_size = int(dec["num_key_value_heads"]), int(dec["head_size"])
@@ -77,7 +77,7 @@ class BatchDecoder:
         self.vocab = int(rt.genai_config["model"]["vocab_size"])
         self.ia3 = [(p["name"], int(p["size"])) for p in rt.manifest.get("ia3_inputs", [])]
         self.ia3_dtype = getattr(rt, "_ia3_dtype", np.float32)
-        self.eos = tuple(int(t) for t in rt._eos_ids())
+        self.eos = tuple(int(t) for t in rt.eos_ids())
         self.rows: list[Row] = []
         self.kv: list[np.ndarray] = []
         self.vec: list[np.ndarray] = []
@@ -186,7 +186,7 @@ class BatchDecoder:
     def _vectors_of(self, adapter: str | None) -> dict[str, np.ndarray]:
         """The row's own copy of its adapter's vectors: unloading the adapter cannot touch a running row."""
         side = self.rt.side_adapter(adapter)  # None for the base and for an adapter merged into the weights
-        return {inp["name"]: np.asarray(self.rt._vector(side, inp), dtype=self.ia3_dtype).reshape(1, -1)
+        return {inp["name"]: np.asarray(self.rt.side_vector(side, inp), dtype=self.ia3_dtype).reshape(1, -1)
                 for inp in self.rt.manifest.get("ia3_inputs", [])}
 
     def _ensure(self, rows: int, positions: int) -> None:

@@ -30,10 +30,10 @@ from ..manifest import MANIFEST, export_kind, merged_name, read_manifest
 from ..prompts import RECORD_KEY, ChatTemplates, read_template
 from ..tokens import TokenContract, hf_encoder
 from . import refuse_options, register_runtime
+from .base_runtime import RuntimeBase
 
 
-
-class OnnxRuntime:
+class OnnxRuntime(RuntimeBase):
     name = "onnxruntime-genai"
     adapter_mechanism = "IA3 side-tensors fed as graph inputs by onnxruntime-genai Adapters (no reload)"
 
@@ -75,6 +75,8 @@ class OnnxRuntime:
         self._session = None  # plain onnxruntime session for full logits / mixed batches
         self._ort_adapters: dict[str, Any] = {}
         self._vectors: dict[str, dict[str, np.ndarray]] = {}
+        self._copies: set[str] = set()  # adapters loaded at run time: their files are this runtime's copies
+        self._adapter_dtype: Any = None
 
     # -- protocol ------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -87,12 +89,16 @@ class OnnxRuntime:
     def adapters(self) -> list[str]:
         return list(self._files)
 
+    @property
+    def merged(self) -> str | None:
+        return merged_name(self.manifest)
+
     def use_adapter(self, name: str | None) -> None:
         self._active = self.side_adapter(name)
 
     def side_adapter(self, name: str | None) -> str | None:
         """The adapter whose side tensors serve ``name`` (None: none to feed, e.g. the merged one)."""
-        merged = merged_name(self.manifest)
+        merged = self.merged
         if name is not None and name == merged:
             return None  # already in the weights: no side tensors to feed
         if name is not None and name not in self._files:
@@ -100,28 +106,50 @@ class OnnxRuntime:
             raise EdgeIA3Error(f"unknown adapter '{name}' (in this export: {', '.join(self._files) or 'none'}){hint}")
         return name
 
-    def load_adapter_file(self, name: str, path: Path, source: Path | None = None) -> None:
-        """Make the ``.onnx_adapter`` file at ``path`` (already checked against this export's IA3
-        inputs) usable as adapter ``name`` (the server's run-time loading); errors name
-        ``source``, the file the user gave, when ``path`` is a copy of it."""
-        try:
-            self._og_adapters.load(str(path), name)
-        except Exception as e:  # onnxruntime-genai raises its own RuntimeError types
-            raise EdgeIA3Error(f"onnxruntime-genai cannot load adapter {source or path}: "
-                               f"{' '.join(str(e).split())}") from None
-        self._files[name] = Path(path)
+    # -- adapters loaded while running (RuntimeBase.load_adapter / unload_adapter) ----------------------
+    def cannot_load(self) -> str | None:
+        if self.manifest.get("ia3_inputs"):
+            return None
+        merged = self.merged
+        why = f"adapter '{merged}' is merged into its weights" if merged else "it was exported without adapters"
+        return (f"this ONNX export has no IA3 side inputs ({why}), so adapters cannot be loaded at run time; "
+                "re-export it with --adapter NAME=PATH")
 
-    def remove_adapter(self, name: str) -> Path | None:
-        """Forget adapter ``name`` (the base becomes active if it was); returns its file."""
-        if name not in self._files:
-            raise EdgeIA3Error(f"unknown adapter '{name}'")
+    @property
+    def adapter_dtype(self) -> Any:
+        """The dtype of this export's IA3 inputs in its adapter files (the graph's activations')."""
+        if self._adapter_dtype is None:
+            from edgeia3.converters.onnx.graph import activation_np_dtype
+
+            self._adapter_dtype = activation_np_dtype(self.path / self.manifest.get("model_file", "model.onnx"))
+        return self._adapter_dtype
+
+    def _attach(self, name: str, path: Path, workdir: Path) -> dict:
+        """Check the adapter against this export's IA3 inputs, write this runtime's own
+        ``.onnx_adapter`` copy under ``workdir`` and load that (see ``onnx_adapters``)."""
+        from .onnx_adapters import prepare
+
+        copy, info, adapter = prepare(self.manifest, self.adapter_dtype, name, path, workdir)
+        try:
+            self._og_adapters.load(str(copy), name)
+        except Exception as e:  # onnxruntime-genai raises its own RuntimeError types
+            copy.unlink(missing_ok=True)
+            raise EdgeIA3Error(f"onnxruntime-genai cannot load adapter {path}: {' '.join(str(e).split())}") from None
+        self._files[name] = copy
+        self._copies.add(name)
+        self.templates.record(name, adapter)  # only once loaded; its prompts render as it was trained
+        return info
+
+    def _detach(self, name: str) -> None:
         if self._active == name:
             self.use_adapter(None)
         self._og_adapters.unload(name)
         self._ort_adapters.pop(name, None)  # the caches of the mixed-batch path
         self._vectors.pop(name, None)
-        self.templates.forget(name)
-        return self._files.pop(name)
+        path = self._files.pop(name)
+        if name in self._copies:
+            self._copies.discard(name)
+            path.unlink(missing_ok=True)
 
     def batch_decoder(self, max_rows: int = 16) -> Any:
         """Greedy decoding of up to ``max_rows`` requests at once, each with its own adapter
@@ -209,7 +237,7 @@ class OnnxRuntime:
         if self._active is not None:
             gen.set_active_adapter(self._og_adapters, self._active)
         gen.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
-        eos = set() if ignore_eos else set(self._eos_ids())
+        eos = set() if ignore_eos else set(self.eos_ids())
         for _ in range(max_tokens):
             if gen.is_done():
                 return
@@ -229,10 +257,7 @@ class OnnxRuntime:
         if self._active is not None:
             gen.set_active_adapter(self._og_adapters, self._active)
         gen.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
-        return np.array(gen.get_logits(), dtype=np.float32).reshape(-1)[-self._vocab():]
-
-    def _vocab(self) -> int:
-        return int(self.genai_config["model"]["vocab_size"])
+        return np.array(gen.get_logits(), dtype=np.float32).reshape(-1)[-self.vocab_size:]
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         return self.forward_mixed([token_ids], [self._active])[0]
@@ -252,7 +277,7 @@ class OnnxRuntime:
         for name in adapter_per_row:
             if name is not None and name not in self._files:
                 raise EdgeIA3Error(f"unknown adapter '{name}' (in this export: {', '.join(self._files) or 'none'})")
-        sess = self._ort_session()
+        sess = self.ort_session()
         lengths = [len(r) for r in token_ids_per_row]
         batch, width = len(lengths), max(lengths)
         feeds = self._base_feeds(token_ids_per_row, width)
@@ -261,17 +286,18 @@ class OnnxRuntime:
             opts.add_active_adapter(self._ort_adapter(adapter_per_row[0]))
         elif any(a is not None for a in adapter_per_row):
             for inp in self.manifest.get("ia3_inputs", []):
-                rows = [self._vector(a, inp) for a in adapter_per_row]
+                rows = [self.side_vector(a, inp) for a in adapter_per_row]
                 feeds[inp["name"]] = np.stack(rows).astype(self._ia3_dtype)
         logits = sess.run(["logits"], feeds, opts)[0]
         return [logits[b, :n].astype(np.float32) for b, n in enumerate(lengths)]
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _eos_ids(self) -> list[int]:
+    def eos_ids(self) -> list[int]:
         eos = self.genai_config["model"].get("eos_token_id")
         return eos if isinstance(eos, list) else [eos]
 
-    def _ort_session(self):
+    def ort_session(self):
+        """A plain onnxruntime session on model.onnx (full logits, mixed batches), made on first use."""
         import onnxruntime as ort
 
         if self._session is None:
@@ -284,7 +310,7 @@ class OnnxRuntime:
                 self._session = ort.InferenceSession(str(model_file), so, providers=providers)
             types = {i.name: i.type for i in (*self._session.get_inputs(),
                                               *self._session.get_overridable_initializers())}
-            self._input_types = types
+            self.input_types = types
             names = [p["name"] for p in self.manifest.get("ia3_inputs", [])]
             self._ia3_dtype = np.float16 if names and "float16" in types[names[0]] else np.float32
         return self._session
@@ -299,7 +325,8 @@ class OnnxRuntime:
             self._ort_adapters[name] = a
         return self._ort_adapters[name]
 
-    def _vector(self, name: str | None, inp: dict) -> np.ndarray:
+    def side_vector(self, name: str | None, inp: dict) -> np.ndarray:
+        """The [1, N] vector adapter ``name`` feeds IA3 input ``inp`` (ones for None)."""
         if name is None:
             return np.ones((1, inp["size"]), dtype=np.float32)
         if name not in self._vectors:
@@ -310,7 +337,7 @@ class OnnxRuntime:
 
     def _base_feeds(self, rows: list[list[int]], width: int) -> dict[str, np.ndarray]:
         dec = self.genai_config["model"]["decoder"]
-        types = self._input_types
+        types = self.input_types
         ids = np.zeros((len(rows), width), dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
         for b, r in enumerate(rows):

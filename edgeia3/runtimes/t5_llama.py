@@ -4,7 +4,8 @@ llama-cpp-python's high-level ``Llama`` drives decoder-only models; an encoder-d
 model needs ``llama_encode`` (the source, once) before ``llama_decode`` (the target,
 from the model's decoder start token, with the encoder output as cross-attention
 input). Everything else is the decoder-only runtime's: the private working copy, the
-block-scale swap, the probe that picks in-place or reload, the adapter set.
+block-scale swap, the probe that picks in-place or reload, the adapter set (loaded and
+unloaded while it runs too).
 
 Prompts are plain text; a conversation is rendered by the template the adapter was
 trained with, else T5's plain flattening (``edgeia3.prompts.FLAT_CHAT``). The source gets the tokenizer's EOS like
@@ -68,9 +69,6 @@ class T5LlamaRuntime(LlamaCppRuntime):
                      ignore_eos: bool = False) -> Iterator[int]:
         self._encode(prompt_ids)
         yield from self._greedy([self.decoder_start], max_tokens, ignore_eos)
-
-    def __enter__(self) -> "T5LlamaRuntime":
-        return self
 
 
 llama_runtime.ENCODER_DECODER = T5LlamaRuntime  # open_gguf runs T5 GGUFs with it

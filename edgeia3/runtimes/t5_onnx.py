@@ -17,13 +17,16 @@ from ..errors import EdgeIA3Error
 from ..manifest import export_kind, read_manifest
 from ..prompts import FLAT_CHAT, RECORD_KEY, ChatTemplates
 from ..tokens import TokenContract, hf_encoder
+from .base_runtime import RuntimeBase
 
 SOURCE_LIMIT = 512  # tokens of a T5 source (see context_length)
 
 KIND = "onnx-t5"
 
 
-class T5OnnxRuntime:
+class T5OnnxRuntime(RuntimeBase):
+    """Adapters come with the export; none load or unload while it runs (``cannot_load``)."""
+
     name = "onnxruntime-t5"
 
     def __init__(self, path: str | Path, provider: str | None = None):
@@ -50,7 +53,7 @@ class T5OnnxRuntime:
                          if "file" in a}  # a merged adapter keeps only its canonical vectors
         self._enc_inputs = {i.name for i in self.encoder.get_inputs()}
         self._dec_inputs = {i.name for i in self.decoder.get_inputs()}
-        self.active: str | None = None
+        self._active: str | None = None
         self._feeds = self._ones
         self.templates = ChatTemplates(FLAT_CHAT)  # T5 ships no chat template
         for name, a in m["adapters"].items():  # the template each adapter was trained with
@@ -70,12 +73,12 @@ class T5OnnxRuntime:
         """Feed adapter ``name``'s side inputs (None: ones). A merged export is its adapter: the
         merged name and None both run the weights as they are; no other adapter applies."""
         if self.merged is not None and name in (None, self.merged):
-            self.active = name
+            self._active = name
             return
         if name is not None and name not in self._tensors:
             hint = f" (this export has '{self.merged}' merged into its weights)" if self.merged else ""
             raise EdgeIA3Error(f"no adapter '{name}' in {self.path}; it has: {', '.join(self.adapters) or 'none'}{hint}")
-        self.active = name
+        self._active = name
         self._feeds = self._ones if name is None else self._tensors[name]
 
     # -- model -----------------------------------------------------------------
@@ -133,7 +136,7 @@ class T5OnnxRuntime:
 
     def prompt_ids(self, prompt: str | list[dict]) -> list[int]:
         if not isinstance(prompt, str):
-            prompt = self.templates.render(prompt, self.active)
+            prompt = self.templates.render(prompt, self._active)
         return self.tokens.ids(hf_encoder(self._tokenizer()), prompt)
 
     @property
@@ -162,12 +165,6 @@ class T5OnnxRuntime:
 
     def close(self) -> None:
         self.encoder = self.decoder = None
-
-    def __enter__(self) -> "T5OnnxRuntime":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _can_open(path: Path) -> bool:

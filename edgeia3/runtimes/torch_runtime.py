@@ -27,9 +27,12 @@ from ..prompts import FLAT_CHAT, ChatTemplates
 from ..registry import decoder_start_token
 from ..tokens import TokenContract, hf_encoder
 from . import refuse_options, register_runtime
+from .base_runtime import RuntimeBase
 
 
-class TorchRuntime:
+class TorchRuntime(RuntimeBase):
+    """Adapters attach when the runtime opens; none load or unload while it runs (``cannot_load``)."""
+
     name = "torch"
     adapter_mechanism = "PEFT IA3 adapters on one loaded base (set_adapter, no reload)"
 

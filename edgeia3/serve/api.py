@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import EdgeIA3Error
 from .bodies import AdapterRequest, ChatRequest, CompletionRequest, Generation, parse, read_json
 from .engine import Engine
-from .hotload import can_load, check_name
+from .hotload import check_name
 from .requests import BASE, Job, ServeError, internal_error
 from .security import Guard, HostCheck, confine
 
@@ -168,8 +168,8 @@ def create_app(engine: Engine, api_key: str | None = None, host: str = "127.0.0.
 
     def model_object(name: str) -> dict:
         info = {"kind": "base"} if name == BASE else {"kind": "adapter", **engine.names.get(name, {})}
-        if name == BASE and engine._merged_name():
-            info["merged"] = engine._merged_name()
+        if name == BASE and engine.merged:
+            info["merged"] = engine.merged
         return {"id": name, "object": "model", "created": engine.created, "owned_by": "edgeia3",
                 "edgeia3": {**info, "runtime": engine.rt.name}}
 
@@ -204,7 +204,7 @@ def create_app(engine: Engine, api_key: str | None = None, host: str = "127.0.0.
             check_name(req.name)
         except EdgeIA3Error as e:
             raise ServeError(400, str(e), "invalid_value", "name") from None
-        reason = can_load(engine.rt)
+        reason = engine.rt.cannot_load()
         if reason:
             raise ServeError(400, reason, "adapter_loading_not_supported")
         path = confine(engine.adapters_dir, req.path)  # 403 outside --adapters-dir, or without one

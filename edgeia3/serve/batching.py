@@ -3,7 +3,7 @@
 
 Between two steps the worker runs pending control tasks (adapter loads and
 unloads), then admits waiting requests (oldest first) into free rows - each is
-checked like any request (``Engine._admit``) and prefilled alone - then decodes
+checked like any request (``Engine.admit``) and prefilled alone - then decodes
 one token for every row. A row leaves on EOS, ``max_tokens``, a stop string, or
 when its client went away; a step never waits for a slow client (events are
 queued to the HTTP handlers).
@@ -94,7 +94,7 @@ class BatchLoop:
     # -- rows --------------------------------------------------------------------------------------
     def _join(self, job: Job) -> None:
         e, m = self.e, self.e.metrics
-        admitted = e._admit(job)
+        admitted = e.admit(job)
         if admitted is None:
             return self._forget(job)
         ids, max_tokens = admitted
@@ -159,7 +159,7 @@ class BatchLoop:
         self.dec.leave(row.job.id)  # no-op if the decoder already let it go (EOS, max_tokens)
         del self.rows[row.job.id]
         self._forget(row.job)
-        self.e._complete(row.job, row.text, finish, row.n, row.max_tokens, row.n_prompt)
+        self.e.complete(row.job, row.text, finish, row.n, row.max_tokens, row.n_prompt)
 
     def _drop(self, job: Job, err: ServeError) -> None:
         """``job`` fails with ``err``, and its row (if it has one) leaves the batch."""
@@ -167,7 +167,7 @@ class BatchLoop:
         if self.dec is not None:
             self.dec.leave(job.id)
         self._forget(job)
-        self.e._fail(job, err)
+        self.e.fail(job, err)
 
     def _forget(self, job: Job) -> None:
         with self.e.cond:

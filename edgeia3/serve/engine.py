@@ -35,8 +35,7 @@ from typing import Any, Callable
 
 from ..errors import EdgeIA3Error
 from ..prompts import NoChatTemplate
-from ..runtimes import prompt_ids_for
-from .hotload import NotLoadable, add_adapter, remove_adapter
+from ..runtimes import NotLoadable, Runtime, prompt_ids_for
 from .metrics import Metrics, snapshot
 from .requests import BASE, Job, Limits, ServeError, TextStream, internal_error, not_found, run_control
 
@@ -81,7 +80,7 @@ class Scheduler:
 class Engine:
     """One runtime served by one worker thread."""
 
-    def __init__(self, runtime: Any, limits: Limits | None = None, workdir: str | Path | None = None,
+    def __init__(self, runtime: Runtime, limits: Limits | None = None, workdir: str | Path | None = None,
                  adapters_dir: str | Path | None = None):
         import tempfile
 
@@ -98,14 +97,14 @@ class Engine:
         self.controls: deque = deque()
         self.scheduler = Scheduler(self.limits.max_group_wait)
         self.running: list[Job] = []  # decoding now (one, or a batch's rows)
-        self.max_batch = max(1, int(self.limits.max_batch)) if hasattr(runtime, "batch_decoder") else 1
-        self.active: str | None = getattr(runtime, "_active", None)
+        self.max_batch = max(1, int(self.limits.max_batch)) if runtime.batch_decoder is not None else 1
+        self.active: str | None = runtime.active
         self.closed = False
         self.names: dict[str, dict] = {n: {"source": "export"} for n in runtime.adapters}
         self.pending: set[str] = set()  # names reserved by run-time loads not done yet
-        merged = self._merged_name()
-        if merged:
-            self.names.setdefault(merged, {"source": "export"})["merged"] = True
+        self.merged = runtime.merged  # the adapter in the weights: "base" runs it, it cannot be unloaded
+        if self.merged:
+            self.names.setdefault(self.merged, {"source": "export"})["merged"] = True
         self.created = int(time.time())
         if self.max_batch > 1:
             from .batching import BatchLoop
@@ -114,14 +113,6 @@ class Engine:
         else:
             loop = self._loop
         self.thread = threading.Thread(target=loop, name="edgeia3-serve-worker", daemon=True)
-
-    def _merged_name(self) -> str | None:
-        from ..manifest import merged_name
-
-        manifest = getattr(self.rt, "manifest", None)
-        if isinstance(manifest, dict):
-            return merged_name(manifest)
-        return getattr(self.rt, "merged", None)
 
     # -- lifetime -------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -239,7 +230,7 @@ class Engine:
             self._check_new(name)
         t0 = time.perf_counter()
         try:
-            info = add_adapter(self.rt, name, path, self.workdir / "adapters")
+            info = self.rt.load_adapter(name, path, self.workdir / "adapters")
         except NotLoadable as e:
             raise ServeError(400, str(e), "adapter_loading_not_supported") from None
         except EdgeIA3Error as e:
@@ -270,9 +261,9 @@ class Engine:
                                          "model_not_found", "model"))
 
         def remove() -> None:
-            remove_adapter(self.rt, name, self.workdir / "adapters")
+            self.rt.unload_adapter(name)  # and the server's copy of it, if the runtime made one
             if self.active == name:
-                self.active = getattr(self.rt, "_active", None)
+                self.active = self.rt.active
 
         return self.call(remove)
 
@@ -303,7 +294,7 @@ class Engine:
             self._run(job)
         except Exception as e:  # a bug or a runtime failure: answer 500, keep serving
             log.exception("request %s failed", job.id)
-            self._fail(job, internal_error(e))
+            self.fail(job, internal_error(e))
         finally:
             job.finished = job.finished or time.perf_counter()
             with self.cond:
@@ -317,14 +308,14 @@ class Engine:
         with self.cond:
             jobs, self.waiting, self.running = self.waiting + self.running, [], []
         for job in jobs:
-            self._fail(job, internal_error(e))
+            self.fail(job, internal_error(e))
 
-    def _fail(self, job: Job, err: ServeError) -> None:
+    def fail(self, job: Job, err: ServeError) -> None:
         job.finished = time.perf_counter()
         job.post("error", err)
         return None
 
-    def _admit(self, job: Job) -> tuple[list[int], int] | None:
+    def admit(self, job: Job) -> tuple[list[int], int] | None:
         """A job about to run: its prompt ids and max_tokens, or None once it was answered (an
         error) or dropped (cancelled). Shared by both schedules."""
         lim = self.limits
@@ -337,27 +328,27 @@ class Engine:
         with self.cond:
             known = job.adapter is None or job.adapter in self.names
         if not known:
-            return self._fail(job, ServeError(404, f"The model '{job.adapter}' was unloaded before this request "
+            return self.fail(job, ServeError(404, f"The model '{job.adapter}' was unloaded before this request "
                                                    "ran", "model_not_found", "model"))
         try:
             if isinstance(job.prompt, list) and all(isinstance(t, int) for t in job.prompt):
                 ids = list(job.prompt)
                 if self.vocab is not None and any(not 0 <= t < self.vocab for t in ids):
-                    return self._fail(job, ServeError(400, f"prompt token ids must lie in [0, {self.vocab})",
+                    return self.fail(job, ServeError(400, f"prompt token ids must lie in [0, {self.vocab})",
                                                       "invalid_value", "prompt"))
             else:  # rendered with the job's adapter's template (before any swap to it)
                 ids = prompt_ids_for(self.rt, job.prompt, job.adapter)
         except NoChatTemplate as e:
-            return self._fail(job, ServeError(400, f"{e} when starting edgeia3 serve, or send plain text to "
+            return self.fail(job, ServeError(400, f"{e} when starting edgeia3 serve, or send plain text to "
                                                    "/v1/completions", "invalid_value", "messages"))
         except EdgeIA3Error as e:
-            return self._fail(job, ServeError(400, str(e), "invalid_value", "messages"))
+            return self.fail(job, ServeError(400, str(e), "invalid_value", "messages"))
         n_prompt = len(ids)
         if n_prompt == 0:
-            return self._fail(job, ServeError(400, "the prompt is empty (no tokens)", "invalid_value", "prompt"))
+            return self.fail(job, ServeError(400, "the prompt is empty (no tokens)", "invalid_value", "prompt"))
         cap_prompt = min(lim.max_prompt_tokens, self.context - 1)
         if n_prompt > cap_prompt:
-            return self._fail(job, ServeError(
+            return self.fail(job, ServeError(
                 400, f"the prompt has {n_prompt} tokens; this server accepts at most {cap_prompt} "
                      f"(--max-prompt-tokens {lim.max_prompt_tokens}, context {self.context})",
                 "context_length_exceeded", "messages"))
@@ -365,7 +356,7 @@ class Engine:
         if job.max_tokens is None:
             return ids, min(lim.max_tokens, room)
         if n_prompt + job.max_tokens > self.context:
-            return self._fail(job, ServeError(
+            return self.fail(job, ServeError(
                 400, f"this model's maximum context length is {self.context} tokens; you requested "
                      f"{n_prompt + job.max_tokens} tokens ({n_prompt} in the prompt, {job.max_tokens} for the "
                      "completion)", "context_length_exceeded", "max_tokens"))
@@ -373,7 +364,7 @@ class Engine:
 
     def _run(self, job: Job) -> None:
         rt, m = self.rt, self.metrics
-        admitted = self._admit(job)
+        admitted = self.admit(job)
         if admitted is None:
             return
         ids, max_tokens = admitted
@@ -407,16 +398,16 @@ class Engine:
                 self.pace()
         except EdgeIA3Error as e:
             gen.close()
-            return self._fail(job, ServeError(400, str(e), "invalid_value"))
+            return self.fail(job, ServeError(400, str(e), "invalid_value"))
         finally:
             gen.close()
             with m.lock:
                 m.generated_tokens += n
                 m.prompt_tokens += n_prompt
                 m.decode_seconds += time.perf_counter() - t0
-        return self._complete(job, text, finish, n, max_tokens, n_prompt)
+        return self.complete(job, text, finish, n, max_tokens, n_prompt)
 
-    def _complete(self, job: Job, text: TextStream, finish: str | None, n: int, max_tokens: int,
+    def complete(self, job: Job, text: TextStream, finish: str | None, n: int, max_tokens: int,
                   n_prompt: int) -> None:
         """A job's generation ended (``finish`` None: by EOS or max_tokens): its last delta and done,
         or nothing if it was cancelled."""

@@ -1,0 +1,119 @@
+"""What every runtime shares behind the ``Runtime`` protocol: run-time adapter loading
+(checks, refusal, cleanup) and the answers of a runtime that cannot load adapters.
+
+A runtime that can take adapters while it runs implements two hooks:
+``_attach(name, path, workdir) -> dict`` (validate the adapter against its base and make
+it usable; returns facts about it) and ``_detach(name)`` (forget it, with any copy it
+made). ``load_adapter`` / ``unload_adapter`` do the checks every runtime shares around them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..adapter import CANONICAL_FILE, check_adapter_name
+from ..errors import EdgeIA3Error
+from ..prompts import ChatTemplates
+
+log = logging.getLogger("edgeia3.runtimes")
+
+
+class NotLoadable(EdgeIA3Error):
+    """This runtime / export cannot take adapters at run time at all."""
+
+
+def adapter_format(path: Path) -> str:
+    """The form of the adapter at ``path``: "ia3.gguf", "onnx_adapter", "peft" or "edgeia3" (canonical)."""
+    if path.name.endswith(".ia3.gguf") or path.suffix == ".gguf":
+        return "ia3.gguf"
+    if path.name.endswith(".onnx_adapter"):
+        return "onnx_adapter"
+    if path.is_dir() and not (path / CANONICAL_FILE).exists():
+        return "peft"
+    return "edgeia3"
+
+
+class RuntimeBase:
+    """Shared behaviour of the runtimes; by default a runtime cannot load adapters at run time."""
+
+    name: str = "runtime"
+    templates: ChatTemplates
+    batch_decoder: Any = None  # one request at a time, unless a runtime decodes batches (ONNX)
+    _active: str | None = None
+
+    @property
+    def active(self) -> str | None:
+        """The adapter the next request runs with (None: the base)."""
+        return self._active
+
+    @property
+    def merged(self) -> str | None:
+        """The adapter folded into this model's weights (None: none)."""
+        return None
+
+    @property
+    def adapters(self) -> list[str]:  # every runtime overrides it
+        raise NotImplementedError
+
+    def cannot_load(self) -> str | None:
+        """None if adapters can be loaded while this runtime runs, else why they cannot."""
+        return (f"the {self.name} runtime cannot load adapters at run time (serve an ONNX or GGUF export, or "
+                "attach adapters when opening it)")
+
+    def load_adapter(self, name: str, path: str | Path, workdir: str | Path) -> dict:
+        """Validate the adapter at ``path`` (any form this runtime takes) against this base and make
+        it usable as ``name``; ``workdir``: where the runtime may keep its own copy. Returns facts about
+        it (sites, params, format). A refused adapter leaves no trace; ``NotLoadable`` if this runtime
+        cannot load adapters at all (``cannot_load``)."""
+        check_adapter_name(name)
+        path = Path(path)
+        if not path.exists():
+            raise EdgeIA3Error(f"adapter not found: {path}")
+        if name in self.adapters:
+            raise EdgeIA3Error(f"adapter '{name}' is already loaded")
+        reason = self.cannot_load()
+        if reason:
+            raise NotLoadable(reason)
+        try:
+            return self._attach(name, path, Path(workdir))
+        except BaseException:
+            self._forget_refused(name)
+            raise
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter ``name`` (the base becomes active if it was) and any copy of it this runtime
+        made. ``NotLoadable`` for the merged adapter, or if this runtime cannot unload adapters."""
+        if name not in self.adapters:
+            raise EdgeIA3Error(f"unknown adapter '{name}'")
+        if self.merged == name:
+            raise NotLoadable(f"adapter '{name}' is merged into this export's weights; it cannot be unloaded")
+        self._detach(name)
+        self.templates.forget(name)
+
+    def _attach(self, name: str, path: Path, workdir: Path) -> dict:
+        raise NotLoadable(self.cannot_load() or f"the {self.name} runtime cannot load adapters at run time")
+
+    def _detach(self, name: str) -> None:
+        raise NotLoadable(f"the {self.name} runtime cannot unload adapters at run time")
+
+    def _forget_refused(self, name: str) -> None:
+        """A runtime may have recorded a refused adapter (or its chat template) before refusing it
+        (llama.cpp: an overflowing scale); the name must stay loadable."""
+        if name in self.adapters:
+            try:
+                self._detach(name)
+            except Exception:  # never hide the refusal's own error
+                log.exception("could not forget refused adapter %r", name)
+        self.templates.forget(name)
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:  # every runtime overrides it
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
