@@ -195,6 +195,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="cells run side by side")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each cell")
     ap.add_argument("--report", action="store_true", help="only print the table of the finished cells")
+    ap.add_argument("--retry", action="store_true", help="rerun cells that were started but left no result")
+    ap.add_argument("--reverse", action="store_true", help="run the cells in reverse order (a second sweep)")
     args = ap.parse_args()
     header("training recipes vs the plain PEFT loop")
 
@@ -216,8 +218,8 @@ def main() -> None:
     def do(cell) -> None:
         task, budget, name, seed = cell
         d = cell_dir(out, task, budget, name, seed)
-        if read_cell(d) is not None:
-            return
+        if read_cell(d) is not None or ((d / "log.txt").exists() and not args.retry):
+            return  # done, or started by another sweep (running or failed: --retry reruns it)
         d.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         ok = run(cell_command(args, task, budget, name, named[name], seed, d), d / "log.txt", args.threads)
@@ -228,7 +230,7 @@ def main() -> None:
 
     if not args.report:
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(do, todo))
+            list(pool.map(do, todo[::-1] if args.reverse else todo))
     cells = []
     for task, budget, name, seed in todo:
         got = read_cell(cell_dir(out, task, budget, name, seed))
