@@ -1,7 +1,8 @@
 """The browser export on SmolLM2-135M: headless Chromium (onnxruntime-web, WASM) next to native.
 
-For each matmul form of `edgeia3 export web` (dequantize: DequantizeLinear + MatMul folded at
-load; nbits: MatMulNBits as exported) and each thread count, in a fresh browser: load time,
+For each matmul form of `edgeia3 export web` (dequantize: DequantizeLinear + MatMul folded to fp32 at
+load; int8: int8 weights per column + onnxruntime's integer kernels; nbits: MatMulNBits as exported;
+dequantize-fold) and each thread count, in a fresh browser: load time,
 time to first token, decode tok/s (greedy, --tokens new tokens, median of --runs), adapter load,
 and the renderer's peak resident memory (VmHWM of the page's renderer process). Native figures on
 the same machine in the same run: onnxruntime on the browser graph and on the ONNX export's own
@@ -110,11 +111,12 @@ def main() -> None:
     ap.add_argument("--base", default="default")
     ap.add_argument("--adapter", action="append", default=[], help="NAME=ADAPTER_DIR")
     ap.add_argument("--task", action="append", default=[], help="NAME=EVAL.jsonl (NAME: an adapter)")
-    ap.add_argument("--modes", default="dequantize,nbits")
+    ap.add_argument("--modes", default="dequantize,int8,nbits")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rows", type=int, default=100)
+    ap.add_argument("--task-modes", default="dequantize,int8", help="matmul forms the eval rows run on")
     args = ap.parse_args()
     header("edgeia3 export web: SmolLM2-135M in headless Chromium (onnxruntime-web) vs native onnxruntime")
     from playwright.sync_api import sync_playwright
@@ -145,13 +147,21 @@ def main() -> None:
             m = json.loads((folder / "edgeia3.json").read_text())
             files = sum((folder / f).stat().st_size for f in [m["graph"]["file"], *m["graph"]["external_data"]])
             for n in threads:
-                browser, page = open_page(pw, f"{root}/web-{mode}/index.html?threads={n}")
+                browser = None
                 try:
+                    browser, page = open_page(pw, f"{root}/web-{mode}/index.html?threads={n}")
                     runs = [generate(page, prompt=PROMPT, adapter=first, maxTokens=args.tokens, ignoreEos=True)["stats"]
                             for _ in range(args.runs)]
                     peak = max(renderer_peaks())
+                except Exception as e:  # a renderer that runs out of memory crashes the page
+                    rows.append({"runtime": f"Chromium onnxruntime-web, {mode}", "threads": n, "load ms": "-",
+                                 "ttft ms": "-", "decode tok/s": f"failed: {str(e).splitlines()[0][:60]}",
+                                 "adapter load ms": "-", "peak MB": "-", "model files MB": "-", "tokens": "-"})
+                    print(rows[-1], flush=True)
+                    continue
                 finally:
-                    browser.close()
+                    if browser is not None:
+                        browser.close()
                 rows.append({"runtime": f"Chromium onnxruntime-web, {mode}", "threads": n,
                              "load ms": round(runs[0]["load_ms"]),
                              "ttft ms": round(statistics.median(r["ttft_ms"] for r in runs)),
@@ -183,25 +193,27 @@ def main() -> None:
         for spec in args.task:
             name, path = spec.split("=", 1)
             evals = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()][:args.rows]
-            mode = modes[0]
-            nw = NativeWeb(args.work / f"web-{mode}")
-            browser, page = open_page(pw, f"{root}/web-{mode}/index.html")
-            same = hits = native_hits = 0
-            t = time.perf_counter()
-            try:
-                for row in evals:
-                    msgs = [m for m in row["messages"] if m["role"] != "assistant"]
-                    target = row["messages"][-1]["content"].strip()
-                    got = generate(page, messages=msgs, adapter=name, maxTokens=16)
-                    want = nw.generate(nw.prompt_ids(msgs, name), name, 16)
-                    same += got["ids"] == want and got["prompt_ids"] == nw.prompt_ids(msgs, name)
-                    hits += got["text"].strip() == target
-                    native_hits += nw.detokenize(want).strip() == target
-            finally:
-                browser.close()
-            print(f"\ntask {name} ({mode}): {len(evals)} eval rows in {time.perf_counter() - t:.0f} s; page answers "
-                  f"token-identical to native onnxruntime: {same}/{len(evals)}; exact match: Chromium "
-                  f"{100 * hits / len(evals):.1f}%, native (same graph) {100 * native_hits / len(evals):.1f}%")
+            for mode in [m for m in args.task_modes.split(",") if m in modes]:
+                nw = NativeWeb(args.work / f"web-{mode}")
+                browser, page = open_page(pw, f"{root}/web-{mode}/index.html")
+                same = hits = native_hits = 0
+                t = time.perf_counter()
+                try:
+                    for row in evals:
+                        msgs = [m for m in row["messages"] if m["role"] != "assistant"]
+                        target = row["messages"][-1]["content"].strip()
+                        got = generate(page, messages=msgs, adapter=name, maxTokens=16)
+                        ids = nw.prompt_ids(msgs, name)
+                        want = nw.generate(ids, name, 16)
+                        same += got["ids"] == want and got["prompt_ids"] == ids
+                        hits += got["text"].strip() == target
+                        native_hits += nw.detokenize(want).strip() == target
+                finally:
+                    browser.close()
+                print(f"\ntask {name} ({mode}): {len(evals)} eval rows in {time.perf_counter() - t:.0f} s; page answers "
+                      f"token-identical to native onnxruntime on the same graph: {same}/{len(evals)}; exact match: "
+                      f"Chromium {100 * hits / len(evals):.1f}%, native (same graph) {100 * native_hits / len(evals):.1f}%",
+                      flush=True)
     srv.shutdown()
 
 

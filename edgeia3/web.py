@@ -38,7 +38,8 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.onnx"
 PRECISIONS = ("int4", "int8", "fp32")
 # onnxruntime session config per matmul form (the page and NativeWeb use the same)
-SESSION_OPTIONS = {"dequantize": {"session.disable_quant_qdq": "1"}, "nbits": {}}
+SESSION_OPTIONS = {"dequantize": {"session.disable_quant_qdq": "1"}, "dequantize-fold": {"session.disable_quant_qdq": "1"},
+                   "int8": {}, "nbits": {}}
 WEBGPU_PREFILL_CHUNK = 16  # GQA prefill over > 16 tokens was wrong on Chromium's software WebGPU (FACTS.md)
 
 

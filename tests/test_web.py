@@ -233,6 +233,26 @@ def test_matmulnbits_as_dequantize_linear_is_exact(bits, k, zero_points, bias, m
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
 
 
+@pytest.mark.parametrize("bits, k, zero_points, bias, minimum", [(4, 96, True, False, True), (4, 80, False, True, False),
+                                                                 (8, 64, True, False, False)])
+def test_int8_form_is_one_integer_matmul_within_int8_rounding(bits, k, zero_points, bias, minimum):
+    """matmul="int8": the exact weight (minimum term folded) re-rounded to int8 per column, one
+    DynamicQuantizeMatMul (int8 activations): within int8 rounding of MatMulNBits at fp32."""
+    import onnxruntime as ort
+
+    from edgeia3.converters.onnx.web import dequantize_matmuls, fold_block_minimum, int8_matmuls
+
+    model = _nbits_model(k, 48, bits, 32, zero_points, bias, minimum)
+    x = np.random.default_rng(1).standard_normal((3, k)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    dequantize_matmuls(model.graph)
+    fold_block_minimum(model.graph)
+    assert int8_matmuls(model.graph) == 1
+    assert [n.op_type for n in model.graph.node] == ["DynamicQuantizeMatMul"] + (["Add"] if bias else [])
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert 0 < np.abs(got - want).max() < 0.02 * np.abs(want).max()
+
+
 # -- answers -----------------------------------------------------------------------------------
 def test_page_answers_as_native_onnxruntime(exported, page):
     out, native = exported

@@ -11,9 +11,12 @@ that matter here (measured, FACTS.md):
   step. ``matmul="dequantize"`` rewrites each MatMulNBits as ``DequantizeLinear`` (blocked,
   int4/uint4 or int8/uint8, the same codes, scales and zero points: exact) + ``MatMul``;
   with the session option ``session.disable_quant_qdq=1`` onnxruntime folds the
-  dequantization into fp32 weights once, at load. The transcoder's per-block minimum term
-  (Q4_1 and other GGUF types with a minimum: ``blocksum(x) @ M``, two small MatMuls and an Add
-  per linear) is folded into that weight too. ``matmul="nbits"`` keeps MatMulNBits.
+  dequantization into fp32 weights once, at load. ``matmul="dequantize-fold"`` also folds the
+  transcoder's per-block minimum term (Q4_1 and other GGUF types with a minimum:
+  ``blocksum(x) @ M``, two small MatMuls and an Add per linear) into that weight - fewer ops,
+  but onnxruntime keeps every intermediate of constant folding until the pass ends (SmolLM2:
+  renderer peak 2.9 GB at 1 thread, the 2-thread page crashed). ``matmul="nbits"`` keeps
+  MatMulNBits.
 
 Adapters become ``.safetensors`` files (float32 tensors named like the graph inputs, shape
 [1, 1, N], every input of the export present; the header's ``__metadata__`` names the
@@ -32,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeia3.errors import EdgeIA3Error
 
-MATMUL_MODES = ("dequantize", "nbits")
+MATMUL_MODES = ("dequantize", "int8", "nbits", "dequantize-fold")
 MAX_IR = 13  # newest IR version onnxruntime-web 1.30/1.31 accept
 ADAPTER_FORMAT = "edgeia3-web-ia3/1"
 DATA_SUFFIX = ".data"
@@ -55,8 +58,9 @@ def browser_graph(src: Path, dst: Path, ia3_names: list[str], matmul: str = "deq
     dropped = len(graph.initializer) - len(kept)
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    rewritten = dequantize_matmuls(graph) if matmul == "dequantize" else 0
-    folded = fold_block_minimum(graph) if rewritten else 0
+    rewritten = dequantize_matmuls(graph) if matmul != "nbits" else 0
+    folded = fold_block_minimum(graph) if matmul in ("dequantize-fold", "int8") else 0
+    int8 = int8_matmuls(graph) if matmul == "int8" else 0
     model.ir_version = min(model.ir_version, max(MAX_IR, _min_ir(model)))
     if model.ir_version > MAX_IR:
         raise EdgeIA3Error(f"the graph needs ONNX IR {model.ir_version}; onnxruntime-web reads up to {MAX_IR}")
@@ -69,7 +73,7 @@ def browser_graph(src: Path, dst: Path, ia3_names: list[str], matmul: str = "deq
     ops: dict[str, int] = {}
     for n in graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return {"matmul": matmul, "dequantized_matmuls": rewritten, "block_minimum_folded": folded,
+    return {"matmul": matmul, "dequantized_matmuls": rewritten, "block_minimum_folded": folded, "int8_matmuls": int8,
             "ia3_initializers_dropped": dropped,
             "ir_version": model.ir_version, "ops": dict(sorted(ops.items())),
             "files": [model_file, data], "bytes": sum((dst / f).stat().st_size for f in (model_file, data))}
@@ -174,6 +178,72 @@ def dequantize_matmuls(graph: onnx.GraphProto) -> int:
     del graph.node[:]
     graph.node.extend(out_nodes)
     return done
+
+
+def int8_matmuls(graph: onnx.GraphProto) -> int:
+    """Rewrite every dequantized MatMul (after ``dequantize_matmuls`` + ``fold_block_minimum``) as
+    ``com.microsoft:DynamicQuantizeMatMul``: the weight's exact fp32 values re-rounded to int8 with one
+    symmetric scale per output column, activations quantized to uint8 per call - onnxruntime's integer
+    GEMM (WASM SIMD kernels in onnxruntime-web). Not the GGUF grid any more: a re-quantization, whose
+    cost is measured (bench/bench_web.py). Returns the count."""
+    from onnx.reference import ReferenceEvaluator
+
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    done, out_nodes, new_inits = 0, [], []
+    for node in graph.node:
+        w = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
+        chain = _constant_chain(w, producer, inits) if w else None
+        if chain is None or not any(n.op_type == "DequantizeLinear" for n in chain):
+            out_nodes.append(node)
+            continue
+        sub = helper.make_graph(chain, "w", [], [helper.make_tensor_value_info(w, TensorProto.FLOAT, None)],
+                                [inits[x] for n in chain for x in n.input if x in inits])
+        model = helper.make_model(sub, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+        values = np.asarray(ReferenceEvaluator(model).run(None, {})[0], np.float32)  # [K, N]
+        scale = np.abs(values).max(axis=0) / 127.0
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(values / scale), -127, 127).astype(np.int8)
+        base = node.name.strip("/").replace("/", ".") or w
+        new_inits += [numpy_helper.from_array(q, f"{base}.int8_weight"),
+                      numpy_helper.from_array(scale.astype(np.float32), f"{base}.int8_scale")]
+        out_nodes.append(helper.make_node("DynamicQuantizeMatMul", [node.input[0], f"{base}.int8_weight",
+                                                                     f"{base}.int8_scale"], [node.output[0]],
+                                          name=f"{node.name}/DynamicQuantizeMatMul", domain="com.microsoft"))
+        done += 1
+    nodes = out_nodes  # the weight chains nothing reads any more go below
+    outputs = {o.name for o in graph.output}
+    while True:
+        needed = {i for n in nodes for i in n.input} | outputs
+        alive = [n for n in nodes if any(o in needed for o in n.output)]
+        if len(alive) == len(nodes):
+            break
+        nodes = alive
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in list(graph.initializer) + new_inits if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return done
+
+
+def _constant_chain(name: str, producer: dict, inits: dict) -> list[onnx.NodeProto] | None:
+    """The nodes (in order) computing ``name`` from initializers only; None if it reads anything else."""
+    if name in inits:
+        return []
+    node = producer.get(name)
+    if node is None or not node.name:
+        return None
+    chain: list[onnx.NodeProto] = []
+    for x in node.input:
+        if not x:
+            continue
+        sub = _constant_chain(x, producer, inits)
+        if sub is None:
+            return None
+        chain += [n for n in sub if n not in chain]
+    return chain + [node]
 
 
 def fold_block_minimum(graph: onnx.GraphProto) -> int:
