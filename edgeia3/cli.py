@@ -267,8 +267,9 @@ def export_web(
     adapter: Optional[list[str]] = typer.Option(None, help="NAME=ADAPTER_DIR, repeatable"),
     precision: str = typer.Option("int4", help="int4, int8 or fp32"),
     matmul: str = typer.Option("dequantize", help="int4/int8 matmuls in the browser: dequantize (DequantizeLinear + "
-                               "MatMul, folded to fp32 once at load: fast, more memory), nbits (MatMulNBits: small, slow) "
-                               "or dequantize-fold (also folds Q4_1's block minimum: fewer ops, most load memory)"),
+                               "MatMul folded to fp32 at load: the exact weights, fast, more memory), int8 (re-rounded "
+                               "to int8 per column: integer kernels, less memory, not the exact grid), nbits "
+                               "(MatMulNBits: small, slow) or dequantize-fold"),
     weights: str = typer.Option("auto", help="as `export onnx --weights`"),
     accuracy_level: Optional[int] = typer.Option(None, help="as `export onnx --accuracy-level` (nbits only)"),
     strict: bool = typer.Option(False, help="refuse adapters trained on other weights than the export runs"),

@@ -112,10 +112,18 @@ def export_web(base: str = "default", out: str | Path = "", adapters: dict[str, 
         for f in ASSET_FILES:
             shutil.copyfile(ASSETS / f, tmp / f)
         genai = json.loads((onnx_dir / "genai_config.json").read_text())
+        weights, notes = m.get("weights"), list(res.notes)
+        if matmul == "int8" and graph["int8_matmuls"]:
+            weights = {"kind": "requantized", "how": f"int8 per output column, re-rounded from the exact values of "
+                       f"{(m.get('weights') or {}).get('name') or 'the ONNX export'}; int8 activations",
+                       "from": m.get("weights")}
+            notes.append("--matmul int8 re-rounds the weights to int8 per column (not the grid the adapters were "
+                         "trained on): check its task accuracy (bench/bench_web.py); --matmul dequantize runs the "
+                         "exact weights")
         manifest = {
             "kind": KIND, "format_version": FORMAT_VERSION,
             "family": m["family"], "base": m["base"], "fingerprint": m["fingerprint"], "export_id": ident,
-            "precision": precision, "weights": m.get("weights"), "transcoded": bool(m.get("transcoded")),
+            "precision": precision, "weights": weights, "transcoded": bool(m.get("transcoded")),
             "builder_options": m.get("builder_options"),
             "graph": {"file": MODEL_FILE, "external_data": [f for f in graph["files"] if f != MODEL_FILE],
                       "session_options": SESSION_OPTIONS[matmul], **graph},
@@ -128,11 +136,11 @@ def export_web(base: str = "default", out: str | Path = "", adapters: dict[str, 
             "chat_template": "chat_template.jinja" if (tmp / "chat_template.jinja").exists() else None,
             "runtime": {"wasm": "runtime/ort.wasm.min.mjs", "webgpu": "runtime/ort.webgpu.min.mjs",
                         "packages": packages},
-            "notes": list(res.notes),
+            "notes": notes,
             "export_seconds": round(time.perf_counter() - t0, 2),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return WebExport(Path(out), manifest, time.perf_counter() - t0, list(res.notes))
+    return WebExport(Path(out), manifest, time.perf_counter() - t0, notes)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> dict:
