@@ -181,3 +181,15 @@ def test_an_adapter_trained_without_bos_is_flagged_where_bos_is_fed(bos_case, tm
         assert not (tmp_path / f"{export.__name__}-strict").exists()
     m = json.loads((bos_case["gguf"] / "edgeia3.json").read_text())
     assert m[RECORD_KEY]["add_bos"] and m["adapters"]["a"][RECORD_KEY]["add_bos"]
+
+
+def test_a_vocabulary_llama_cpp_refuses_is_said_not_guessed(tiny_dir, tmp_path):
+    """A BPE vocabulary without merges (llama.cpp will not load it): the GGUF export still completes,
+    says so, and records the rule as unknown instead of guessing llama.cpp's defaults."""
+    from edgeia3.converters.gguf.llama_vocab import llama_cpp_tokens
+
+    base = tiny_dir("llama", tokenizer="bpe")
+    res = export_gguf(str(base), tmp_path / "g", quant="f32")
+    assert llama_cpp_tokens(res.out / "model.gguf") is None
+    assert any("cannot load this GGUF's vocabulary" in n for n in res.notes)
+    assert json.loads((res.out / "edgeia3.json").read_text())[RECORD_KEY] is None

@@ -107,6 +107,9 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
         loaded = {name: gb.load_adapter(path) for name, path in adapters.items()}
         info: dict[str, dict] = {}
         tokens = llama_cpp_tokens(model)
+        if tokens is None:
+            notes.append("llama.cpp cannot load this GGUF's vocabulary (e.g. a BPE tokenizer without merges): "
+                         "drive it by token ids; its special-token rule is unknown")
         (tmp / "adapters").mkdir()
         for name, ad in loaded.items():
             adapter_plan(ad, gb)  # the runtime swaps by this plan: refuse what it cannot apply, now
@@ -117,7 +120,8 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
                           "trained_weights": ad.trained_on,
                           "same_weights": check_deployment(name, ad, deployed, strict, notes),
                           TOKENS_KEY: TokenContract.recorded(ad).to_json()}
-            check_tokens(name, ad, tokens, "llama.cpp on this GGUF", strict, notes)
+            if tokens is not None:
+                check_tokens(name, ad, tokens, "llama.cpp on this GGUF", strict, notes)
         if merge is not None:
             # The copy in tmp is ours: patch its block scales in place.
             plan = adapter_plan(loaded[merge], gb)
@@ -127,7 +131,7 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
             del mm
         manifest = {
             "model": MODEL_FILE,
-            TOKENS_KEY: tokens.to_json(),  # what llama.cpp adds around a text for this file
+            TOKENS_KEY: tokens and tokens.to_json(),  # what llama.cpp adds around a text (None: unknown)
             "base": {"spec": str(base), "identity": gb.identity.to_dict(),
                      "source_identity": gb.identities[-1].to_dict() if len(gb.identities) > 1 else None},
             "family": gb.family.name,

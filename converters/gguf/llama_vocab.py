@@ -22,11 +22,15 @@ def vocab_tokens(vocab: Any) -> TokenContract:
     return TokenContract(add_bos, bos if add_bos else None, add_eos, eos if add_eos else None)
 
 
-def llama_cpp_tokens(model: str | Path) -> TokenContract:
-    """The contract llama.cpp applies to the GGUF ``model`` (loads its vocabulary only)."""
+def llama_cpp_tokens(model: str | Path) -> TokenContract | None:
+    """The contract llama.cpp applies to the GGUF ``model`` (loads its vocabulary only); None
+    when llama.cpp refuses to load that vocabulary (it cannot run the file either)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    try:
+        llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    except ValueError:
+        return None
     try:
         return vocab_tokens(llama_cpp.llama_model_get_vocab(llm.model))
     finally:
