@@ -306,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - `python -
     if not args:
         print("usage: python -m edgeia3.web EXPORT_DIR [PORT]")
         raise SystemExit(2)
+    if not (Path(args[0]) / MANIFEST).is_file():
+        print(f"error: {args[0]} is not an `edgeia3 export web` folder (no {MANIFEST})", file=sys.stderr)
+        raise SystemExit(2)
     srv = make_server(args[0], port=int(args[1]) if len(args) > 1 else 8000)
     print(f"serving {args[0]} at http://127.0.0.1:{srv.server_address[1]}/ (Ctrl-C stops)")
     try:
