@@ -1,12 +1,22 @@
 // edgeia3 in the browser: one onnxruntime-web session, IA3 adapters as per-request input tensors.
 //
 //   import { loadModel } from "./edgeia3.js";
-//   const model = await loadModel();                       // this folder, WebGPU if available, else WASM
-//   await model.loadAdapter("sentiment");                  // optional: generate() loads on demand
-//   const res = await model.generate({ prompt: "...", adapter: "sentiment", maxTokens: 32,
-//                                      onToken: (delta, text) => ..., signal: abortController.signal });
+//   const model = await loadModel();                 // this folder; WebGPU if the browser offers it, else WASM
+//                                                    // options: { backend: "auto"|"wasm"|"webgpu", threads }
+//   await model.loadAdapter("sentiment");            // optional: generate() fetches listed adapters on demand
+//   const res = await model.generate({
+//     messages: [{ role: "user", content: "..." }],  // or prompt: "...", or ids: [...]
+//     adapter: "sentiment",                          // per call; null = no adapter (all-ones inputs)
+//     maxTokens: 32, signal: abortController.signal, // abort: stops after the current token
+//     onToken: (delta, text, id) => { ... },         // streaming
+//   });                                              // -> { text, ids, promptIds, aborted, stats }
 //   model.unloadAdapter("sentiment");
 //
+// Greedy decoding; one request at a time (later calls queue). Prompts are rendered with the export's
+// chat template (an adapter's recorded one wins) and tokenized under its token contract (edgeia3.json
+// "token_contract": BOS first where the base's tokenizer adds it). A listed adapter file is checked
+// against its size and sha256; every adapter file against this export's id, input names and shapes,
+// and for finite values - a failed check is an EdgeIA3WebError, never a silent wrong answer.
 // Written by `edgeia3 export web`; the files it reads are described in edgeia3.json.
 import { Tokenizer } from "./runtime/tokenizers.min.mjs";
 import { Template } from "./runtime/jinja.mjs";
