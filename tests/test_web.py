@@ -473,6 +473,7 @@ def test_smollm2_adapter_in_the_browser(tmp_path_factory, site, page):
         ids = native.prompt_ids(msgs, "sentiment")
         assert got["prompt_ids"] == ids and got["ids"] == native.generate(ids, "sentiment", 4)
     page.page.set_viewport_size({"width": 900, "height": 760})
-    got = page.open("smollm2", adapter="sentiment", prompt="I loved this film, the acting was superb.", max_tokens=8)
+    msgs = [{"role": "system", "content": SENTIMENT}, {"role": "user", "content": "I loved this film, the acting was superb."}]
+    got = page.open("smollm2", adapter="sentiment", messages=json.dumps(msgs), max_tokens=8)
     assert got["state"] == "done"
     page.page.screenshot(path=str(ROOT / "docs" / "web-demo.png"), full_page=True)
