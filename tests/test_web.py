@@ -105,13 +105,19 @@ def site(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def playwright():
+    """One Playwright driver per module (a second sync_playwright() inside the first is refused)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright):
+    b = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    yield b
+    b.close()
 
 
 @pytest.fixture(scope="module")
@@ -399,31 +405,28 @@ WEBGPU_ARGS = [a for a in CHROMIUM_ARGS if a != "--disable-gpu"] + [
     "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--enable-features=Vulkan"]
 
 
-def test_webgpu_where_offered_with_chunked_prefill(exported, site):
+def test_webgpu_where_offered_with_chunked_prefill(exported, site, playwright):
     """Chromium's software WebGPU adapter (no GPU here): the page picks WebGPU by itself and answers as
     native onnxruntime, long prompts included - prefilled 16 tokens a run (FACTS.md: GroupQueryAttention
     prefill over more than 16 tokens gave wrong values on this adapter)."""
-    from playwright.sync_api import sync_playwright
-
     out, native = exported
     long_prompt = "a much longer prompt that has more than sixteen tokens for sure, yes it has"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=WEBGPU_ARGS, headless=True)
-        try:
-            page = Page(b, site[1])
-            state = page.open("tiny")["state"]
-            backend = page.js("window.edgeia3Model && window.edgeia3Model.backend")
-            if state != "ready" or backend != "webgpu":
-                pytest.skip(f"this Chromium offers no software WebGPU adapter (page: {state}, {backend})")
-            assert page.js("window.edgeia3Model.prefillChunk") == 16
-            for prompt in ("hello there", long_prompt):
-                r = page.generate(prompt=prompt, adapter="a", maxTokens=10)
-                ids = native.prompt_ids(prompt, "a")
-                assert r["stats"]["backend"] == "webgpu" and r["prompt_ids"] == ids
-                assert r["ids"] == native.generate(ids, "a", 10), prompt
-            assert len(ids) > 16
-        finally:
-            b.close()
+    b = playwright.chromium.launch(executable_path=CHROMIUM, args=WEBGPU_ARGS, headless=True)
+    try:
+        page = Page(b, site[1])
+        state = page.open("tiny")["state"]
+        backend = page.js("window.edgeia3Model && window.edgeia3Model.backend")
+        if state != "ready" or backend != "webgpu":
+            pytest.skip(f"this Chromium offers no software WebGPU adapter (page: {state}, {backend})")
+        assert page.js("window.edgeia3Model.prefillChunk") == 16
+        for prompt in ("hello there", long_prompt):
+            r = page.generate(prompt=prompt, adapter="a", maxTokens=10)
+            ids = native.prompt_ids(prompt, "a")
+            assert r["stats"]["backend"] == "webgpu" and r["prompt_ids"] == ids
+            assert r["ids"] == native.generate(ids, "a", 10), prompt
+        assert len(ids) > 16
+    finally:
+        b.close()
 
 
 # -- offline -----------------------------------------------------------------------------------
@@ -455,7 +458,8 @@ REVIEWS = ["The battery died after one day, awful.", "Best concert I have been t
 @pytest.mark.integration
 def test_smollm2_adapter_in_the_browser(tmp_path_factory, site, page):
     """A sentiment adapter trained a few steps on the embedded SmolLM2 (its GGUF's Q4_1 blocks), exported
-    for the browser: the page answers as native onnxruntime on the same graph. Writes docs/web-demo.png."""
+    for the browser: the page answers as native onnxruntime on the same graph. Its screenshot is the README's
+    docs/web-demo.png (EDGEIA3_UPDATE_SCREENSHOT=1 writes it)."""
     from edgeia3.train import TrainConfig, train
     from edgeia3.web import export_web
 
@@ -476,4 +480,7 @@ def test_smollm2_adapter_in_the_browser(tmp_path_factory, site, page):
     msgs = [{"role": "system", "content": SENTIMENT}, {"role": "user", "content": "I loved this film, the acting was superb."}]
     got = page.open("smollm2", adapter="sentiment", messages=json.dumps(msgs), max_tokens=8)
     assert got["state"] == "done"
-    page.page.screenshot(path=str(ROOT / "docs" / "web-demo.png"), full_page=True)
+    # the README's screenshot: refreshed with EDGEIA3_UPDATE_SCREENSHOT=1 (else the run leaves the repo as it was)
+    shot = ROOT / "docs" / "web-demo.png" if os.environ.get("EDGEIA3_UPDATE_SCREENSHOT") == "1" else tmp / "web-demo.png"
+    page.page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
