@@ -268,17 +268,17 @@ def labelled_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: tor
 
 
 def _probe_loss(model: Any, rows: list[Example], pad: int, device: torch.device, bf16: bool) -> float:
-    """Mean labelled-token loss of ``rows``, computed as training computes it (labelled_loss,
-    the same autocast): the early signal's eval points."""
-    total, count = 0.0, 0
+    """Loss per answer of ``rows`` (labelled-token loss summed per row, averaged over rows),
+    computed as training computes its loss (labelled_loss, the same autocast): the early
+    signal's eval points."""
+    total = 0.0
     with torch.no_grad():
         for ids, labels, mask in _batches(rows, len(rows), random.Random(0), pad):
             ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
             n = int((labels[:, 1:] != IGNORE).sum())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 total += float(labelled_loss(model, ids, mask, labels)) * n
-            count += n
-    return total / max(1, count)
+    return total / max(1, len(rows))
 
 
 class _Guard:
@@ -399,6 +399,7 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     rng = random.Random(cfg.seed)
     guard = _Guard(params)
     losses: list[float] = []
+    answer_losses: list[float] = []  # per step: the loss per answer (labelled tokens per row x loss)
     grad_norms: list[float] = []  # IA3 gradient L2 norm per step, before clipping
     warnings: list[str] = []
     troubles: set[str] = set()
@@ -437,6 +438,7 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
                 optim.zero_grad(set_to_none=True)
                 step_loss = float(acc.reduce(loss.detach(), reduction="mean"))
                 losses.append(step_loss)
+                answer_losses.append(step_loss * int((labels != IGNORE).sum()) / max(1, labels.shape[0]))
                 tokens += (seq2seq.tokens(mask, labels) if s2s else int(mask.sum())) * acc.num_processes
                 step += 1
                 if step % 10 == 0 or step == total:
@@ -448,7 +450,7 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     if points:
         signal = early_signal(points, total, "eval loss")
     else:
-        signal = early_signal(quarter_means(losses), total, "training loss")
+        signal = early_signal(quarter_means(answer_losses), total, "training loss")
     if signal is not None:
         signal = {**signal, **({"probe_rows": len(probe), "probe_seconds": round(probe_s, 2)} if points else {})}
     after = run_eval()
