@@ -126,7 +126,7 @@ def test_early_signal_verdicts_on_known_curves():
     # the last quarter alone, steeply
     assert early_signal([(0, 5), (15, 1), (30, 0.8), (45, 0.7), (60, 0.55)], 60)["verdict"] == "still improving"
     # below the floor (answers nearly all right): no longer "still improving", however steep
-    done = early_signal([(0, 9.6), (15, 0.8), (30, 0.66), (45, 0.19), (60, 0.09)], 60)
+    done = early_signal([(0, 9.6), (15, 0.8), (30, 0.66), (45, 0.19), (60, 0.11)], 60)  # intent, 100%
     assert done["verdict"] == "converged" and "few answers left to fix" in done["message"]
     flat_end = early_signal([(0, 4.1), (15, 0.3), (30, 0.032), (45, 0.004), (60, 0.002)], 60)
     assert flat_end["verdict"] == "plateaued" and flat_end["plateau_step"] == 30
@@ -170,7 +170,7 @@ def test_early_signal_says_still_improving_for_a_short_slow_run(tiny_dir, learna
     assert signal["verdict"] == "still improving" and signal["source"] == "eval loss", signal
     assert [s for s, _ in signal["points"]] == [0, 10, 20, 30, 40] and signal["probe_rows"] == 16
     losses = [v for _, v in signal["points"]]
-    assert losses[-1] < 0.7 * losses[2] and losses[-1] > 0.1  # -30% or more over the second half, above the floor
+    assert losses[-1] < 0.7 * losses[2] and losses[-1] > 0.2  # -30% or more over the second half, above the floor
     assert "early signal: still improving: more steps would help" in " ".join(res.output.split())
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "tr"), "--quiet"])
     assert res.exit_code == 0, res.output
