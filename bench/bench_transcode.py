@@ -47,7 +47,7 @@ def main() -> None:
         for label, (weights, trained_as) in configs.items():
             res = export(base="default", out=Path(tmp) / weights, weights=weights)
             rts[label] = OnnxRuntime(res.out)
-            rows[label] = {"export": label, "model MB": round(res.manifest["model_bytes"] / 1e6, 1)}
+            rows[label] = {"export": label, "model MB": round(res.manifest.model_bytes / 1e6, 1)}
             ref = load_base("default", quant=trained_as)
             ids = rts[label].prompt_ids(PROMPT)
             with torch.no_grad():

@@ -181,7 +181,7 @@ def main() -> None:
                                   + [("native onnxruntime, ONNX export (MatMulNBits, level 4)", onnx_dir / om["model_file"], {})]):
             for n in threads:
                 s = native_session(path, n, opts)
-                res = [native_decode(s, nw.manifest["decoder"], feeds, ids, args.tokens) for _ in range(args.runs)]
+                res = [native_decode(s, nw.manifest.extra["decoder"], feeds, ids, args.tokens) for _ in range(args.runs)]
                 rows.append({"runtime": label, "threads": n, "load ms": "-",
                              "ttft ms": round(statistics.median(r[0] for r in res) * 1000),
                              "decode tok/s": round(statistics.median(r[1] for r in res), 1),

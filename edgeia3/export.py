@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgeIA3Error
-from .manifest import merged_name
+from .manifest import AdapterEntry, ExportManifest
 
 
 def export_onnx(base: str, out: str | Path, precision: str = "int4",
@@ -60,7 +60,7 @@ def _export_t5_onnx(base: str, out: str | Path, precision: str, adapters: dict[s
     if mobile:
         raise EdgeIA3Error("T5 ONNX exports have no --mobile form yet (onnxruntime-genai's builder has no T5)")
     doc = export_t5(base, out, adapters, merge, force, precision)
-    what = f"merged '{merge}'" if merge else f"side adapters: {', '.join(doc['adapters']) or 'none'}"
+    what = f"merged '{merge}'" if merge else f"side adapters: {', '.join(doc.adapters) or 'none'}"
     return (f"ONNX export of {base} (t5, {precision}, encoder + decoder-with-past graphs, run by onnxruntime with "
             f"edgeia3's generation loop): {what} -> {out}")
 
@@ -99,12 +99,8 @@ def _with_chat_templates(build: Any, kind: str, out: str | Path, force: bool, ad
     with atomic_dir(out, force=force) as tmp:
         res = build(tmp, False)  # the converter renames its finished dir over our empty temp one
         notes = _carry_templates(tmp, kind, recorded)
-    res = dataclasses.replace(res, out=Path(out))
+    res = dataclasses.replace(res, out=Path(out), manifest=read_manifest(out))
     res.notes.extend(notes)
-    if kind == "onnx":
-        res.manifest.update(read_manifest(out))
-    else:
-        res.adapters.update(read_manifest(out)["adapters"])
     return res
 
 
@@ -132,14 +128,14 @@ def _recorded_templates(adapters: dict[str, str]) -> dict[str, str]:
 
 def _carry_templates(directory: Path, kind: str, recorded: dict[str, str]) -> list[str]:
     from .manifest import MANIFEST, read_manifest, write_manifest
-    from .prompts import RECORD_KEY, TEMPLATE_FILE, read_template
+    from .prompts import TEMPLATE_FILE, read_template
 
     m = read_manifest(directory)
     own = read_template(directory)  # ONNX: what the converter wrote beside the model
     if kind == "gguf":
         from edgeia3.converters.gguf.ggml_index import GGUFIndex
 
-        own = GGUFIndex(directory / m["model"]).kv.get("tokenizer.chat_template")
+        own = GGUFIndex(directory / str(m.model_file)).kv.get("tokenizer.chat_template")
     notes = []
     distinct = set(recorded.values())
     if not own and len(distinct) == 1:
@@ -150,10 +146,10 @@ def _carry_templates(directory: Path, kind: str, recorded: dict[str, str]) -> li
         notes.append(f"the base has no chat template and the adapters were trained with different ones: no "
                      f"{TEMPLATE_FILE}; each adapter's is in its manifest entry ({MANIFEST})")
     for name, template in recorded.items():
-        if name in m["adapters"] and template != own:
-            m["adapters"][name][RECORD_KEY] = template
-    m["notes"] = list(m.get("notes") or []) + notes
-    write_manifest(directory, kind, {k: v for k, v in m.items() if k not in ("kind", "format_version")})
+        if name in m.adapters and template != own:
+            m.adapters[name].chat_template = template
+    m.notes = m.notes + notes
+    write_manifest(directory, m)
     return notes
 
 
@@ -162,14 +158,14 @@ class ExportInfo:
     """What any export directory holds, read from its manifest (edgeia3.json)."""
 
     path: Path
-    kind: str  # onnx | gguf
+    kind: str  # onnx | gguf | onnx-t5
     precision: str  # int4 / fp32 ... or the GGUF file type (Q4_1 ...)
     base_spec: str  # how to load the same base in PyTorch (the drift reference)
     model_bytes: int
     adapter_files: dict[str, Path]  # name -> side adapter file
     adapter_bytes: dict[str, int]
     merged: str | None  # name of the adapter folded into the weights, if any
-    manifest: dict
+    manifest: ExportManifest
 
     @property
     def label(self) -> str:
@@ -188,12 +184,26 @@ def _typed(value: Any, kind: Any, what: str) -> Any:
     return value
 
 
-def _onnx_info(path: Path, m: dict) -> ExportInfo:
+def _info(path: Path, m: ExportManifest, precision: Any, model_bytes: Any,
+          files: dict[str, AdapterEntry]) -> ExportInfo:
+    """The ExportInfo of ``m`` (the typed manifest checked the field types; these must be present)."""
+    return ExportInfo(path, m.kind, _typed(precision, str, "precision"), m.base_spec,
+                      _typed(model_bytes, int, "model_bytes"), {n: path / a.file for n, a in files.items()},
+                      {n: _typed(a.bytes, int, f"adapter {n} bytes") for n, a in files.items()}, m.merged_name, m)
+
+
+def _canonical(m: ExportManifest) -> None:
+    """A merged adapter keeps its canonical vectors (what the report compares with)."""
+    if m.merged is not None:
+        _typed(m.adapters[m.merged.name].canonical, str, f"adapter {m.merged.name} canonical")
+
+
+def _onnx_info(path: Path, m: ExportManifest) -> ExportInfo:
     from edgeia3.converters.onnx.export import plans_of
 
     from .registry import get_family
 
-    family_sites = {s.name for s in get_family(_typed(m["family"], str, "family")).sites}
+    family_sites = {s.name for s in get_family(m.family).sites}
     used = set()
     for p in plans_of(m):  # what _onnx_adapters reads the adapter files with
         _typed(p.name, str, "an IA3 input name")
@@ -206,22 +216,11 @@ def _onnx_info(path: Path, m: dict) -> ExportInfo:
                     and 0 <= _typed(start, int, "start") < _typed(stop, int, "stop") <= p.size):
                 raise ValueError(f"IA3 input {p.name}: bad part {part}")
             used.add((p.layer, site))
-    ads = {n: _typed(a, dict, f"adapter {n}") for n, a in _typed(m.get("adapters", {}), dict, "adapters").items()}
-    ads = {n: a for n, a in ads.items() if a.get("file")}
-    for n, a in ads.items():
-        _typed(a["file"], str, f"adapter {n} file"), _typed(a["bytes"], int, f"adapter {n} bytes")
-        _typed(a.get("trained_on", "none"), str, f"adapter {n} trained_on")
-        _typed(a.get("trained_weights") or {}, dict, f"adapter {n} trained_weights")
-        if not set(_typed(a["sites"], list, f"adapter {n} sites")) <= family_sites:
-            raise ValueError(f"adapter {n}: sites {a['sites']} are not all sites of {m['family']}")
-    merged = _typed(merged_name(m), (str, type(None)), "merged name")
-    if merged is not None:
-        _typed(m["adapters"][merged]["canonical"], str, f"adapter {merged} canonical")
-    return ExportInfo(path, "onnx", _typed(m["precision"], str, "precision"),
-                      _typed(_typed(m["base"], dict, "base")["spec"], str, "base spec"),
-                      _typed(m["model_bytes"], int, "model_bytes"),
-                      {n: path / a["file"] for n, a in ads.items()}, {n: a["bytes"] for n, a in ads.items()},
-                      merged, m)
+    for n, a in m.side_adapters.items():
+        if not set(a.sites) <= family_sites:
+            raise ValueError(f"adapter {n}: sites {a.sites} are not all sites of {m.family}")
+    _canonical(m)
+    return _info(path, m, m.precision, m.model_bytes, m.side_adapters)
 
 
 def _onnx_adapters(info: ExportInfo) -> dict[str, Any]:
@@ -233,36 +232,30 @@ def _onnx_adapters(info: ExportInfo) -> dict[str, Any]:
     m = info.manifest
     out = {}
     for n, p in info.adapter_files.items():
-        ad = read_onnx_adapter(p, plans_of(m), m["family"], m["adapters"][n]["sites"])
+        entry = m.adapters[n]
+        ad = read_onnx_adapter(p, plans_of(m), m.family, entry.sites)
         # the file holds only tensors; what it was trained on is in the manifest
-        ad = dataclasses.replace(ad, quant=m["adapters"][n].get("trained_on", "none"),
-                                 trained_on=m["adapters"][n].get("trained_weights") or {},
-                                 extra=_template_extra(m["adapters"][n]))
-        out[n] = ad
+        out[n] = dataclasses.replace(ad, quant=entry.trained_quant or "none", trained_on=entry.trained_weights or {},
+                                     extra=_template_extra(entry))
     if info.merged:  # folded into the weights; the export keeps its canonical vectors
-        out[info.merged] = IA3Adapter.load(info.path / m["adapters"][info.merged]["canonical"])
+        out[info.merged] = IA3Adapter.load(info.path / str(m.adapters[info.merged].canonical))
     return out
 
 
-def _template_extra(entry: dict) -> dict:
+def _template_extra(entry: AdapterEntry) -> dict:
     """The chat template a manifest entry carries, as adapter metadata (IA3Adapter.extra)."""
     from .prompts import RECORD_KEY
 
-    t = entry.get(RECORD_KEY)
-    return {RECORD_KEY: t} if isinstance(t, str) and t else {}
+    return {RECORD_KEY: entry.chat_template} if entry.chat_template else {}
 
 
-def _gguf_info(path: Path, m: dict) -> ExportInfo:
-    ads = {n: _typed(a, dict, f"adapter {n}") for n, a in _typed(m.get("adapters", {}), dict, "adapters").items()}
-    for n, a in ads.items():
-        _typed(a["file"], str, f"adapter {n} file"), _typed(a["bytes"], int, f"adapter {n} bytes")
-    model = path / _typed(m["model"], str, "model")
+def _gguf_info(path: Path, m: ExportManifest) -> ExportInfo:
+    for n, a in m.adapters.items():
+        _typed(a.file, str, f"adapter {n} file")
+    model = path / _typed(m.model_file, str, "model")
     if not model.is_file():
         raise ValueError(f"its model file {model} is missing")
-    return ExportInfo(path, "gguf", _typed(m["quant"], str, "quant"),
-                      _typed(_typed(m["base"], dict, "base")["spec"], str, "base spec"), model.stat().st_size,
-                      {n: path / a["file"] for n, a in ads.items()}, {n: a["bytes"] for n, a in ads.items()},
-                      _typed(merged_name(m), (str, type(None)), "merged"), m)
+    return _info(path, m, m.quant, model.stat().st_size, m.adapters)
 
 
 def _gguf_adapters(info: ExportInfo) -> dict[str, Any]:
@@ -271,16 +264,9 @@ def _gguf_adapters(info: ExportInfo) -> dict[str, Any]:
     return {n: read_ia3_gguf(p) for n, p in info.adapter_files.items()}
 
 
-def _t5_onnx_info(path: Path, m: dict) -> ExportInfo:
-    ads = {n: _typed(a, dict, f"adapter {n}") for n, a in _typed(m.get("adapters", {}), dict, "adapters").items()}
-    files = {n: path / _typed(a["file"], str, f"adapter {n} file") for n, a in ads.items() if "file" in a}
-    merged = _typed(merged_name(m), (str, type(None)), "merged")
-    if merged is not None:
-        _typed(ads[merged]["canonical"], str, f"adapter {merged} canonical")
-    return ExportInfo(path, "onnx-t5", _typed(m["precision"], str, "precision"),
-                      _typed(_typed(m["base"], dict, "base")["spec"], str, "base spec"),
-                      _typed(m["model_bytes"], int, "model_bytes"), files,
-                      {n: _typed(ads[n]["bytes"], int, f"adapter {n} bytes") for n in files}, merged, m)
+def _t5_onnx_info(path: Path, m: ExportManifest) -> ExportInfo:
+    _canonical(m)
+    return _info(path, m, m.precision, m.model_bytes, m.side_adapters)
 
 
 def _t5_onnx_adapters(info: ExportInfo) -> dict[str, Any]:
@@ -291,16 +277,16 @@ def _t5_onnx_adapters(info: ExportInfo) -> dict[str, Any]:
     from .registry import get_family
 
     m = info.manifest
-    fam = get_family(m["family"])
+    fam = get_family(m.family)
     out = {}
     for n, p in info.adapter_files.items():
-        tensors, entry = load_file(str(p)), m["adapters"][n]
+        tensors, entry = load_file(str(p)), m.adapters[n]
         vectors = [IA3Vector(i["layer"], i["site"], fam.site(i["site"]).scaling, tensors[i["name"]].reshape(-1))
-                   for i in m["ia3_inputs"] if i["site"] in entry["sites"]]
-        out[n] = IA3Adapter(fam.name, vectors, quant=entry.get("trained_on", "none"),
-                            trained_on=entry.get("trained_weights") or {}, extra=_template_extra(entry))
+                   for i in m.ia3_inputs or [] if i["site"] in entry.sites]
+        out[n] = IA3Adapter(fam.name, vectors, quant=entry.trained_quant or "none",
+                            trained_on=entry.trained_weights or {}, extra=_template_extra(entry))
     if info.merged:
-        out[info.merged] = IA3Adapter.load(info.path / m["adapters"][info.merged]["canonical"])
+        out[info.merged] = IA3Adapter.load(info.path / str(m.adapters[info.merged].canonical))
     return out
 
 
@@ -312,13 +298,13 @@ _READERS = {"onnx": (_onnx_info, _onnx_adapters), "gguf": (_gguf_info, _gguf_ada
 def read_export(path: str | Path) -> ExportInfo:
     """Read an export directory's manifest; one clear error if it is not one."""
     from .errors import EdgeIA3Error
-    from .manifest import MANIFEST, manifest_kind, read_manifest
+    from .manifest import MANIFEST, read_manifest
 
     path = Path(path)
     m = read_manifest(path)
-    manifest, kind = path / MANIFEST, manifest_kind(m)
+    manifest = path / MANIFEST
     try:
-        return _READERS[kind][0](path, m)
+        return _READERS[m.kind][0](path, m)
     except (KeyError, TypeError, ValueError, OSError) as e:
         raise EdgeIA3Error(f"{manifest}: damaged export manifest ({type(e).__name__}: {e})") from None
     except EdgeIA3Error as e:  # an unknown family

@@ -48,24 +48,23 @@ def describe_export(path: Path) -> dict[str, Any]:
 
     info = read_export(path)
     m = info.manifest
-    base = m.get("base", {})
-    ident = base.get("identity") or base
+    ident = m.base_identity
     out: dict[str, Any] = {
         "kind": f"edgeia3 {info.kind} export ({info.label})",
-        "family": m.get("family"),
-        "base": base.get("name") or base.get("spec"),
+        "family": m.family,
+        "base": m.base.get("name") or m.base.get("spec"),
         "fingerprint": f"{ident.get('fingerprint')}/{ident.get('content')}",
         "model bytes": info.model_bytes,
         "bytes (all files)": _dir_bytes(path),
     }
-    if m.get("weights"):
-        out["weights"] = deployed_label(m["weights"])
-    for name, a in m.get("adapters", {}).items():
+    if m.weights:
+        out["weights"] = deployed_label(m.weights)
+    for name, a in m.adapters.items():
         merged = " (merged into the weights)" if name == info.merged else ""
         same = {True: "; runs the weights it was trained on", False: "; trained on OTHER weights (see notes)"}
-        out[f"adapter '{name}'"] = (f"sites {', '.join(a.get('sites', []))}, {a.get('params', 0):,} parameters"
-                                    + (f", {a['bytes']:,} bytes" if a.get("bytes") else "") + merged
-                                    + same.get(a.get("same_weights"), ""))
+        out[f"adapter '{name}'"] = (f"sites {', '.join(a.sites)}, {a.params:,} parameters"
+                                    + (f", {a.bytes:,} bytes" if a.bytes else "") + merged
+                                    + same.get(a.same_weights, ""))
     return out
 
 
@@ -216,6 +215,6 @@ def describe_onnx(path: Path) -> dict[str, Any]:
     }
     if (root / MANIFEST).exists():
         m = read_manifest(root)
-        out.update({"family": m.get("family"), "precision": m.get("precision"),
-                    "adapters": ", ".join(m.get("adapters", {})), "fingerprint": m.get("fingerprint")})
+        out.update({"family": m.family, "precision": m.precision, "adapters": ", ".join(m.adapters),
+                    "fingerprint": m.fingerprint})
     return out

@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgeIA3Error
+from .manifest import WEB_FORMAT_VERSION, WEB_KIND, AdapterEntry, ExportManifest
 
 ASSETS = Path(__file__).with_name("web_assets")
 ASSET_FILES = ("edgeia3.js", "index.html")
 MANIFEST = "edgeia3.json"
-KIND = "web"
-FORMAT_VERSION = 1
+KIND = WEB_KIND
+FORMAT_VERSION = WEB_FORMAT_VERSION
 MODEL_FILE = "model.onnx"
 PRECISIONS = ("int4", "int8", "fp32")
 # onnxruntime session config per matmul form (the page and NativeWeb use the same)
@@ -48,17 +49,17 @@ class WebExport:
     """What ``export_web`` produced (``str()`` is the CLI's summary)."""
 
     out: Path
-    manifest: dict
+    manifest: ExportManifest
     seconds: float
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        m = self.manifest
-        sizes = ", ".join(f"{n} {a['bytes'] / 1e3:.1f} kB" for n, a in m["adapters"].items()) or "no adapters"
-        rt = sum(p["bytes"] for p in m["runtime"]["packages"]) / 1e6
-        lines = [f"web export of {m['base']['name']} ({m['family']}, {m['precision']}, matmuls: {m['graph']['matmul']}): "
+        m, graph = self.manifest, self.manifest.extra["graph"]
+        sizes = ", ".join(f"{n} {(a.bytes or 0) / 1e3:.1f} kB" for n, a in m.adapters.items()) or "no adapters"
+        rt = sum(p["bytes"] for p in m.extra["runtime"]["packages"]) / 1e6
+        lines = [f"web export of {m.base.get('name')} ({m.family}, {m.precision}, matmuls: {graph['matmul']}): "
                  f"{sizes}",
-                 f"  -> {self.out}  model {m['graph']['bytes'] / 1e6:.1f} MB, runtime {rt:.1f} MB, {self.seconds:.1f} s",
+                 f"  -> {self.out}  model {graph['bytes'] / 1e6:.1f} MB, runtime {rt:.1f} MB, {self.seconds:.1f} s",
                  f"  serve it with COOP/COEP headers for threads, e.g. `python -m edgeia3.web {self.out}`, "
                  "then open index.html"]
         lines += [f"  note: {n}" for n in self.notes]
@@ -74,7 +75,7 @@ def export_web(base: str = "default", out: str | Path = "", adapters: dict[str, 
 
     from .atomic import atomic_dir, check_out
     from .export import _is_encoder_decoder, export_onnx
-    from .manifest import read_manifest
+    from .manifest import read_manifest, write_manifest
     from .npm import install_runtime
 
     t0 = time.perf_counter()
@@ -95,51 +96,45 @@ def export_web(base: str = "default", out: str | Path = "", adapters: dict[str, 
         res = export_onnx(base, onnx_dir, precision=precision, adapters=adapters, accuracy_level=accuracy_level,
                           weights=weights, strict=strict)
         m = read_manifest(onnx_dir)
-        if m.get("mode") == "merged":  # export_onnx never merges here; guard the assumption
+        if m.mode == "merged":  # export_onnx never merges here; guard the assumption
             raise EdgeIA3Error("export web needs a side-tensor ONNX export")
-        names = [p["name"] for p in m.get("ia3_inputs", [])]
-        graph = browser_graph(onnx_dir, tmp, names, matmul, m.get("model_file", MODEL_FILE))
+        names = [p["name"] for p in m.ia3_inputs or []]
+        graph = browser_graph(onnx_dir, tmp, names, matmul, m.model_file or MODEL_FILE)
         ident = export_id(m)
         entries = {}
-        for name, a in m["adapters"].items():
-            tensors = read_onnx_adapter_tensors(onnx_dir / a["file"])
+        for name, a in m.adapters.items():
             rel = f"adapters/{name}.safetensors"
-            info = write_web_adapter(tensors, tmp / rel, ident, name)
-            keep = {k: a[k] for k in ("sites", "params", "trained_on", "same_weights", "token_contract",
-                                      "chat_template") if k in a}
-            entries[name] = {"file": rel, **info, **keep}
+            info = write_web_adapter(read_onnx_adapter_tensors(onnx_dir / str(a.file)), tmp / rel, ident, name)
+            entries[name] = AdapterEntry(a.sites, a.params, rel, info.pop("bytes"), trained_quant=a.trained_quant,
+                                         same_weights=a.same_weights, token_contract=a.token_contract,
+                                         chat_template=a.chat_template, extra=info)  # info: sha256
         tok = _copy_tokenizer(onnx_dir, tmp)
         for f in ASSET_FILES:
             shutil.copyfile(ASSETS / f, tmp / f)
         genai = json.loads((onnx_dir / "genai_config.json").read_text())
-        weights, notes = m.get("weights"), list(res.notes)
+        weights, notes = m.weights, list(res.notes)
         if matmul == "int8" and graph["int8_matmuls"]:
             weights = {"kind": "requantized", "how": f"int8 per output column, re-rounded from the exact values of "
-                       f"{(m.get('weights') or {}).get('name') or 'the ONNX export'}; int8 activations",
-                       "from": m.get("weights")}
+                       f"{(m.weights or {}).get('name') or 'the ONNX export'}; int8 activations",
+                       "from": m.weights}
             notes.append("--matmul int8 re-rounds the weights to int8 per column, not the grid the adapters were "
                          "trained on (measured on SmolLM2: a sentiment adapter at 94% answered 46% this way); "
                          "--matmul dequantize runs the exact weights")
-        manifest = {
-            "kind": KIND, "format_version": FORMAT_VERSION,
-            "family": m["family"], "base": m["base"], "fingerprint": m["fingerprint"], "export_id": ident,
-            "precision": precision, "weights": weights, "transcoded": bool(m.get("transcoded")),
-            "builder_options": m.get("builder_options"),
-            "graph": {"file": MODEL_FILE, "external_data": [f for f in graph["files"] if f != MODEL_FILE],
-                      "session_options": SESSION_OPTIONS[matmul], **graph},
-            "decoder": _decoder(genai),
-            "ia3_inputs": [{"name": p["name"], "size": p["size"], "layer": p["layer"], "parts": p["parts"]}
-                           for p in m.get("ia3_inputs", [])],
-            "adapters": entries,
-            "token_contract": m.get("token_contract"),
-            "tokenizer": tok,
-            "chat_template": "chat_template.jinja" if (tmp / "chat_template.jinja").exists() else None,
-            "runtime": {"wasm": "runtime/ort.wasm.min.mjs", "webgpu": "runtime/ort.webgpu.min.mjs",
-                        "packages": packages},
-            "notes": notes,
-            "export_seconds": round(time.perf_counter() - t0, 2),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = ExportManifest(
+            KIND, m.family, m.base, entries, weights=weights, token_contract=m.token_contract, notes=notes,
+            precision=precision, fingerprint=m.fingerprint, format_version=FORMAT_VERSION,
+            ia3_inputs=[{"name": p["name"], "size": p["size"], "layer": p["layer"], "parts": p["parts"]}
+                        for p in m.ia3_inputs or []],
+            extra={"export_id": ident, "transcoded": bool(m.extra.get("transcoded")),
+                   "builder_options": m.extra.get("builder_options"),
+                   "graph": {"file": MODEL_FILE, "external_data": [f for f in graph["files"] if f != MODEL_FILE],
+                             "session_options": SESSION_OPTIONS[matmul], **graph},
+                   "decoder": _decoder(genai), "tokenizer": tok,
+                   "chat_template": "chat_template.jinja" if (tmp / "chat_template.jinja").exists() else None,
+                   "runtime": {"wasm": "runtime/ort.wasm.min.mjs", "webgpu": "runtime/ort.webgpu.min.mjs",
+                               "packages": packages},
+                   "export_seconds": round(time.perf_counter() - t0, 2)})
+        write_manifest(tmp, manifest)
     return WebExport(Path(out), manifest, time.perf_counter() - t0, notes)
 
 
@@ -169,7 +164,9 @@ def _decoder(genai: dict) -> dict:
             "webgpu_prefill_chunk": WEBGPU_PREFILL_CHUNK}
 
 
-def read_web_manifest(directory: str | Path) -> dict:
+def read_web_manifest(directory: str | Path) -> ExportManifest:
+    from .manifest import parse_manifest
+
     path = Path(directory) / MANIFEST
     try:
         doc = json.loads(path.read_text())
@@ -177,7 +174,7 @@ def read_web_manifest(directory: str | Path) -> dict:
         raise EdgeIA3Error(f"{directory} is not an edgeia3 web export ({e})") from None
     if not isinstance(doc, dict) or doc.get("kind") != KIND:
         raise EdgeIA3Error(f"{path}: not a web export manifest")
-    return doc
+    return parse_manifest(doc, path, (KIND,))
 
 
 # -- the native reference: the same folder's graph on onnxruntime ------------------------------------
@@ -190,12 +187,12 @@ class NativeWeb:
         self.dir = Path(directory)
         self.manifest = read_web_manifest(self.dir)
         so = ort.SessionOptions()
-        for k, v in self.manifest["graph"]["session_options"].items():
+        for k, v in self.manifest.extra["graph"]["session_options"].items():
             so.add_session_config_entry(k, v)
         if threads:
             so.intra_op_num_threads = threads
         so.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.dir / self.manifest["graph"]["file"]), so,
+        self.session = ort.InferenceSession(str(self.dir / self.manifest.extra["graph"]["file"]), so,
                                             providers=["CPUExecutionProvider"])
         self._tokenizer = None
 
@@ -216,12 +213,12 @@ class NativeWeb:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         m = self.manifest
-        entry = m["adapters"].get(adapter) if adapter else None
-        template = (entry or {}).get("chat_template")
-        if not template and m.get("chat_template"):
-            template = (self.dir / m["chat_template"]).read_text()
+        entry = m.adapters.get(adapter) if adapter else None
+        template = entry.chat_template if entry else None
+        if not template and m.extra.get("chat_template"):
+            template = (self.dir / m.extra["chat_template"]).read_text()
         text = render_chat(template, messages)
-        return TokenContract.from_json(m["token_contract"]).ids(hf_encoder(self.tokenizer), text)
+        return TokenContract.from_json(m.token_contract).ids(hf_encoder(self.tokenizer), text)
 
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -233,11 +230,11 @@ class NativeWeb:
 
         from edgeia3.converters.onnx.web import read_web_adapter
 
-        inputs = self.manifest["ia3_inputs"]
+        inputs = self.manifest.ia3_inputs or []
         if adapter is None:
             return {p["name"]: np.ones((1, 1, p["size"]), np.float32) for p in inputs}
         path = Path(adapter) if Path(str(adapter)).suffix == ".safetensors" else \
-            self.dir / self.manifest["adapters"][adapter]["file"]
+            self.dir / str(self.manifest.adapters[adapter].file)
         tensors, _ = read_web_adapter(path)
         return {p["name"]: tensors[p["name"]].astype(np.float32).reshape(1, 1, -1) for p in inputs}
 
@@ -245,7 +242,7 @@ class NativeWeb:
         """Greedy token ids after ``ids``, stopping at EOS (not included) or ``max_tokens``."""
         import numpy as np
 
-        d = self.manifest["decoder"]
+        d = self.manifest.extra["decoder"]
         feeds = self.adapter_tensors(adapter)
         past = {}
         for i in range(d["num_layers"]):

@@ -161,7 +161,7 @@ def test_every_runtime_renders_the_same_tokens(env, trained):
     gguf = export_gguf(str(env["base"]), tmp / "gguf", quant="f32",
                        adapters={n: str(p) for n, p in trained.items()}).out
     assert not (gguf / "chat_template.jinja").exists()
-    assert read_manifest(gguf)["adapters"]["file"]["chat_template"] == FILE_TEMPLATE
+    assert read_manifest(gguf).adapters["file"].chat_template == FILE_TEMPLATE
     rt = open_runtime(gguf, n_ctx=128)
     assert rt.name == "llama.cpp"
     for name in trained:

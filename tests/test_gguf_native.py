@@ -133,7 +133,7 @@ def test_onnx_int4_runs_the_gguf_blocks(tiny256, tmp_path, quant):
     """The transcoded int4 export holds exactly the GGUF's dequantized weights, and at
     accuracy_level 1 (fp32 compute) its logits equal PyTorch on the same blocks."""
     res = export_onnx(str(tiny256), tmp_path / "o", "int4", weights=quant, accuracy_level=1)
-    assert res.manifest["weights"]["quant"] == quant and res.manifest["transcoded"]
+    assert res.manifest.weights["quant"] == quant and res.manifest.extra["transcoded"]
     want = _transformers_weights(quantized_gguf(resolve_base(tiny256), quant))
     model = onnx.load(str(tmp_path / "o" / "model.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
@@ -171,7 +171,7 @@ def test_export_warns_and_strict_refuses_other_weights(tiny256, tmp_path):
     random_peft_adapter(copy.deepcopy(base.model), "llama", tmp_path / "full", seed=1)
     res = export_onnx(str(tiny256), tmp_path / "o1", "int4", adapters={"a": tmp_path / "full"}, weights="q4_0")
     assert any("expect its accuracy to drop" in n for n in res.notes)
-    assert res.manifest["adapters"]["a"]["same_weights"] is False
+    assert res.manifest.adapters["a"].same_weights is False
     out = tmp_path / "o2"
     r = invoke("export", "onnx", "--base", tiny256, "--out", out, "--adapter", f"a={tmp_path / 'full'}",
                "--weights", "q4_0", "--strict")
@@ -184,12 +184,12 @@ def test_export_warns_and_strict_refuses_other_weights(tiny256, tmp_path):
     task = write_label_task(tmp_path / "t.jsonl", 8)
     train(str(tiny256), task, tmp_path / "q4", quant="q4_0", quiet=True, config=TrainConfig(max_steps=2, batch_size=4))
     res = export_onnx(str(tiny256), tmp_path / "o3", "int4", adapters={"a": tmp_path / "q4"}, strict=True)
-    assert res.manifest["weights"]["quant"] == "q4_0" and res.manifest["adapters"]["a"]["same_weights"]
+    assert res.manifest.weights["quant"] == "q4_0" and res.manifest.adapters["a"].same_weights
     assert not any("accuracy to drop" in n for n in res.notes)
     from edgeia3.export import export_gguf
 
     g = export_gguf(str(tiny256), tmp_path / "g", adapters={"a": str(tmp_path / "q4")}, strict=True)
-    assert g.quant == "q4_0" and g.adapters["a"]["same_weights"]
+    assert g.quant == "q4_0" and g.adapters["a"].same_weights
 
 
 @pytest.mark.parametrize("autocast", [False, True])

@@ -94,7 +94,7 @@ def test_manifest_and_inputs(tiny):
 def test_onnx_adapter_reads_back_to_canonical(tiny):
     res = tiny.side()
     m = res.manifest
-    back = read_onnx_adapter(res.adapters["a"], plans_of(m), tiny.family, m["adapters"]["a"]["sites"])
+    back = read_onnx_adapter(res.adapters["a"], plans_of(m), tiny.family, m.adapters["a"].sites)
     orig = load_adapter_for(tiny.adapter_dirs["a"], tiny.base)
     assert back.sites == orig.sites
     for v in orig.vectors:
@@ -105,8 +105,8 @@ def test_int4_merged_scale_patch_matches_int4_side(tiny):
     side = open_runtime(tiny.side("int4").out)
     merged = open_runtime(tiny.export("merged_int4", precision="int4", adapters={"a": tiny.adapter_dirs["a"]},
                                       merge="a").out)
-    assert "scale rows" in merged.manifest["merged"]["method"]
-    assert merged.manifest["ia3_inputs"] == [] and merged.adapters == []
+    assert "scale rows" in merged.manifest.merged.method
+    assert merged.manifest.ia3_inputs == [] and merged.adapters == []
     side.use_adapter("a")
     ls, lm = side.logits(IDS), merged.logits(IDS)
     assert np.abs(ls - lm).max() <= 1e-3 * (ls.max() - ls.min())
@@ -151,7 +151,7 @@ def test_greedy_20_tokens_match_torch(tiny):
 def test_unfused_qkv_build_matches_fused(tiny):
     fused = open_runtime(tiny.side().out)
     unfused = open_runtime(tiny.side(fuse_qkv=False).out)
-    assert any(p["name"].endswith(".v") for p in unfused.manifest["ia3_inputs"])
+    assert any(p["name"].endswith(".v") for p in unfused.manifest.ia3_inputs)
     for name in ("a", None):
         fused.use_adapter(name)
         unfused.use_adapter(name)
@@ -161,14 +161,14 @@ def test_unfused_qkv_build_matches_fused(tiny):
 def test_mobile_ort_format_loads_and_matches(tiny_llama):
     tiny = tiny_llama
     res = tiny.export("mobile_int4", precision="int4", adapters={"a": tiny.adapter_dirs["a"]}, mobile=True)
-    mob = res.manifest["mobile"]
+    mob = res.manifest.extra["mobile"]
     assert mob["ort_loads"] and (res.out / "model.ort").exists()
     assert "com.microsoft:MatMulNBits" in mob["unsupported_ops"]["NNAPI"]
     assert "ai.onnx:Mul" not in mob["unsupported_ops"]["NNAPI"]  # the IA3 op itself is mobile-friendly
     rt = open_runtime(res.out)
     rt.use_adapter("a")
     ref = rt.logits(IDS)
-    rt._session, rt.manifest["model_file"] = None, "model.ort"
+    rt._session, rt.manifest.model_file = None, "model.ort"
     np.testing.assert_allclose(rt.logits(IDS), ref, atol=1e-6, rtol=0)
 
 

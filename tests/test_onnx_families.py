@@ -62,7 +62,7 @@ def test_side_fp32_matches_peft(tiny):
 
 def test_merged_fp32_matches_peft(tiny):
     res = tiny.export("merged_fp32", precision="fp32", adapters={"a": tiny.adapter_dirs["a"]}, merge="a")
-    assert res.manifest["mode"] == "merged"
+    assert res.manifest.mode == "merged"
     assert np.abs(open_runtime(res.out).logits(IDS) - tiny.peft_logits("a")).max() <= 1e-4
 
 
@@ -70,7 +70,7 @@ def test_int4_merged_matches_int4_side(tiny):
     side = open_runtime(tiny.side("int4").out)
     merged = open_runtime(tiny.export("merged_int4", precision="int4", adapters={"a": tiny.adapter_dirs["a"]},
                                       merge="a").out)
-    assert "scale rows" in merged.manifest["merged"]["method"]
+    assert "scale rows" in merged.manifest.merged.method
     side.use_adapter("a")
     ls, lm = side.logits(IDS), merged.logits(IDS)
     assert np.abs(ls - lm).max() <= 1e-3 * (ls.max() - ls.min())

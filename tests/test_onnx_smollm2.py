@@ -65,7 +65,7 @@ def test_int4_merged_matches_side(work):
     kw = dict(base="default", precision="int4", adapters={"a": work / "a"}, accuracy_level=1, weights="builder")
     side = open_runtime(export(out=work / "int4_side_acc1", **kw).out)
     merged = open_runtime(export(out=work / "int4_merged_acc1", merge="a", **kw).out)
-    assert "scale rows" in merged.manifest["merged"]["method"]
+    assert "scale rows" in merged.manifest.merged.method
     ids = side.prompt_ids(MESSAGES)
     side.use_adapter("a")
     ls, lm = side.logits(ids), merged.logits(ids)

@@ -50,7 +50,7 @@ def test_side_and_merged_export_equal_peft(variant, tmp_path):
     pm = _peft_adapter(copy.deepcopy(base_model), tmp_path / "peft")
     pm_all = _peft_adapter(copy.deepcopy(base_model), tmp_path / "peft_all", seed=3, every_site=True)
     doc = export_t5(tmp_path / "m", tmp_path / "side", {"a": tmp_path / "peft", "all": tmp_path / "peft_all"})
-    assert len(doc["ia3_inputs"]) == 14 * 2  # the union: every site in both layers
+    assert len(doc.ia3_inputs) == 14 * 2  # the union: every site in both layers
     rt = T5OnnxRuntime(tmp_path / "side")
     assert rt.adapters == ["a", "all"]
 
@@ -115,7 +115,7 @@ def test_runtime_registered_and_errors(tmp_path):
 
     _t5(tmp_path / "m", "relu")
     doc = export_t5(tmp_path / "m", tmp_path / "base")
-    assert read_manifest(tmp_path / "base")["kind"] == "onnx-t5" and doc["mode"] == "base"
+    assert read_manifest(tmp_path / "base").kind == "onnx-t5" and doc.mode == "base"
     rt = open_runtime(tmp_path / "base")
     assert isinstance(rt, T5OnnxRuntime)
     with pytest.raises(EdgeIA3Error, match="no adapter 'x'"):
@@ -168,7 +168,7 @@ def test_int4_export_runs_matmulnbits_with_exact_side_inputs(variant, tmp_path):
     size = {d: sum(f.stat().st_size for f in (tmp_path / d).glob("*.onnx")) for d in ("side", "fp32")}
     assert size["side"] < 0.4 * size["fp32"]
     rt, mrt = T5OnnxRuntime(tmp_path / "side"), T5OnnxRuntime(tmp_path / "merged")
-    assert rt.manifest["precision"] == "int4"
+    assert rt.manifest.precision == "int4"
     base_int4 = rt.logits(SRC, DEC[1:])
     rt.use_adapter("a")
     side = rt.logits(SRC, DEC[1:])
@@ -197,7 +197,7 @@ def test_graph_contract_batch_ia3_batch_and_past_axes(tmp_path):
     def dims(values):
         return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
 
-    ia3 = {i["name"]: i for i in doc["ia3_inputs"]}
+    ia3 = {i["name"]: i for i in doc.ia3_inputs}
     for g in (enc, dec):
         assert {o.domain: o.version for o in g.opset_import}[""] == 17 and g.ir_version == 8
         assert all(dims(g.graph.input)[n] == ["ia3_batch", 1, ia3[n]["size"]] for n in dims(g.graph.input) if n in ia3)

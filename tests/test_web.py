@@ -163,19 +163,19 @@ def test_the_folder_is_what_onnxruntime_web_runs(exported):
               "chat_template.jinja", "runtime/ort.wasm.min.mjs", "runtime/ort-wasm-simd-threaded.wasm",
               "runtime/tokenizers.min.mjs", "runtime/jinja.mjs", "adapters/a.safetensors", "adapters/b.safetensors"):
         assert (out / f).is_file(), f
-    assert m["kind"] == "web" and m["token_contract"] == {"add_bos": False, "bos_id": None, "add_eos": False,
-                                                          "eos_id": None}
-    assert {p["package"]: p["version"] for p in m["runtime"]["packages"]}["onnxruntime-web"] == "1.31.1"
+    assert m.kind == "web" and m.token_contract == {"add_bos": False, "bos_id": None, "add_eos": False,
+                                                    "eos_id": None}
+    assert {p["package"]: p["version"] for p in m.extra["runtime"]["packages"]}["onnxruntime-web"] == "1.31.1"
     g = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    names = {p["name"] for p in m["ia3_inputs"]}
+    names = {p["name"] for p in m.ia3_inputs}
     assert names and names <= {i.name for i in g.graph.input}
     assert not names & {t.name for t in g.graph.initializer}  # plain inputs: onnxruntime-web exposes them
     assert g.ir_version <= 13
     ops = {n.op_type for n in g.graph.node}
     assert "MatMulNBits" not in ops and "DequantizeLinear" in ops  # dequantized once at load
-    for name, a in m["adapters"].items():
-        blob = (out / a["file"]).read_bytes()
-        assert len(blob) == a["bytes"] < 4096
+    for name, a in m.adapters.items():
+        blob = (out / a.file).read_bytes()
+        assert len(blob) == a.bytes < 4096
 
 
 def _nbits_model(k: int, n: int, bits: int, block: int, zero_points: bool, bias: bool, minimum: bool = False,
@@ -327,12 +327,12 @@ def test_a_damaged_or_foreign_adapter_is_an_error_not_an_answer(exported, page, 
     (bad / "empty.safetensors").write_bytes(b"")
     tensors = native.adapter_tensors("a")
     write_web_adapter(tensors, bad / "foreign.safetensors", "0123456789abcdef", "a")  # another export's id
-    first = native.manifest["ia3_inputs"][0]["name"]
+    first = native.manifest.ia3_inputs[0]["name"]
     write_web_adapter({k: v for k, v in tensors.items() if k != first}, bad / "partial.safetensors",
-                      native.manifest["export_id"], "a")
+                      native.manifest.extra["export_id"], "a")
     wrong = dict(tensors, **{first: np.ones((1, 1, 7), np.float32)})
-    write_web_adapter(wrong, bad / "shape.safetensors", native.manifest["export_id"], "a")
-    write_web_adapter(tensors, bad / "nan.safetensors", native.manifest["export_id"], "a")
+    write_web_adapter(wrong, bad / "shape.safetensors", native.manifest.extra["export_id"], "a")
+    write_web_adapter(tensors, bad / "nan.safetensors", native.manifest.extra["export_id"], "a")
     blob = bytearray((bad / "nan.safetensors").read_bytes())
     blob[-4:] = np.float32(np.nan).tobytes()  # a value flipped after writing
     (bad / "nan.safetensors").write_bytes(bytes(blob))
@@ -391,7 +391,7 @@ def test_bos_is_fed_as_the_base_tokenizes(tmp_path_factory, site, page):
     _bos_tokenizer(base)
     out = export_web(str(base), site[0] / "bos").out
     native = NativeWeb(out)
-    assert native.manifest["token_contract"]["add_bos"] and native.manifest["token_contract"]["bos_id"] == 1
+    assert native.manifest.token_contract["add_bos"] and native.manifest.token_contract["bos_id"] == 1
     for prompt in ("sun is", "the sea"):
         got = page.open("bos", prompt=prompt, max_tokens=8)
         assert got["state"] == "done", got["text"]

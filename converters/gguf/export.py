@@ -24,8 +24,7 @@ from edgeia3.adapter import check_adapter_name
 from edgeia3.atomic import atomic_dir, check_out
 from edgeia3.base import LLAMA_QUANTS, locate_base, quantized_gguf, resolve_base
 from edgeia3.errors import EdgeIA3Error
-from edgeia3.manifest import write_manifest
-from edgeia3.tokens import RECORD_KEY as TOKENS_KEY
+from edgeia3.manifest import AdapterEntry, ExportManifest, Merged, write_manifest
 from edgeia3.tokens import TokenContract, check_tokens
 from edgeia3.weights import check_deployment, llama_quant
 
@@ -44,14 +43,32 @@ MODEL_FILE = "model.gguf"
 
 @dataclass
 class GGUFExport:
+    """What ``export`` produced: the manifest it wrote (``str()`` is the CLI's summary)."""
+
     out: Path
-    quant: str
-    base: str
-    family: str
-    adapters: dict[str, dict] = field(default_factory=dict)
-    merged: str | None = None
-    notes: list[str] = field(default_factory=list)
+    manifest: ExportManifest
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def quant(self) -> str:
+        return self.manifest.quant or ""
+
+    @property
+    def base(self) -> str:
+        return self.manifest.base_spec
+
+    @property
+    def family(self) -> str:
+        return self.manifest.family
+
+    @property
+    def adapters(self) -> dict[str, AdapterEntry]:
+        return self.manifest.adapters
+
+    @property
+    def merged(self) -> str | None:
+        return self.manifest.merged_name
 
     def __str__(self) -> str:
         model = self.out / MODEL_FILE
@@ -59,8 +76,8 @@ class GGUFExport:
                  f"  model.gguf: {self.family}, {self.quant}, {model.stat().st_size / 1e6:.1f} MB"
                  + (f", adapter '{self.merged}' merged exactly into the block scales" if self.merged else "")]
         for name, a in self.adapters.items():
-            lines.append(f"  {a['file']}: {a['params']:,} IA3 parameters ({', '.join(a['sites'])}), "
-                         f"{a['bytes'] / 1e3:.1f} kB")
+            lines.append(f"  {a.file}: {a.params:,} IA3 parameters ({', '.join(a.sites)}), "
+                         f"{(a.bytes or 0) / 1e3:.1f} kB")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -105,7 +122,7 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
         deployed = gguf_weights(model, name, file_quant)
         gb = GGUFBase(model, name=str(base))
         loaded = {name: gb.load_adapter(path) for name, path in adapters.items()}
-        info: dict[str, dict] = {}
+        info: dict[str, AdapterEntry] = {}
         tokens = llama_cpp_tokens(model)
         if tokens is None:
             notes.append("llama.cpp cannot load this GGUF's vocabulary (e.g. a BPE tokenizer without merges): "
@@ -115,11 +132,11 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
             adapter_plan(ad, gb)  # the runtime swaps by this plan: refuse what it cannot apply, now
             rel = f"adapters/{name}{SUFFIX}"
             write_ia3_gguf(ad, tmp / rel, gb, name)
-            info[name] = {"file": rel, "sites": ad.sites, "params": ad.num_params,
-                          "bytes": (tmp / rel).stat().st_size, "trained_quant": ad.quant,
-                          "trained_weights": ad.trained_on,
-                          "same_weights": check_deployment(name, ad, deployed, strict, notes),
-                          TOKENS_KEY: TokenContract.recorded(ad).to_json()}
+            info[name] = AdapterEntry(file=rel, sites=ad.sites, params=ad.num_params,
+                                      bytes=(tmp / rel).stat().st_size, trained_quant=ad.quant,
+                                      trained_weights=ad.trained_on,
+                                      same_weights=check_deployment(name, ad, deployed, strict, notes),
+                                      token_contract=TokenContract.recorded(ad).to_json())
             if tokens is not None:
                 check_tokens(name, ad, tokens, "llama.cpp on this GGUF", strict, notes)
         if merge is not None:
@@ -129,20 +146,14 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
             apply_plan(mm, gb.index, plan)
             mm.flush()
             del mm
-        manifest = {
-            "model": MODEL_FILE,
-            TOKENS_KEY: tokens and tokens.to_json(),  # what llama.cpp adds around a text (None: unknown)
-            "base": {"spec": str(base), "identity": gb.identity.to_dict(),
-                     "source_identity": gb.identities[-1].to_dict() if len(gb.identities) > 1 else None},
-            "family": gb.family.name,
-            "quant": file_quant,
-            "weights": deployed,
-            "adapters": info,
-            "merged": merge,
-            "notes": notes,
-        }
-        write_manifest(tmp, "gguf", manifest)
-    return GGUFExport(out, file_quant, str(base), gb.family.name, info, merge, notes, time.perf_counter() - t0)
+        base_ref = {"spec": str(base), "identity": gb.identity.to_dict(),
+                    "source_identity": gb.identities[-1].to_dict() if len(gb.identities) > 1 else None}
+        manifest = ExportManifest(
+            "gguf", gb.family.name, base_ref, info, Merged(merge) if merge is not None else None, deployed,
+            tokens and tokens.to_json(),  # what llama.cpp adds around a text (None: unknown)
+            notes, quant=file_quant, model_file=MODEL_FILE)
+        write_manifest(tmp, manifest)
+    return GGUFExport(out, manifest, time.perf_counter() - t0, notes)
 
 
 def _trained_quant(adapters: dict[str, str]) -> str | None:

@@ -29,11 +29,10 @@ from edgeia3.adapter import IA3Adapter, check_adapter_name
 from edgeia3.atomic import atomic_dir, check_out
 from edgeia3.base import LLAMA_QUANTS, LoadedBase, load_base, quantized_gguf
 from edgeia3.errors import EdgeIA3Error
-from edgeia3.manifest import write_manifest
+from edgeia3.manifest import AdapterEntry, ExportManifest, Merged, write_manifest
 from edgeia3.fingerprint import num_layers
 from edgeia3.prompts import TEMPLATE_FILE, read_template
 from edgeia3.registry import Family, Scaling, families
-from edgeia3.tokens import RECORD_KEY as TOKENS_KEY
 from edgeia3.tokens import TokenContract, check_tokens
 from edgeia3.validate import expected_length, load_adapter_for
 from edgeia3.weights import check_deployment, llama_quant, same_weights
@@ -53,31 +52,31 @@ CANONICAL_SUFFIX = "ia3.safetensors"  # the merged adapter's own vectors (edgeia
 
 @dataclass
 class OnnxExport:
-    """What ``export`` produced (``str()`` is the CLI's summary)."""
+    """What ``export`` produced: the manifest it wrote (``str()`` is the CLI's summary)."""
 
     out: Path
-    manifest: dict
+    manifest: ExportManifest
     seconds: float
     notes: list[str] = field(default_factory=list)
 
     @property
     def adapters(self) -> dict[str, Path]:
-        return {n: self.out / a["file"] for n, a in self.manifest["adapters"].items()}
+        return {n: self.out / a.file for n, a in self.manifest.side_adapters.items()}
 
     def __str__(self) -> str:
         m = self.manifest
-        mb = m["model_bytes"] / 1e6
-        if m["mode"] == "merged":
-            what = f"adapter '{m['merged']['name']}' merged ({m['merged']['method']})"
-        elif m["mode"] == "side":
-            sizes = ", ".join(f"{n} {a['bytes'] / 1e3:.1f} kB" for n, a in m["adapters"].items())
-            what = f"{len(m['adapters'])} adapter(s) as side-tensors over {len(m['ia3_inputs'])} IA3 inputs ({sizes})"
+        mb = (m.model_bytes or 0) / 1e6
+        if m.merged:
+            what = f"adapter '{m.merged.name}' merged ({m.merged.method})"
+        elif m.mode == "side":
+            sizes = ", ".join(f"{n} {(a.bytes or 0) / 1e3:.1f} kB" for n, a in m.adapters.items())
+            what = f"{len(m.adapters)} adapter(s) as side-tensors over {len(m.ia3_inputs or [])} IA3 inputs ({sizes})"
         else:
             what = "no adapter (base model)"
-        lines = [f"ONNX export of {m['base']['name']} ({m['family']}, {m['precision']}, {m['provider']}): {what}",
+        lines = [f"ONNX export of {m.base.get('name')} ({m.family}, {m.precision}, {m.extra.get('provider')}): {what}",
                  f"  -> {self.out}  model {mb:.1f} MB, {self.seconds:.1f} s"]
-        if m.get("mobile"):
-            mob = m["mobile"]
+        if m.extra.get("mobile"):
+            mob = m.extra["mobile"]
             lines.append(f"  mobile: {mob['ort_file']} loads in onnxruntime: {mob['ort_loads']}; "
                          f"ops outside NNAPI: {', '.join(mob['unsupported_ops'].get('NNAPI', [])) or 'none'}")
         lines += [f"  note: {n}" for n in self.notes]
@@ -196,12 +195,12 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
             merged_gguf = _merged_gguf(gguf, loaded[merge], Path(work))
             _build(lb, lb.source.hf_path, tmp, precision, provider, extra, work)
             transcoded = _transcode(tmp, merged_gguf, lb, accuracy_level, notes)
-            merged = {"method": "block scales of the GGUF it runs (exact, no re-quantization)",
-                      "into": "quantized weights", "name": merge}
+            merged = Merged(merge, "block scales of the GGUF it runs (exact, no re-quantization)",
+                            "quantized weights")
             plans: list[IA3Input] = []
         elif merge is not None:
-            merged = _export_merged(lb, loaded[merge], tmp, Path(work), precision, provider, extra, notes)
-            merged["name"] = merge
+            merged = Merged(merge, *_export_merged(lb, loaded[merge], tmp, Path(work), precision, provider, extra,
+                                                   notes))
             plans = []
         else:
             merged = None
@@ -211,32 +210,37 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
                 transcoded = _transcode(tmp, gguf, lb, accuracy_level, notes)
         _ensure_chat_template(tmp, lb)
         manifest = _manifest(lb, identity, precision, provider, plans, merged, fuse_qkv)
-        manifest["builder_options"] = extra
-        manifest["weights"] = deployed
-        manifest["transcoded"] = transcoded
+        manifest.extra.update(builder_options=extra, transcoded=transcoded)
+        manifest.weights = deployed
         for name, ad in loaded.items():
-            entry = {"sites": ad.sites, "params": ad.num_params, "trained_on": ad.quant, "source": str(adapters[name]),
-                     "trained_weights": ad.trained_on, "same_weights": same_weights(ad, deployed),
-                     TOKENS_KEY: TokenContract.recorded(ad).to_json()}
-            if merge is None:
-                dtype = activation_np_dtype(tmp / MODEL_FILE)
-                path = write_onnx_adapter(ad, plans, tmp / ADAPTER_DIR / f"{name}{SUFFIX}", dtype)
-                entry.update(file=f"{ADAPTER_DIR}/{name}{SUFFIX}", bytes=path.stat().st_size)
-            else:  # folded into the weights: keep the canonical vectors for provenance and reports
-                rel = f"{ADAPTER_DIR}/{name}.{CANONICAL_SUFFIX}"
-                ad.save(tmp / rel)
-                entry["canonical"] = rel
-            manifest["adapters"][name] = entry
-        manifest["model_bytes"] = model_bytes(tmp)
+            manifest.adapters[name] = _adapter_entry(tmp, name, ad, adapters[name], plans, deployed, merge)
+        manifest.model_bytes = model_bytes(tmp)
         if mobile:
             from .mobile import make_mobile
 
-            manifest["mobile"] = make_mobile(tmp)
-        manifest[TOKENS_KEY] = lb.tokens.to_json()  # what the export's tokenizer adds (the runtimes' rule)
-        manifest["notes"] = notes
-        manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
-        write_manifest(tmp, "onnx", manifest)
+            manifest.extra["mobile"] = make_mobile(tmp)
+        manifest.token_contract = lb.tokens.to_json()  # what the export's tokenizer adds (the runtimes' rule)
+        manifest.notes = notes
+        manifest.extra["export_seconds"] = round(time.perf_counter() - t0, 2)
+        write_manifest(tmp, manifest)
     return OnnxExport(out, manifest, time.perf_counter() - t0, notes)
+
+
+def _adapter_entry(tmp: Path, name: str, ad: IA3Adapter, source: Any, plans: list[IA3Input], deployed: dict,
+                   merge: str | None) -> AdapterEntry:
+    """Write adapter ``name``'s file into the export (side: its .onnx_adapter; merged: its canonical
+    vectors, for provenance and reports) and return its manifest entry."""
+    entry = AdapterEntry(sites=ad.sites, params=ad.num_params, trained_quant=ad.quant, source=str(source),
+                         trained_weights=ad.trained_on, same_weights=same_weights(ad, deployed),
+                         token_contract=TokenContract.recorded(ad).to_json())
+    if merge is None:
+        dtype = activation_np_dtype(tmp / MODEL_FILE)
+        path = write_onnx_adapter(ad, plans, tmp / ADAPTER_DIR / f"{name}{SUFFIX}", dtype)
+        entry.file, entry.bytes = f"{ADAPTER_DIR}/{name}{SUFFIX}", path.stat().st_size
+    else:
+        entry.canonical = f"{ADAPTER_DIR}/{name}.{CANONICAL_SUFFIX}"
+        ad.save(tmp / entry.canonical)
+    return entry
 
 
 def _weights_gguf(lb: LoadedBase, precision: str, weights: str, loaded: dict[str, IA3Adapter]) -> Path | None:
@@ -348,7 +352,8 @@ def _row_ops(family: Family, adapter: IA3Adapter, config: Any, graph: Any) -> li
 
 
 def _export_merged(lb: LoadedBase, adapter: IA3Adapter, tmp: Path, work: Path, precision: str, provider: str,
-                   extra: dict, notes: list[str]) -> dict:
+                   extra: dict, notes: list[str]) -> tuple[str, str]:
+    """Fold ``adapter`` into the export's weights; (how, into what)."""
     from edgeia3.merge import fold_into_model, merge_loaded
 
     if precision in ("int4", "int8") and adapter.quant != "nf4":
@@ -358,7 +363,7 @@ def _export_merged(lb: LoadedBase, adapter: IA3Adapter, tmp: Path, work: Path, p
         if ops is not None:
             for node, start, stop, values in ops:
                 scale_output_rows(model, tmp, node, start, stop, values)
-            return {"method": "MatMulNBits scale rows (exact, no re-quantization)", "into": "quantized weights"}
+            return "MatMulNBits scale rows (exact, no re-quantization)", "quantized weights"
         notes.append("some IA3 vectors cannot be folded into quantized rows exactly; "
                      "they were folded into the full-precision weights before quantization")
         for f in tmp.iterdir():  # rebuild below from the folded weights
@@ -375,7 +380,7 @@ def _export_merged(lb: LoadedBase, adapter: IA3Adapter, tmp: Path, work: Path, p
         into = "full-precision weights"
     hf = _save_hf(model, lb.tokenizer, work / "merged_hf")
     _build(lb, hf, tmp, precision, provider, extra, work)
-    return {"method": f"folded in torch before the {precision} build", "into": into}
+    return f"folded in torch before the {precision} build", into
 
 
 def _ensure_chat_template(model_dir: Path, lb: LoadedBase) -> None:
@@ -388,24 +393,17 @@ def _ensure_chat_template(model_dir: Path, lb: LoadedBase) -> None:
 
 
 def _manifest(lb: LoadedBase, identity: Any, precision: str, provider: str, plans: list[IA3Input],
-              merged: dict | None, fuse_qkv: bool) -> dict:
-    return {
-        "base": {"name": lb.source.name, "spec": lb.source.spec, **identity.to_dict()},
-        "fingerprint": f"{identity.fingerprint}/{identity.content}",
-        "family": lb.family.name,
-        "precision": precision,
-        "provider": provider,
-        "mode": "merged" if merged else ("side" if plans else "base"),
-        "merged": merged,
-        "fuse_qkv": fuse_qkv and any(len(p.parts) > 1 for p in plans) if plans else fuse_qkv,
-        "sites": sorted({part[0] for p in plans for part in p.parts}),
-        "ia3_inputs": [p.to_dict() for p in plans],
-        "adapters": {},
-        "model_file": MODEL_FILE,
-        "builder": f"onnxruntime-genai {builder.builder_version()}",
-        "mobile": None,
-    }
+              merged: Merged | None, fuse_qkv: bool) -> ExportManifest:
+    return ExportManifest(
+        "onnx", lb.family.name, {"name": lb.source.name, "spec": lb.source.spec, **identity.to_dict()},
+        merged=merged, precision=precision, model_file=MODEL_FILE,
+        mode="merged" if merged else ("side" if plans else "base"),
+        ia3_inputs=[p.to_dict() for p in plans], fingerprint=f"{identity.fingerprint}/{identity.content}",
+        extra={"provider": provider,
+               "fuse_qkv": fuse_qkv and any(len(p.parts) > 1 for p in plans) if plans else fuse_qkv,
+               "sites": sorted({part[0] for p in plans for part in p.parts}),
+               "builder": f"onnxruntime-genai {builder.builder_version()}", "mobile": None})
 
 
-def plans_of(manifest: dict) -> list[IA3Input]:
-    return [IA3Input.from_dict(d) for d in manifest.get("ia3_inputs", [])]
+def plans_of(manifest: ExportManifest) -> list[IA3Input]:
+    return [IA3Input.from_dict(d) for d in manifest.ia3_inputs or []]

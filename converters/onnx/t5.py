@@ -39,9 +39,9 @@ from edgeia3.adapter import IA3Adapter
 from edgeia3.base import load_base
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.atomic import atomic_dir, check_out
-from edgeia3.manifest import read_manifest, write_manifest
+from edgeia3.manifest import AdapterEntry, ExportManifest, Merged, read_manifest, write_manifest
 from edgeia3.merge import merge_loaded
-from edgeia3.prompts import RECORD_KEY, recorded_template
+from edgeia3.prompts import recorded_template
 from edgeia3.registry import Scaling, decoder_start_token
 from edgeia3.validate import load_adapter_for
 
@@ -304,7 +304,7 @@ def quantize_int4(path: Path) -> None:
 
 
 def export_t5(base_dir: str | Path, out_dir: str | Path, adapters: dict[str, str | Path] | None = None,
-              merge: str | None = None, force: bool = False, precision: str = "fp32") -> dict:
+              merge: str | None = None, force: bool = False, precision: str = "fp32") -> ExportManifest:
     """Export a T5 base (and IA3 adapters, as side inputs or one merged) to ``out_dir``;
     returns the manifest written there (``edgeia3.json``, kind "onnx-t5"). Written under a
     temp name and renamed when complete; an existing ``out_dir`` is refused unless ``force``."""
@@ -323,8 +323,6 @@ def export_t5(base_dir: str | Path, out_dir: str | Path, adapters: dict[str, str
 
 
 def _write(out: Path, base: Any, loaded: dict[str, IA3Adapter], merge: str | None, precision: str) -> None:
-    from safetensors.numpy import save_file
-
     model = base.model.float().eval()
     cfg = model.config
     n, heads, dkv = cfg.num_layers, cfg.num_heads, cfg.d_kv
@@ -372,35 +370,35 @@ def _write(out: Path, base: Any, loaded: dict[str, IA3Adapter], merge: str | Non
         for f in (ENCODER_FILE, DECODER_FILE):
             quantize_int4(out / f)
 
-    entries = {}
     (out / ADAPTER_DIR).mkdir(exist_ok=True)
-    for name, ad in loaded.items():
-        entry = {"sites": ad.sites, "params": ad.num_params, "trained_on": ad.quant, "trained_weights": ad.trained_on}
-        if template := recorded_template(ad):  # the chat template it was trained with renders its prompts
-            entry[RECORD_KEY] = template
-        if merge is None:
-            rel = f"{ADAPTER_DIR}/{name}.safetensors"
-            save_file(adapter_tensors(ad, sites, sizes), str(out / rel), metadata={"format": "edgeia3-onnx-t5-ia3"})
-            entry |= {"file": rel, "bytes": (out / rel).stat().st_size}
-        elif name == merge:  # folded into the weights: its canonical vectors, for provenance and reports
-            entry["canonical"] = str(ad.save(out / ADAPTER_DIR / f"{name}.ia3.safetensors").relative_to(out))
-        entries[name] = entry
+    entries = {name: _adapter_entry(out, name, ad, merge, sites, sizes) for name, ad in loaded.items()}
     cfg.save_pretrained(out)  # decoder_start_token_id, eos_token_id, ...
     if base.tokenizer is not None:
         base.tokenizer.save_pretrained(out)
-    doc = {
-        "family": "t5", "precision": precision, "provider": "cpu",
-        "base": {"name": base.source.name, "spec": base.source.spec, "identity": base.identity.to_dict()},
-        "model_bytes": sum((out / f).stat().st_size for f in (ENCODER_FILE, DECODER_FILE)),
-        "mode": "merged" if merge else ("side" if loaded else "base"),
-        "merged": {"name": merge, "method": "torch fold (merge_loaded)"} if merge else None,
-        "encoder": ENCODER_FILE, "decoder": DECODER_FILE, "decoder_with_past": True,
-        "num_layers": n, "num_heads": heads, "d_kv": dkv,
-        "ia3_inputs": [{"name": ia3_name(*k), "layer": k[0], "site": k[1], "size": sizes[k],
-                        "graph": "encoder" if k in enc_sites else "decoder"} for k in sites],
-        "adapters": entries,
-        "decoder_start_token_id": decoder_start_token(cfg),
-        "eos_token_id": cfg.eos_token_id,
-    }
-    write_manifest(out, KIND, doc)
+    write_manifest(out, ExportManifest(
+        KIND, "t5", {"name": base.source.name, "spec": base.source.spec, "identity": base.identity.to_dict()},
+        entries, Merged(merge, "torch fold (merge_loaded)") if merge else None, precision=precision,
+        model_bytes=sum((out / f).stat().st_size for f in (ENCODER_FILE, DECODER_FILE)),
+        mode="merged" if merge else ("side" if loaded else "base"),
+        ia3_inputs=[{"name": ia3_name(*k), "layer": k[0], "site": k[1], "size": sizes[k],
+                     "graph": "encoder" if k in enc_sites else "decoder"} for k in sites],
+        extra={"provider": "cpu", "encoder": ENCODER_FILE, "decoder": DECODER_FILE, "decoder_with_past": True,
+               "num_layers": n, "num_heads": heads, "d_kv": dkv, "decoder_start_token_id": decoder_start_token(cfg),
+               "eos_token_id": cfg.eos_token_id}))
 
+
+def _adapter_entry(out: Path, name: str, ad: IA3Adapter, merge: str | None, sites: list, sizes: dict) -> AdapterEntry:
+    """Write adapter ``name``'s file (side: its input tensors; merged: its canonical vectors, for
+    provenance and reports) and return its manifest entry."""
+    from safetensors.numpy import save_file
+
+    # the chat template it was trained with renders its prompts
+    entry = AdapterEntry(sites=ad.sites, params=ad.num_params, trained_quant=ad.quant, trained_weights=ad.trained_on,
+                         chat_template=recorded_template(ad) or None)
+    if merge is None:
+        entry.file = f"{ADAPTER_DIR}/{name}.safetensors"
+        save_file(adapter_tensors(ad, sites, sizes), str(out / entry.file), metadata={"format": "edgeia3-onnx-t5-ia3"})
+        entry.bytes = (out / entry.file).stat().st_size
+    elif name == merge:
+        entry.canonical = str(ad.save(out / ADAPTER_DIR / f"{name}.ia3.safetensors").relative_to(out))
+    return entry

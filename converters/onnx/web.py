@@ -34,6 +34,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeia3.errors import EdgeIA3Error
+from edgeia3.manifest import ExportManifest
 
 MATMUL_MODES = ("dequantize", "int8", "nbits", "dequantize-fold")
 MAX_IR = 13  # newest IR version onnxruntime-web 1.30/1.31 accept
@@ -363,8 +364,8 @@ def read_web_adapter(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     return tensors, meta
 
 
-def export_id(manifest: dict) -> str:
+def export_id(manifest: ExportManifest) -> str:
     """What identifies an export's IA3 layout: the base's fingerprint and every input's name and size."""
-    inputs = [(p["name"], int(p["size"])) for p in manifest.get("ia3_inputs", [])]
-    doc = json.dumps({"fingerprint": manifest.get("fingerprint"), "inputs": inputs}, sort_keys=True)
+    inputs = [(p["name"], int(p["size"])) for p in manifest.ia3_inputs or []]
+    doc = json.dumps({"fingerprint": manifest.fingerprint, "inputs": inputs}, sort_keys=True)
     return hashlib.sha256(doc.encode()).hexdigest()[:16]

@@ -30,8 +30,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import EdgeIA3Error
-from ..manifest import export_kind, merged_name, read_manifest
-from ..prompts import RECORD_KEY, ChatTemplates, read_template
+from ..manifest import export_kind, read_manifest
+from ..prompts import ChatTemplates, read_template
 from ..tokens import TokenContract
 from . import refuse_options, register_runtime
 from .base_runtime import RuntimeBase, adapter_format
@@ -342,19 +342,19 @@ def open_gguf(path: str | Path, adapters: dict[str, str | Path] | None = None, p
     if path.is_file():
         return _runtime_class(path)(path, adapters, **kwargs)
     manifest = read_manifest(path)
-    found = {n: path / a["file"] for n, a in manifest.get("adapters", {}).items()}
-    merged = merged_name(manifest)
+    found = {n: path / a.file for n, a in manifest.side_adapters.items()}
+    merged = manifest.merged_name
     if merged:
         found = {}  # the weights already hold the merged adapter; others would stack on it
     found.update(adapters or {})
-    model = path / manifest.get("model", "model.gguf")
+    model = path / (manifest.model_file or "model.gguf")
     rt = _runtime_class(model)(model, found, merged=merged, **kwargs)
     # A base without a template: the one its adapters were trained with, carried by the export.
     rt.templates.own = rt.templates.own or read_template(path)
-    entry = manifest.get("adapters", {}).get(merged) if merged else None
-    if isinstance(entry, dict) and isinstance(entry.get(RECORD_KEY), str):  # the weights are that model
-        rt.templates.own = entry[RECORD_KEY]
-        rt.templates.record(merged, template=entry[RECORD_KEY])
+    entry = manifest.adapters.get(merged) if merged else None
+    if entry is not None and entry.chat_template is not None:  # the weights are that model
+        rt.templates.own = entry.chat_template
+        rt.templates.record(merged, template=entry.chat_template)
     return rt
 
 

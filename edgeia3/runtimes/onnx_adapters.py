@@ -17,10 +17,11 @@ import numpy as np
 
 from ..adapter import CANONICAL_FILE, IA3Adapter
 from ..errors import EdgeIA3Error
+from ..manifest import ExportManifest
 from .base_runtime import adapter_format
 
 
-def prepare(manifest: dict, dtype: Any, name: str, path: Path, workdir: Path) -> tuple[Path, dict, IA3Adapter]:
+def prepare(manifest: ExportManifest, dtype: Any, name: str, path: Path, workdir: Path) -> tuple[Path, dict, IA3Adapter]:
     """Check the adapter at ``path`` against the export described by ``manifest`` (IA3 inputs in
     ``dtype``) and write the runtime's own ``.onnx_adapter`` copy of it under ``workdir``.
     Returns (the copy, facts about the adapter, the adapter)."""
@@ -33,12 +34,12 @@ def prepare(manifest: dict, dtype: Any, name: str, path: Path, workdir: Path) ->
     target.unlink(missing_ok=True)  # a stale copy of an adapter of that name, unloaded before
     if path.is_file() and path.name.endswith(SUFFIX):
         check_onnx_adapter_file(path, plans, dtype)
-        adapter = read_onnx_adapter(path, plans, manifest["family"])  # shapes, finite values
+        adapter = read_onnx_adapter(path, plans, manifest.family)  # shapes, finite values
         shutil.copyfile(path, target)
         return target, {"sites": adapter.sites, "params": adapter.num_params, "format": "onnx_adapter",
                         "note": ".onnx_adapter files carry no base identity: checked against the export's IA3 "
                                 "inputs only"}, adapter
-    adapter = read_any_adapter(path, manifest["family"])
+    adapter = read_any_adapter(path, manifest.family)
     check_identity(adapter, manifest)
     adapter.check_finite()
     write_onnx_adapter(adapter, plans, target, dtype)  # refuses vectors of other lengths / sites
@@ -60,14 +61,14 @@ def read_any_adapter(path: Path, family: str) -> IA3Adapter:
     return load_adapter(path)
 
 
-def check_identity(adapter: IA3Adapter, manifest: dict) -> None:
+def check_identity(adapter: IA3Adapter, manifest: ExportManifest) -> None:
     """The adapter's family and base identity are the export's."""
     from ..fingerprint import BaseIdentity
 
-    if adapter.family != manifest["family"]:
+    if adapter.family != manifest.family:
         raise EdgeIA3Error(f"adapter is for the '{adapter.family}' family but the export's base is "
-                           f"'{manifest['family']}'")
-    b = manifest.get("base") or {}
+                           f"'{manifest.family}'")
+    b = manifest.base
     if adapter.base is not None and b.get("fingerprint"):
         ident = BaseIdentity(b["fingerprint"], b.get("content", ""), b.get("name", ""))
         if not adapter.base.matches(ident):

@@ -75,7 +75,7 @@ class BatchDecoder:
         self.mask_dtype = _np_type(types["attention_mask"])
         self.logits_dtype = _np_type(next(o.type for o in self.sess.get_outputs() if o.name == "logits"))
         self.vocab = int(rt.genai_config["model"]["vocab_size"])
-        self.ia3 = [(p["name"], int(p["size"])) for p in rt.manifest.get("ia3_inputs", [])]
+        self.ia3 = [(p["name"], int(p["size"])) for p in rt.manifest.ia3_inputs or []]
         self.ia3_dtype = getattr(rt, "_ia3_dtype", np.float32)
         self.eos = tuple(int(t) for t in rt.eos_ids())
         self.rows: list[Row] = []
@@ -187,7 +187,7 @@ class BatchDecoder:
         """The row's own copy of its adapter's vectors: unloading the adapter cannot touch a running row."""
         side = self.rt.side_adapter(adapter)  # None for the base and for an adapter merged into the weights
         return {inp["name"]: np.asarray(self.rt.side_vector(side, inp), dtype=self.ia3_dtype).reshape(1, -1)
-                for inp in self.rt.manifest.get("ia3_inputs", [])}
+                for inp in self.rt.manifest.ia3_inputs or []}
 
     def _ensure(self, rows: int, positions: int) -> None:
         """Buffers for ``rows`` rows of ``positions`` KV positions (grown by doubling, contents kept)."""

@@ -26,8 +26,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import EdgeIA3Error
-from ..manifest import MANIFEST, export_kind, merged_name, read_manifest
-from ..prompts import RECORD_KEY, ChatTemplates, read_template
+from ..manifest import MANIFEST, export_kind, read_manifest
+from ..prompts import ChatTemplates, read_template
 from ..tokens import TokenContract, hf_encoder
 from . import refuse_options, register_runtime
 from .base_runtime import RuntimeBase
@@ -51,22 +51,21 @@ class OnnxRuntime(RuntimeBase):
                     config.append_provider(provider)
         self._provider = provider or "cpu"
         t0 = time.perf_counter()
-        with _load_errors(self.path, self.manifest.get("model_file", "model.onnx")):
+        with _load_errors(self.path, self.manifest.model_file or "model.onnx"):
             self.model = og.Model(config)
             self._og_adapters = og.Adapters(self.model)
         self._files: dict[str, Path] = {}
-        for name, entry in self.manifest.get("adapters", {}).items():
-            if "file" in entry:
-                self._files[name] = self.path / entry["file"]
-                with _load_errors(self.path, f"adapter '{name}' ({entry['file']})"):
-                    self._og_adapters.load(str(self._files[name]), name)
+        for name, entry in self.manifest.side_adapters.items():
+            self._files[name] = self.path / entry.file
+            with _load_errors(self.path, f"adapter '{name}' ({entry.file})"):
+                self._og_adapters.load(str(self._files[name]), name)
         self.open_seconds = time.perf_counter() - t0
         self._active: str | None = None
         self.templates = ChatTemplates(read_template(self.path))
-        for name, entry in self.manifest.get("adapters", {}).items():  # what each was trained with
-            if isinstance(entry, dict) and isinstance(entry.get(RECORD_KEY), str):
-                self.templates.record(name, template=entry[RECORD_KEY])
-        merged = merged_name(self.manifest)
+        for name, entry in self.manifest.adapters.items():  # what each was trained with
+            if entry.chat_template is not None:
+                self.templates.record(name, template=entry.chat_template)
+        merged = self.manifest.merged_name
         if merged in self.templates.recorded:  # the weights are that adapter's model
             self.templates.own = self.templates.recorded[merged]
         self._tokenizer: Any = None  # created on first use (see the tokenizer property)
@@ -91,7 +90,7 @@ class OnnxRuntime(RuntimeBase):
 
     @property
     def merged(self) -> str | None:
-        return merged_name(self.manifest)
+        return self.manifest.merged_name
 
     def use_adapter(self, name: str | None) -> None:
         self._active = self.side_adapter(name)
@@ -108,7 +107,7 @@ class OnnxRuntime(RuntimeBase):
 
     # -- adapters loaded while running (RuntimeBase.load_adapter / unload_adapter) ----------------------
     def cannot_load(self) -> str | None:
-        if self.manifest.get("ia3_inputs"):
+        if self.manifest.ia3_inputs:
             return None
         merged = self.merged
         why = f"adapter '{merged}' is merged into its weights" if merged else "it was exported without adapters"
@@ -121,7 +120,7 @@ class OnnxRuntime(RuntimeBase):
         if self._adapter_dtype is None:
             from edgeia3.converters.onnx.graph import activation_np_dtype
 
-            self._adapter_dtype = activation_np_dtype(self.path / self.manifest.get("model_file", "model.onnx"))
+            self._adapter_dtype = activation_np_dtype(self.path / (self.manifest.model_file or "model.onnx"))
         return self._adapter_dtype
 
     def _attach(self, name: str, path: Path, workdir: Path) -> dict:
@@ -285,7 +284,7 @@ class OnnxRuntime(RuntimeBase):
         if batch == 1 and adapter_per_row[0] is not None:
             opts.add_active_adapter(self._ort_adapter(adapter_per_row[0]))
         elif any(a is not None for a in adapter_per_row):
-            for inp in self.manifest.get("ia3_inputs", []):
+            for inp in self.manifest.ia3_inputs or []:
                 rows = [self.side_vector(a, inp) for a in adapter_per_row]
                 feeds[inp["name"]] = np.stack(rows).astype(self._ia3_dtype)
         logits = sess.run(["logits"], feeds, opts)[0]
@@ -302,7 +301,7 @@ class OnnxRuntime(RuntimeBase):
 
         if self._session is None:
             providers = ["CUDAExecutionProvider"] if self._provider == "cuda" else ["CPUExecutionProvider"]
-            model_file = self.path / self.manifest.get("model_file", "model.onnx")
+            model_file = self.path / (self.manifest.model_file or "model.onnx")
             so = ort.SessionOptions()
             so.log_severity_level = 3  # IA3 inputs are overridable initializers by design; no warning per input
             _genai_threads(so, self.genai_config["model"]["decoder"].get("session_options", {}))
@@ -311,7 +310,7 @@ class OnnxRuntime(RuntimeBase):
             types = {i.name: i.type for i in (*self._session.get_inputs(),
                                               *self._session.get_overridable_initializers())}
             self.input_types = types
-            names = [p["name"] for p in self.manifest.get("ia3_inputs", [])]
+            names = [p["name"] for p in (self.manifest.ia3_inputs or [])]
             self._ia3_dtype = np.float16 if names and "float16" in types[names[0]] else np.float32
         return self._session
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import EdgeIA3Error
 from ..manifest import export_kind, read_manifest
-from ..prompts import FLAT_CHAT, RECORD_KEY, ChatTemplates
+from ..prompts import FLAT_CHAT, ChatTemplates
 from ..tokens import TokenContract, hf_encoder
 from .base_runtime import RuntimeBase
 
@@ -35,29 +35,29 @@ class T5OnnxRuntime(RuntimeBase):
 
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        if self.manifest.get("kind") != KIND:
-            raise EdgeIA3Error(f"{self.path}: not a T5 ONNX export (kind {self.manifest.get('kind')!r})")
-        m = self.manifest
+        if self.manifest.kind != KIND:
+            raise EdgeIA3Error(f"{self.path}: not a T5 ONNX export (kind {self.manifest.kind!r})")
+        m, x = self.manifest, self.manifest.extra  # x: the T5 graphs' own fields
         opts = ort.SessionOptions()
         providers = [provider or "CPUExecutionProvider"]
-        self.encoder = ort.InferenceSession(str(self.path / m["encoder"]), opts, providers=providers)
-        self.decoder = ort.InferenceSession(str(self.path / m["decoder"]), opts, providers=providers)
-        self.n, self.heads, self.d_kv = m["num_layers"], m["num_heads"], m["d_kv"]
-        self.start = m["decoder_start_token_id"]
+        self.encoder = ort.InferenceSession(str(self.path / x["encoder"]), opts, providers=providers)
+        self.decoder = ort.InferenceSession(str(self.path / x["decoder"]), opts, providers=providers)
+        self.n, self.heads, self.d_kv = x["num_layers"], x["num_heads"], x["d_kv"]
+        self.start = x["decoder_start_token_id"]
         if self.start is None:
             raise EdgeIA3Error(f"{self.path}: the model config names no decoder_start_token_id")
-        eos = m.get("eos_token_id")
+        eos = x.get("eos_token_id")
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        self._ones = {i["name"]: np.ones((1, 1, i["size"]), np.float32) for i in m["ia3_inputs"]}
-        self._tensors = {name: load_file(str(self.path / a["file"])) for name, a in m["adapters"].items()
-                         if "file" in a}  # a merged adapter keeps only its canonical vectors
+        self._ones = {i["name"]: np.ones((1, 1, i["size"]), np.float32) for i in m.ia3_inputs or []}
+        # a merged adapter keeps only its canonical vectors
+        self._tensors = {name: load_file(str(self.path / a.file)) for name, a in m.side_adapters.items()}
         self._enc_inputs = {i.name for i in self.encoder.get_inputs()}
         self._dec_inputs = {i.name for i in self.decoder.get_inputs()}
         self._active: str | None = None
         self._feeds = self._ones
         self.templates = ChatTemplates(FLAT_CHAT)  # T5 ships no chat template
-        for name, a in m["adapters"].items():  # the template each adapter was trained with
-            self.templates.record(name, template=a.get(RECORD_KEY))
+        for name, a in m.adapters.items():  # the template each adapter was trained with
+            self.templates.record(name, template=a.chat_template)
         self._tok = None
 
     # -- adapters --------------------------------------------------------------
@@ -67,7 +67,7 @@ class T5OnnxRuntime(RuntimeBase):
 
     @property
     def merged(self) -> str | None:
-        return (self.manifest.get("merged") or {}).get("name")
+        return self.manifest.merged_name
 
     def use_adapter(self, name: str | None) -> None:
         """Feed adapter ``name``'s side inputs (None: ones). A merged export is its adapter: the
@@ -158,9 +158,8 @@ class T5OnnxRuntime(RuntimeBase):
         return self._tokenizer().decode(ids, skip_special_tokens=True)
 
     def describe(self) -> str:
-        m = self.manifest
-        if m.get("merged"):
-            return f"onnxruntime T5 (encoder + decoder with past), adapter '{m['merged']['name']}' merged"
+        if self.merged:
+            return f"onnxruntime T5 (encoder + decoder with past), adapter '{self.merged}' merged"
         return f"onnxruntime T5 (encoder + decoder with past), IA3 as {len(self._ones)} side inputs"
 
     def close(self) -> None:
