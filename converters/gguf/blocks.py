@@ -5,7 +5,8 @@ the input dimension. Every supported type dequantizes a block as
 ``d * f(q) [- or +] m * g(q)`` with fp16 ``d`` (and ``m``/``dmin``), so
 multiplying those fields by l multiplies the whole dequantized row by l,
 exactly up to the fp16 rounding of the new scales. Float types are scaled
-value by value. Offsets follow ggml-common.h (block_q4_0 ... block_q6_K).
+value by value. Offsets follow ggml-common.h (block_q4_0 ... block_q6_K) and live in
+the block-type table (``quant_types``).
 """
 
 from __future__ import annotations
@@ -13,27 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as T
 
 from edgeia3.errors import EdgeIA3Error
 
 from .ggml_index import TensorInfo
+from .quant_types import BLOCK_TYPES, FLOAT_TYPES, QUANT_TYPES, names
 
-# type -> byte offsets of the fp16 scale fields inside one block
-SCALE_FIELDS: dict[T, tuple[int, ...]] = {
-    T.Q4_0: (0,),  # d, qs[16]
-    T.Q4_1: (0, 2),  # d, m, qs[16]
-    T.Q5_0: (0,),  # d, qh[4], qs[16]
-    T.Q5_1: (0, 2),  # d, m, qh[4], qs[16]
-    T.Q8_0: (0,),  # d, qs[32]
-    T.Q2_K: (80, 82),  # scales[16], qs[64], d, dmin
-    T.Q3_K: (108,),  # hmask[32], qs[64], scales[12], d
-    T.Q4_K: (0, 2),  # d, dmin, scales[12], qs[128]
-    T.Q5_K: (0, 2),  # d, dmin, scales[12], qh[32], qs[128]
-    T.Q6_K: (208,),  # ql[128], qh[64], scales[16], d
-}
-FLOAT_TYPES = (T.F32, T.F16, T.BF16)
-SUPPORTED = tuple(SCALE_FIELDS) + FLOAT_TYPES
+# type -> byte offsets of the fp16 scale fields inside one block (the block-type table's)
+SCALE_FIELDS: dict[T, tuple[int, ...]] = {t: BLOCK_TYPES[t].scale_fields for t in QUANT_TYPES}
+SUPPORTED = QUANT_TYPES + FLOAT_TYPES
 
 
 @dataclass
@@ -74,19 +64,19 @@ def row_fields(buf: np.ndarray, info: TensorInfo, rows: slice = slice(None)) -> 
     if qt not in SUPPORTED:
         raise EdgeIA3Error(
             f"tensor {info.name} is {qt.name}: exact row scaling is supported for "
-            f"{', '.join(t.name for t in SUPPORTED)} only"
+            f"{names(SUPPORTED)} only"
         )
     raw = buf[info.offset: info.offset + info.nbytes]
     n_rows, row_len = info.rows, info.ne[0]
     if len(info.ne) == 1:  # a bias: every element is its own row
         n_rows, row_len = info.ne[0], 1
-    if qt in FLOAT_TYPES:
-        dtype = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.uint16}[qt]
-        return RowFields(raw.view(dtype).reshape(n_rows, row_len)[rows], bf16=qt is T.BF16)
-    block, size = GGML_QUANT_SIZES[qt]
+    bt = BLOCK_TYPES[qt]
+    if bt.is_float:
+        return RowFields(raw.view(bt.storage).reshape(n_rows, row_len)[rows], bf16=qt is T.BF16)
+    block, size = bt.block_values, bt.block_bytes
     if row_len % block:
         raise EdgeIA3Error(f"tensor {info.name}: row length {row_len} is not a multiple of {qt.name} blocks")
     blocks = raw.reshape(n_rows, row_len // block, size)[rows]
-    offs = SCALE_FIELDS[qt]  # one field, or two adjacent ones (d, m / d, dmin)
+    offs = bt.scale_fields  # one field, or two adjacent ones (d, m / d, dmin)
     assert len(offs) == 1 or offs[1] == offs[0] + 2
     return RowFields(blocks[:, :, offs[0]: offs[0] + 2 * len(offs)].view(np.float16))

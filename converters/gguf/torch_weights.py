@@ -23,7 +23,8 @@ from gguf import GGMLQuantizationType as T
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.registry import Family
 
-from .decompose import FLOAT_TYPES, SUPPORTED, Decomposed, decompose, float_values
+from .decompose import Decomposed, decompose, float_values
+from .quant_types import BLOCK_TYPES, FLOAT_TYPES, names
 from .ggml_index import GGUFIndex, TensorInfo
 
 
@@ -142,9 +143,9 @@ def read_weight(index: GGUFIndex, buf: np.ndarray, info: TensorInfo,
     rows = slice(None) if order is None else order
     if qt in FLOAT_TYPES:
         return PackedWeight(dense=float_values(raw, qt, info.ne[0])[rows].copy())
-    if qt not in SUPPORTED:
+    if qt not in BLOCK_TYPES:
         raise EdgeIA3Error(f"{index.path}: tensor {info.name} is {qt.name}; training on the file's own "
-                           f"weights supports {', '.join(t.name for t in SUPPORTED + FLOAT_TYPES)}")
+                           f"weights supports {names()}")
     d = decompose(raw, qt, info.ne[0])
     return PackedWeight(d if order is None else d.take_rows(order))
 

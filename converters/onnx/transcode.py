@@ -5,6 +5,9 @@ so ONNX would run a different model from the one trained on the GGUF. Here
 every builder ``MatMulNBits`` (and the embedding's ``GatherBlockQuantized``)
 gets the GGUF tensor's own codes and scales instead (``decompose.Decomposed``):
 
+Each GGML type's route is its entry in the block-type table (``quant_types``:
+``has_minimum``, ``onnx_bits``, ``is_float``):
+
 - types without a per-block minimum (Q4_0, Q8_0, Q5_0, Q3_K, Q6_K) are
   ``scale * (q - zero)`` with ONNX Runtime's default zero point once the codes
   are shifted (4-bit: 8, 8-bit: 128): exact, on the fast integer kernels;
@@ -31,8 +34,9 @@ import onnx
 from gguf import GGMLQuantizationType as T
 from onnx import helper, numpy_helper
 
-from edgeia3.converters.gguf.decompose import FLOAT_TYPES, SUPPORTED, Decomposed, decompose, float_values
+from edgeia3.converters.gguf.decompose import Decomposed, decompose, float_values
 from edgeia3.converters.gguf.ggml_index import OUTPUT, TOKEN_EMBD, GGUFIndex
+from edgeia3.converters.gguf.quant_types import BLOCK_TYPES, FLOAT_TYPES
 from edgeia3.converters.gguf.torch_weights import gguf_row_order
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.registry import Family
@@ -57,7 +61,7 @@ class NBits:
 
 def to_nbits(d: Decomposed) -> NBits:
     """Codes, scales and minimum of a decomposed weight in MatMulNBits' layout."""
-    bits = 4 if d.bits <= 4 else 8
+    bits = BLOCK_TYPES[d.qtype].onnx_bits
     n, k = d.shape
     blocks = k // d.block
     if d.offset is None:
@@ -285,7 +289,7 @@ def transcode(model_dir: str | Path, gguf: str | Path, family: Family, config: A
     kept: list[str] = []
     for node, parts in node_weights(model.graph, family, config.num_hidden_layers):
         unsupported = [f"{n} ({src.qtype(n).name})" for n, _ in parts
-                       if src.qtype(n) not in SUPPORTED + FLOAT_TYPES]
+                       if src.qtype(n) not in BLOCK_TYPES]
         if unsupported:  # e.g. the IQ types: no exact MatMulNBits form known
             kept += unsupported
             continue
@@ -299,7 +303,7 @@ def transcode(model_dir: str | Path, gguf: str | Path, family: Family, config: A
         rw.linear(node, w, qtypes.pop())
     head_name = src.lm_head_name()
     head = find_node(model.graph, LM_HEAD_NODE)
-    carried = {t: src.qtype(t) in SUPPORTED + FLOAT_TYPES for t in (head_name, TOKEN_EMBD)}
+    carried = {t: src.qtype(t) in BLOCK_TYPES for t in (head_name, TOKEN_EMBD)}
     kept += [f"{t} ({src.qtype(t).name})" for t, ok in carried.items() if not ok]
     if head is not None and carried[head_name]:
         rw.linear(head, src.weight(head_name), src.qtype(head_name).name)
@@ -337,4 +341,4 @@ def not_carried(gguf: str | Path) -> list[str]:
     """Weight tensors of ``gguf`` whose type has no exact MatMulNBits form (e.g. IQ types)."""
     index = GGUFIndex(gguf)
     return sorted(f"{t.name} ({T(t.type).name})" for t in index.tensors.values()
-                  if len(t.ne) > 1 and T(t.type) not in SUPPORTED + FLOAT_TYPES)
+                  if len(t.ne) > 1 and T(t.type) not in BLOCK_TYPES)
