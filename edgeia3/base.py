@@ -25,6 +25,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from edgeia3.converters.gguf.file_types import TRAIN_QUANTS, file_type
+
 from .atomic import atomic_dir, atomic_file
 from .embedded import EMBEDDED, embedded_gguf
 from .errors import EdgeIA3Error
@@ -36,7 +38,7 @@ DEFAULT_BASE = "default"
 # llama.cpp into a cached GGUF, then trained like "gguf"; "nf4": bitsandbytes 4-bit;
 # "none": full precision; "auto": gguf for a GGUF base, else q4_0 where edgeia3 can
 # write the family's GGUF (q4_0 runs exactly on llama.cpp and ONNX's int4 kernels), else nf4.
-LLAMA_QUANTS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k")
+LLAMA_QUANTS = TRAIN_QUANTS  # the file-type table's training types (converters/gguf/file_types.py)
 QUANTS = ("auto", "gguf", "none", "nf4") + LLAMA_QUANTS
 
 
@@ -165,7 +167,7 @@ def quantized_gguf(src: BaseSource, quant: str) -> Path:
     from edgeia3.converters.gguf.hf_writer import write_hf_gguf
     from edgeia3.converters.gguf.quantize import quantize
 
-    pure = quant in ("q4_0", "q8_0")
+    pure = file_type(quant).pure
     if src.gguf is not None:
         stem, digest = src.gguf.stem, file_digest(src.gguf)
     else:

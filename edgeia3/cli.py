@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from edgeia3.converters.gguf.file_types import EXPORT_QUANTS, choices
+
 from .errors import EdgeIA3Error
 from .schedule import DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP
 
@@ -243,8 +245,8 @@ def export_onnx(
 def export_gguf(
     base: str = typer.Option("default", help="'default', 'gemma3-270m', a model dir or a .gguf"),
     out: Path = typer.Option(..., help="output directory"),
-    quant: Optional[str] = typer.Option(None, help="q4_0, q4_1, q5_k_m, q4_k_m, q8_0 or f16; default: what the "
-                                        "adapters were trained on (a .gguf base: the file as is; else q4_0)"),
+    quant: Optional[str] = typer.Option(None, help=f"{choices(EXPORT_QUANTS)}; default: what the adapters were "
+                                        "trained on (a .gguf base: the file as is; else q4_0)"),
     adapter: Optional[list[str]] = typer.Option(None, help="NAME=ADAPTER_DIR, repeatable"),
     merge: Optional[str] = typer.Option(None, help="fold adapter NAME into the quantized weights"),
     strict: bool = typer.Option(False, help="refuse adapters trained on other weights than the export runs"),

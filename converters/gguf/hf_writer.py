@@ -21,11 +21,12 @@ from edgeia3.errors import EdgeIA3Error
 from edgeia3.fingerprint import BaseIdentity, hf_config, identity_of_dir, num_layers
 from edgeia3.registry import Family, families, family_for_config
 
+from .file_types import WRITER_TYPES, file_type
 from .ggml_index import tensor_name_map
 from .plan import rope_permute
 from .vocab import choose_pre_tokenizer, write_vocab
 
-DTYPES = ("f32", "f16")
+DTYPES = WRITER_TYPES  # the file-type table's writer types
 
 
 @dataclass
@@ -39,13 +40,12 @@ class WrittenGGUF:
 
 def _hparams(config: Any, family: Family, dtype: str) -> Callable[[Any], None]:
     """A function adding the family's architecture metadata (registry) to a GGUFWriter."""
-    import gguf
 
     def add(w: Any) -> None:
         # the directory's name, not its path: llama.cpp reads meaning into some names (phi3)
         w.add_name(Path(getattr(config, "_name_or_path", "") or family.name).name)
         family.gguf_hparams(config, w)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+        w.add_file_type(file_type(dtype).ftype)
 
     return add
 

@@ -8,20 +8,14 @@ from pathlib import Path
 
 from edgeia3.errors import EdgeIA3Error
 
-# What ``edgeia3 export gguf --quant`` offers; quantize() takes any llama ftype below.
-EXPORT_QUANTS = ("q4_0", "q4_1", "q5_k_m", "q4_k_m", "q8_0", "f16")
-_FTYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k_s", "q3_k_m",
-           "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+from .file_types import EXPORT_QUANTS, file_type
+
+__all__ = ["EXPORT_QUANTS", "ftype_of", "quantize"]  # EXPORT_QUANTS: the file-type table's, for export.py
 
 
 def ftype_of(quant: str) -> int:
-    import llama_cpp
-
-    quant = quant.lower()
-    if quant not in _FTYPES:
-        raise EdgeIA3Error(f"unknown GGUF quantization '{quant}' (choose from {', '.join(EXPORT_QUANTS)})")
-    name = "LLAMA_FTYPE_ALL_F32" if quant == "f32" else f"LLAMA_FTYPE_MOSTLY_{quant.upper()}"
-    return getattr(llama_cpp, name)
+    """llama.cpp's ftype number of file type ``quant`` (any name in the file-type table)."""
+    return int(file_type(quant).ftype)
 
 
 def quantize(src: str | Path, dst: str | Path, quant: str, threads: int | None = None,
