@@ -233,17 +233,18 @@ def test_fuzz_ia3_gguf_metadata_and_tensors(valid, data):
 def _check_onnx_adapter(valid, data: bytes):
     from edgeia3.converters.onnx.adapter_file import read_onnx_adapter
     from edgeia3.converters.onnx.export import plans_of
+    from edgeia3.manifest import read_manifest
 
-    m = json.loads((valid["onnx"] / "edgeia3.json").read_text())
+    m = read_manifest(valid["onnx"])
     d = fresh_dir(valid["work"])
     path = d / "a.onnx_adapter"
     path.write_bytes(data)
     # as edgeia3.export._onnx_adapters calls it
-    ad = loads_or_refuses(lambda: read_onnx_adapter(path, plans_of(m), m["family"], m["adapters"]["a"]["sites"]),
+    ad = loads_or_refuses(lambda: read_onnx_adapter(path, plans_of(m), m.family, m.adapters["a"].sites),
                           d, path)
     if ad is not None:
         well_formed(ad)
-        assert {v.site for v in ad.vectors} <= set(m["adapters"]["a"]["sites"])
+        assert {v.site for v in ad.vectors} <= set(m.adapters["a"].sites)
     shutil.rmtree(d)
     return ad
 
