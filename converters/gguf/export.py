@@ -22,7 +22,7 @@ import numpy as np
 
 from edgeia3.adapter import check_adapter_name
 from edgeia3.atomic import atomic_dir, check_out
-from edgeia3.base import LLAMA_QUANTS, locate_base, quantized_gguf, resolve_base
+from edgeia3.base import locate_base, quantized_gguf, resolve_base
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.manifest import AdapterEntry, ExportManifest, Merged, write_manifest
 from edgeia3.tokens import TokenContract, check_tokens
@@ -31,12 +31,10 @@ from edgeia3.weights import check_deployment, llama_quant
 from .adapter_file import SUFFIX, write_ia3_gguf
 from .llama_vocab import llama_cpp_tokens
 from .base_gguf import GGUFBase
+from .file_types import EXPORT_QUANTS, TRAIN_QUANTS, WRITER_TYPES
 from .ggml_index import GGUFIndex, gguf_weights
 from .merge import adapter_plan, apply_plan
-from .quantize import EXPORT_QUANTS
 from edgeia3.formats import load_adapter
-
-DIRECT = ("f32", "f16")  # written by edgeia3's writer without llama.cpp's quantizer
 
 MODEL_FILE = "model.gguf"
 
@@ -91,8 +89,8 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
     adapters = dict(adapters or {})
     out = Path(out)
     quant = quant.lower() if quant else _trained_quant(adapters)
-    if quant is not None and quant not in EXPORT_QUANTS + LLAMA_QUANTS + DIRECT:
-        raise EdgeIA3Error(f"unknown --quant '{quant}' (choose from {', '.join(sorted(set(EXPORT_QUANTS + LLAMA_QUANTS)))})")
+    if quant is not None and quant not in EXPORT_QUANTS + TRAIN_QUANTS + WRITER_TYPES:
+        raise EdgeIA3Error(f"unknown --quant '{quant}' (choose from {', '.join(sorted(set(EXPORT_QUANTS + TRAIN_QUANTS)))})")
     if merge is not None and merge not in adapters:
         raise EdgeIA3Error(f"--merge {merge}: no adapter of that name (given: {', '.join(adapters) or 'none'})")
     for name in adapters:
@@ -109,7 +107,7 @@ def export(base: str, out: str | Path, quant: str | None = None, adapters: dict[
     notes: list[str] = []
     with atomic_dir(out, force=force) as tmp:
         model = tmp / MODEL_FILE
-        if quant in DIRECT and hf_dir is not None:
+        if quant in WRITER_TYPES and hf_dir is not None:  # edgeia3's writer, no llama.cpp quantizer
             file_quant = _from_transformers(hf_dir, model, quant, notes)
             name = f"{base} as {quant}"
         elif quant is None:

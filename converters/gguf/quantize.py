@@ -8,9 +8,7 @@ from pathlib import Path
 
 from edgeia3.errors import EdgeIA3Error
 
-from .file_types import EXPORT_QUANTS, file_type
-
-__all__ = ["EXPORT_QUANTS", "ftype_of", "quantize"]  # EXPORT_QUANTS: the file-type table's, for export.py
+from .file_types import file_type
 
 
 def ftype_of(quant: str) -> int:
