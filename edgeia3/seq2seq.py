@@ -1,8 +1,8 @@
 """Training encoder-decoder (T5 / Flan-T5) models: data encoding, batches, loss, evaluation.
 
 train.py runs the same loop for every family (schedule, gradient guards, progress,
-saving); where an encoder-decoder model differs it calls into this module, chosen by
-the registry (``Family.encoder_decoder``), never by family name.
+saving); where an encoder-decoder model differs it calls into this module through
+``tasks.SEQ2SEQ``, chosen once by the registry (``Family.encoder_decoder``), never by family name.
 
 Rows are the JSONL the decoder-only path reads (data.py); for an encoder-decoder model
 
@@ -136,7 +136,7 @@ def collate(chunk: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def batches(examples: list[Example], batch_size: int, rng: random.Random, pad_id: int):
-    """One epoch of shuffled batches, rows of similar length together (as train._batches)."""
+    """One epoch of shuffled batches, rows of similar length together (as tasks.batches)."""
     for rows in length_batches([len(e.input_ids) + len(e.labels) for e in examples], batch_size, rng):
         yield collate([examples[j] for j in rows], pad_id)
 

@@ -1,7 +1,8 @@
 """Train step: IA3 on a frozen (by default 4-bit) base from JSONL data.
 
 Decoder-only and encoder-decoder (T5, full precision) models run the same loop; what
-differs for the latter (encoding, batches, loss, evaluation) is in seq2seq.py.
+differs (encoding, batches, loss, evaluation) is their ``tasks.Task``, chosen once per run.
+train() is setup (``_setup``), the loop (``_fit``), evaluation before and after, and saving.
 
 Runs on CPU or GPU, single process or under ``accelerate launch``. Guards
 against the silent failures IA3 training is prone to: missing gradients,
@@ -29,12 +30,12 @@ from . import seq2seq
 from .adapter import IA3Adapter, IA3Vector, fused_layout_for
 from .atomic import atomic_dir, check_out
 from .base import DEFAULT_BASE, LoadedBase, load_base
-from .data import IGNORE, Example, length_batches, load_examples
+from .data import IGNORE, Example
 from .errors import EdgeIA3Error
-from .evaluate import evaluate
 from .formats.peft_dir import peft_target_modules, write_peft_dir
-from .schedule import (DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP, SCHEDULES, checkpoint_steps, early_signal,
-                       plan, quarter_means)
+from .schedule import (DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP, SCHEDULES, Schedule, checkpoint_steps,
+                       early_signal, plan, quarter_means)
+from .tasks import Task, task_for
 
 
 
@@ -219,28 +220,6 @@ def adapter_from_peft(model: Any, base: LoadedBase, sites: list[str], quant: str
                       trained_on=dict(base.weights or {}))
 
 
-def _batches(examples: list[Example], batch_size: int, rng: random.Random, pad_id: int):
-    for rows in length_batches([_labelled_len(e) for e in examples], batch_size, rng):
-        chunk = [examples[j] for j in rows]
-        # Tokens after a row's last labelled one cannot change the (causal) loss: cut them.
-        width = max(_labelled_len(e) for e in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, e in enumerate(chunk):
-            n = min(len(e.input_ids), width)
-            ids[r, :n] = torch.tensor(e.input_ids[:n])
-            labels[r, :n] = torch.tensor(e.labels[:n])
-            mask[r, :n] = 1
-        yield ids, labels, mask
-
-
-def _labelled_len(e: Example) -> int:
-    """Length up to and including the last labelled token (all of it when nothing is labelled)."""
-    last = max((i for i, x in enumerate(e.labels) if x != IGNORE), default=len(e.labels) - 1)
-    return last + 1
-
-
 def bf16_supported(device: torch.device) -> bool:
     """bf16 matmuls pay off: CUDA with bf16, or a CPU with AVX512-BF16 / AMX."""
     if device.type == "cuda":
@@ -250,35 +229,6 @@ def bf16_supported(device: torch.device) -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def labelled_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled positions, with the LM head applied at
-    those positions only (on label-style rows nearly every other position is wasted work;
-    the head is ~20% of SmolLM2's FLOPs). Same value as the model's own ``labels=`` loss."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    target = labels[:, 1:]
-    keep = target != IGNORE
-    logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    cap = getattr(lm.config, "final_logit_softcapping", None)  # gemma2/3
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return torch.nn.functional.cross_entropy(logits, target[keep])
-
-
-def _probe_loss(model: Any, rows: list[Example], pad: int, device: torch.device, bf16: bool) -> float:
-    """Loss per answer of ``rows`` (labelled-token loss summed per row, averaged over rows),
-    computed as training computes its loss (labelled_loss, the same autocast): the early
-    signal's eval points."""
-    total = 0.0
-    with torch.no_grad():
-        for ids, labels, mask in _batches(rows, len(rows), random.Random(0), pad):
-            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-            n = int((labels[:, 1:] != IGNORE).sum())
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                total += float(labelled_loss(model, ids, mask, labels)) * n
-    return total / max(1, len(rows))
 
 
 class _Guard:
@@ -303,6 +253,240 @@ class _Guard:
         self.last = {n: p.detach().clone() for n, p in self.params.items()}
 
 
+@dataclass
+class _Data:
+    """The encoded rows of a run and the chat template they were rendered with."""
+    train_set: list[Example]
+    eval_set: list[Example] | None
+    template: str | None  # what chat rows render with
+    recorded: str | None  # the template recorded in the adapter (None: none is)
+    source: str | None  # where the recorded one came from: the given name or file, "base" or "seq2seq-flat"
+
+
+def _load_data(task: Task, lb: LoadedBase, cfg: TrainConfig, data: str | Path, eval_data: str | Path | None,
+               given: str | None, chat_template: str | Path | None) -> _Data:
+    tok = lb.tokenizer
+    own = getattr(tok, "chat_template", None)
+    template = task.chat_template(given, tok)
+    train_set = task.load_examples(data, tok, cfg.max_length, template)
+    eval_set = task.load_examples(eval_data, tok, cfg.max_length, template) if eval_data else None
+    # Recorded when given, or when the base's own rendered chat rows (it may change or be lost later).
+    chat_rows = any(not isinstance(e.prompt, str) for e in train_set + (eval_set or []))
+    recorded = template if given or (template and chat_rows) else None
+    if eval_set and cfg.max_eval:
+        eval_set = eval_set[: cfg.max_eval]
+    # Neither given nor the base's own: the encoder-decoder task's flat fallback (seq2seq.FLAT_CHAT).
+    source = (str(chat_template) if given else "base" if own else "seq2seq-flat") if recorded else None
+    return _Data(train_set, eval_set, template, recorded, source)
+
+
+@dataclass
+class _Run:
+    """A run set up to train: the loaded base, its task, data, IA3 model and optimizer."""
+    cfg: TrainConfig
+    acc: Any  # accelerate.Accelerator
+    lb: LoadedBase
+    task: Task
+    sites: list[str]
+    data: _Data
+    twin: _EvalTwin | None
+    model: Any
+    params: dict[str, torch.nn.Parameter]
+    optim: torch.optim.Optimizer
+    schedule: Schedule
+    use_bf16: bool
+    weights_mb: float
+
+    @property
+    def pad(self) -> int:
+        tok = self.lb.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def eval_model(self) -> Any:
+        """The model as trained so far; on the full-precision twin of a 4-bit base where there is one."""
+        trained = self.acc.unwrap_model(self.model)
+        return self.twin.sync(trained) if self.twin else trained
+
+    def evaluate(self) -> dict | None:
+        """The eval report now (None: no eval rows, or not the main process)."""
+        if not self.data.eval_set or not self.acc.is_main_process:
+            return None
+        return self.task.evaluate(self.eval_model(), self.lb.tokenizer, self.data.eval_set, self.cfg.eval_accuracy,
+                                  self.data.template)
+
+
+def _setup(base: str, quant: str, cfg: TrainConfig, acc: Any, data: str | Path, eval_data: str | Path | None,
+           given: str | None, chat_template: str | Path | None) -> _Run:
+    """Seed, load the base, pick its task once, encode the rows, wrap the model, plan the steps."""
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    lb = load_base(base, quant=seq2seq.training_quant(base, quant))  # encoder-decoder: fp32 only
+    fam = lb.family
+    task = task_for(fam, acc.num_processes)
+    task.check_loaded(lb)
+    sites = list(cfg.targets or fam.default_targets)
+    for s in sites:
+        fam.site(s)  # unknown site names fail here, with the list of known ones
+    ds = _load_data(task, lb, cfg, data, eval_data, given, chat_template)
+    packed = sum(m.packed.nbytes for m in lb.model.modules() if hasattr(m, "packed"))  # GGUF blocks
+    weights_mb = (lb.model.get_memory_footprint() + packed) / 2**20
+    # Built before wrap_with_ia3, which injects IA3 layers into lb.model in place.
+    twin = _EvalTwin(lb, sites) if lb.quant in ("nf4", "gguf") and ds.eval_set and acc.is_main_process else None
+    model = wrap_with_ia3(lb, sites)
+    params = _ia3_params(model)
+    optim = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
+    model, optim = acc.prepare(model, optim)
+    # Planned from the largest shard, so every process runs the same number of steps.
+    schedule = plan(math.ceil(len(ds.train_set) / acc.num_processes), cfg.batch_size, cfg.epochs, cfg.max_steps,
+                    cfg.warmup_ratio, cfg.schedule)
+    use_bf16 = bf16_supported(acc.device) if cfg.bf16 is None else cfg.bf16
+    return _Run(cfg, acc, lb, task, sites, ds, twin, model, params, optim, schedule, use_bf16, weights_mb)
+
+
+class _Probe:
+    """The early signal's eval points: the eval loss of the first PROBE_ROWS eval rows at a few
+    checkpoints (a task with a probe, main process); none otherwise, and the early signal reads
+    the training loss's quarter means. Not counted as training time."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        rows = run.data.eval_set
+        self.rows = rows[:PROBE_ROWS] if rows and run.acc.is_main_process and run.task.probe_loss else None
+        self.checkpoints = set(checkpoint_steps(run.schedule.steps)) if self.rows else set()
+        self.points: list[tuple[int, float]] = []
+        self.seconds = 0.0
+
+    def measure(self, at: int) -> None:
+        t = time.perf_counter()
+        m = self.run.eval_model()
+        was = m.training
+        m.eval()
+        self.points.append((at, self.run.task.probe_loss(m, self.rows, self.run.pad, self.run.acc.device,
+                                                         self.run.use_bf16)))
+        m.train(was)
+        self.seconds += time.perf_counter() - t
+
+    def signal(self, answer_losses: list[float]) -> dict | None:
+        """schedule.early_signal on the eval points, else on the training loss."""
+        total = self.run.schedule.steps
+        if self.points:
+            signal = early_signal(self.points, total, "eval loss")
+        else:
+            signal = early_signal(quarter_means(answer_losses), total, "training loss")
+        if signal is not None:
+            extra = {"probe_rows": len(self.rows), "probe_seconds": round(self.seconds, 2)} if self.points else {}
+            signal = {**signal, **extra}
+        return signal
+
+
+@dataclass
+class _Fit:
+    """What the training loop measured."""
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    rss_start_mb: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    answer_losses: list[float] = field(default_factory=list)  # per step: the loss per answer (x labelled/row)
+    grad_norms: list[float] = field(default_factory=list)  # IA3 gradient L2 norm per step, before clipping
+    warnings: list[str] = field(default_factory=list)
+    troubles: set[str] = field(default_factory=set)
+    signal: dict | None = None
+
+    def grad_norm(self, step: int, norm: float) -> str | None:
+        """Record a step's gradient norm; a warning at the first step of each kind of trouble."""
+        self.grad_norms.append(norm)
+        trouble = gradient_trouble(norm)
+        if trouble and trouble not in self.troubles:
+            self.troubles.add(trouble)
+            self.warnings.append(gradient_warning(step, norm))
+            return self.warnings[-1]
+        return None
+
+
+def _backward(run: _Run, guard: _Guard, step: int, ids: torch.Tensor, mask: torch.Tensor,
+              labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Forward and backward of one batch: its loss and the IA3 gradient norm (then clipped)."""
+    acc = run.acc
+    run.model.train()
+    # DDP syncs gradients only through its own forward: the task's loss there is the plain one
+    with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+        loss = run.task.loss(run.model, ids, mask, labels)
+    if not torch.isfinite(loss):
+        raise EdgeIA3Error(f"step {step}: loss is {loss.item()}; stopping (try a lower --lr or check the data)")
+    acc.backward(loss)
+    guard.check_grads(step)
+    return loss, float(acc.clip_grad_norm_(list(run.params.values()), run.cfg.grad_clip))
+
+
+def _update(run: _Run, step: int) -> None:
+    for g in run.optim.param_groups:
+        g["lr"] = run.cfg.lr * run.schedule.lr_factor(step)
+    run.optim.step()
+    run.optim.zero_grad(set_to_none=True)
+
+
+def _fit(run: _Run, quiet: bool) -> _Fit:
+    """The training loop: the planned steps over this process's shard, guarded, with progress."""
+    import psutil
+
+    from .progress import TrainProgress
+
+    acc, cfg, task, total = run.acc, run.cfg, run.task, run.schedule.steps
+    probe = _Probe(run)
+    if probe.rows:
+        probe.measure(0)
+    fit = _Fit(rss_start_mb=psutil.Process().memory_info().rss / 2**20)
+    shard = run.data.train_set[acc.process_index::acc.num_processes]  # each process its own rows
+    rng = random.Random(cfg.seed)
+    guard = _Guard(run.params)
+    t0 = time.perf_counter()
+    with TrainProgress(total, quiet=quiet or not acc.is_main_process) as progress:
+        if not progress.quiet:
+            progress.progress.console.print(f"schedule: {run.schedule.describe()}", highlight=False)
+        while fit.steps < total:
+            for ids, labels, mask in task.batches(shard, cfg.batch_size, rng, run.pad):
+                if fit.steps >= total:
+                    break
+                step = fit.steps
+                ids, labels, mask = ids.to(acc.device), labels.to(acc.device), mask.to(acc.device)
+                loss, grad_norm = _backward(run, guard, step, ids, mask, labels)
+                warning = fit.grad_norm(step, grad_norm)
+                if warning:
+                    progress.warn(warning)
+                _update(run, step)
+                step_loss = float(acc.reduce(loss.detach(), reduction="mean"))
+                fit.losses.append(step_loss)
+                fit.answer_losses.append(step_loss * int((labels != IGNORE).sum()) / max(1, labels.shape[0]))
+                fit.tokens += task.tokens(mask, labels) * acc.num_processes
+                fit.steps = step = step + 1
+                if step % 10 == 0 or step == total:
+                    guard.check_moved(step)
+                if step in probe.checkpoints:
+                    probe.measure(step)
+                progress.update(step, step_loss, fit.tokens / (time.perf_counter() - t0 - probe.seconds), grad_norm)
+    fit.seconds = time.perf_counter() - t0 - probe.seconds
+    fit.signal = probe.signal(fit.answer_losses)
+    return fit
+
+
+def _result(run: _Run, fit: _Fit, out: str | Path, data: str | Path, before: dict | None,
+            after: dict | None) -> TrainResult:
+    """The trained adapter (with what it was trained on and encoded with) and the run's report."""
+    from .prompts import RECORD_KEY
+    from .tokens import RECORD_KEY as TOKENS_KEY
+
+    lb, recorded = run.lb, run.data.recorded
+    adapter = adapter_from_peft(run.acc.unwrap_model(run.model), lb, run.sites, lb.quant)
+    extra = {"trained_on": str(data), "steps": fit.steps, **({RECORD_KEY: recorded} if recorded else {}),
+             TOKENS_KEY: lb.tokens.to_json()}  # what the rows were encoded with
+    memory = {"bf16_autocast": run.use_bf16, "base_weights_mb": round(run.weights_mb, 1),
+              "rss_at_loop_start_mb": round(fit.rss_start_mb, 1)}
+    return TrainResult(Path(out), fit.steps, fit.seconds, fit.tokens / fit.seconds, fit.losses, before, after,
+                       dataclasses.replace(adapter, extra=extra), run.acc.is_main_process, memory,
+                       fit.grad_norms, fit.warnings, run.schedule.to_dict(), fit.signal)
+
+
 def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
           eval_data: str | Path | None = None, quant: str = "auto", config: TrainConfig | None = None,
           quiet: bool = False, force: bool = False, chat_template: str | Path | None = None) -> TrainResult:
@@ -312,161 +496,26 @@ def train(base: str = DEFAULT_BASE, data: str | Path = "", out: str | Path = "",
     ``chat_template``: "chatml" or a Jinja file, rendering chat rows instead of the base's
     own template (needed when the base has none); the template chat rows were rendered
     with is recorded in the adapter, so every runtime renders its prompts the same way.
-    An encoder-decoder base (T5) trains in full precision ("auto": "none"); seq2seq.py says
-    how rows become encoder inputs and decoder targets.
+    An encoder-decoder base (T5) trains in full precision ("auto": "none"); its task
+    (tasks.py, seq2seq.py) says how rows become encoder inputs and decoder targets.
     """
     from accelerate import Accelerator
 
-    from .progress import TrainProgress
-    from .prompts import RECORD_KEY, resolve_template
-    from .tokens import RECORD_KEY as TOKENS_KEY
+    from .prompts import resolve_template
 
     cfg = config or TrainConfig()
     cfg.validate()
     given = resolve_template(chat_template)  # a bad name/file fails before any work
     check_out(out, force)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    lb = load_base(base, quant=seq2seq.training_quant(base, quant))  # encoder-decoder: fp32 only
-    quant = lb.quant  # "auto" and llama.cpp type names resolve to gguf / nf4 / none
-    fam = lb.family
-    s2s = fam.encoder_decoder  # encoder-decoder (T5): its own encoding, batches, loss and eval
-    if s2s:
-        seq2seq.check_loaded(lb)
-    sites = list(cfg.targets or fam.default_targets)
-    for s in sites:
-        fam.site(s)  # unknown site names fail here, with the list of known ones
-    own = getattr(lb.tokenizer, "chat_template", None)
-    template = seq2seq.chat_template(given, lb.tokenizer) if s2s else given or own
-    load = seq2seq.load_examples if s2s else load_examples
-    train_set = load(data, lb.tokenizer, cfg.max_length, template)
-    eval_set = load(eval_data, lb.tokenizer, cfg.max_length, template) if eval_data else None
-    # Recorded when given, or when the base's own rendered chat rows (it may change or be lost later).
-    chat_rows = any(not isinstance(e.prompt, str) for e in train_set + (eval_set or []))
-    recorded = template if given or (template and chat_rows) else None
-    if eval_set and cfg.max_eval:
-        eval_set = eval_set[: cfg.max_eval]
-
-    packed = sum(m.packed.nbytes for m in lb.model.modules() if hasattr(m, "packed"))  # GGUF blocks
-    weights_mb = (lb.model.get_memory_footprint() + packed) / 2**20
-    # Built before wrap_with_ia3, which injects IA3 layers into lb.model in place.
-    twin = _EvalTwin(lb, sites) if quant in ("nf4", "gguf") and eval_set and acc.is_main_process else None
-    model = wrap_with_ia3(lb, sites)
-    params = _ia3_params(model)
-    optim = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
-    model, optim = acc.prepare(model, optim)
-    shard = train_set[acc.process_index::acc.num_processes]  # each process its own rows
-    # Planned from the largest shard, so every process runs the same number of steps.
-    schedule = plan(math.ceil(len(train_set) / acc.num_processes), cfg.batch_size, cfg.epochs, cfg.max_steps,
-                    cfg.warmup_ratio, cfg.schedule)
-    total = schedule.steps
-    want_acc = cfg.eval_accuracy
-    use_bf16 = bf16_supported(acc.device) if cfg.bf16 is None else cfg.bf16
-
-    def run_eval() -> dict | None:
-        if not eval_set or not acc.is_main_process:
-            return None
-        trained = acc.unwrap_model(model)
-        return (seq2seq.evaluate if s2s else evaluate)(twin.sync(trained) if twin else trained, lb.tokenizer,
-                                                       eval_set, want_acc, template)
-
-    before = run_eval()
-    pad = lb.tokenizer.pad_token_id if lb.tokenizer.pad_token_id is not None else lb.tokenizer.eos_token_id
-    # Early signal: the eval loss of the first PROBE_ROWS eval rows at a few checkpoints (decoder
-    # models, main process); otherwise the training loss's quarter means. Not counted as training time.
-    probe = eval_set[:PROBE_ROWS] if eval_set and acc.is_main_process and not s2s else None
-    checkpoints = set(checkpoint_steps(total)) if probe else set()
-    points: list[tuple[int, float]] = []
-    probe_s = 0.0
-
-    def probe_loss(at: int) -> None:
-        nonlocal probe_s
-        t = time.perf_counter()
-        trained = acc.unwrap_model(model)
-        m = twin.sync(trained) if twin else trained
-        was = m.training
-        m.eval()
-        points.append((at, _probe_loss(m, probe, pad, acc.device, use_bf16)))
-        m.train(was)
-        probe_s += time.perf_counter() - t
-
-    if probe:
-        probe_loss(0)
-    import psutil
-
-    rss_start_mb = psutil.Process().memory_info().rss / 2**20
-    rng = random.Random(cfg.seed)
-    guard = _Guard(params)
-    losses: list[float] = []
-    answer_losses: list[float] = []  # per step: the loss per answer (labelled tokens per row x loss)
-    grad_norms: list[float] = []  # IA3 gradient L2 norm per step, before clipping
-    warnings: list[str] = []
-    troubles: set[str] = set()
-    tokens = 0
-    t0 = time.perf_counter()
-    step = 0
-    with TrainProgress(total, quiet=quiet or not acc.is_main_process) as progress:
-        if not progress.quiet:
-            progress.progress.console.print(f"schedule: {schedule.describe()}", highlight=False)
-        while step < total:
-            for ids, labels, mask in (seq2seq.batches if s2s else _batches)(shard, cfg.batch_size, rng, pad):
-                if step >= total:
-                    break
-                model.train()
-                ids, labels, mask = ids.to(acc.device), labels.to(acc.device), mask.to(acc.device)
-                # DDP syncs gradients only through its own forward: the plain loss there
-                with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = (seq2seq.loss(model, ids, mask, labels) if s2s
-                            else labelled_loss(model, ids, mask, labels) if acc.num_processes == 1
-                            else model(input_ids=ids, attention_mask=mask, labels=labels).loss)
-                if not torch.isfinite(loss):
-                    raise EdgeIA3Error(f"step {step}: loss is {loss.item()}; stopping "
-                                       "(try a lower --lr or check the data)")
-                acc.backward(loss)
-                guard.check_grads(step)
-                grad_norm = float(acc.clip_grad_norm_(list(params.values()), cfg.grad_clip))
-                grad_norms.append(grad_norm)
-                trouble = gradient_trouble(grad_norm)
-                if trouble and trouble not in troubles:  # warn at the first step of each kind
-                    troubles.add(trouble)
-                    warnings.append(gradient_warning(step, grad_norm))
-                    progress.warn(warnings[-1])
-                for g in optim.param_groups:
-                    g["lr"] = cfg.lr * schedule.lr_factor(step)
-                optim.step()
-                optim.zero_grad(set_to_none=True)
-                step_loss = float(acc.reduce(loss.detach(), reduction="mean"))
-                losses.append(step_loss)
-                answer_losses.append(step_loss * int((labels != IGNORE).sum()) / max(1, labels.shape[0]))
-                tokens += (seq2seq.tokens(mask, labels) if s2s else int(mask.sum())) * acc.num_processes
-                step += 1
-                if step % 10 == 0 or step == total:
-                    guard.check_moved(step)
-                if step in checkpoints:
-                    probe_loss(step)
-                progress.update(step, step_loss, tokens / (time.perf_counter() - t0 - probe_s), grad_norm)
-    seconds = time.perf_counter() - t0 - probe_s
-    if points:
-        signal = early_signal(points, total, "eval loss")
-    else:
-        signal = early_signal(quarter_means(answer_losses), total, "training loss")
-    if signal is not None:
-        signal = {**signal, **({"probe_rows": len(probe), "probe_seconds": round(probe_s, 2)} if points else {})}
-    after = run_eval()
-    model = acc.unwrap_model(model)
-    adapter = adapter_from_peft(model, lb, sites, quant)
-    extra = {"trained_on": str(data), "steps": step, **({RECORD_KEY: recorded} if recorded else {}),
-             TOKENS_KEY: lb.tokens.to_json()}  # what the rows were encoded with
-    adapter = dataclasses.replace(adapter, extra=extra)
-    result = TrainResult(Path(out), step, seconds, tokens / seconds, losses, before, after, adapter,
-                         acc.is_main_process, {"bf16_autocast": use_bf16,
-                                               "base_weights_mb": round(weights_mb, 1),
-                                               "rss_at_loop_start_mb": round(rss_start_mb, 1)},
-                         grad_norms, warnings, schedule.to_dict(), signal)
+    run = _setup(base, quant, cfg, acc, data, eval_data, given, chat_template)
+    before = run.evaluate()
+    fit = _fit(run, quiet)
+    after = run.evaluate()
+    result = _result(run, fit, out, data, before, after)
     if acc.is_main_process:
-        source = (str(chat_template) if given else "base" if own else "seq2seq-flat") if recorded else None
-        _save(result, lb, cfg, quant, acc.num_processes, str(acc.state.backend or "none"), force, source)
+        _save(result, run.lb, cfg, run.lb.quant, acc.num_processes, str(acc.state.backend or "none"), force,
+              run.data.source)
     acc.wait_for_everyone()
     return result
 

@@ -236,7 +236,8 @@ def test_two_process_accelerate_run(tiny_dir, task, tmp_path):
 def test_labelled_loss_equals_the_models_own_loss(family, tiny_dir):
     """The LM head applied only at labelled positions gives the model's own ``labels=`` loss
     (gemma2: with its final logit soft-capping), and the same IA3 gradients."""
-    from edgeia3.train import labelled_loss, wrap_with_ia3
+    from edgeia3.tasks import labelled_loss
+    from edgeia3.train import wrap_with_ia3
 
     lb = load_base(tiny_dir(family))
     model = wrap_with_ia3(lb, list(lb.family.default_targets))
