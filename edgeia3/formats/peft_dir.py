@@ -55,57 +55,49 @@ def _module_scaling(config: dict, module: str) -> Scaling:
     return Scaling.INPUT if any(module == m or module.endswith("." + m) for m in ff) else Scaling.OUTPUT
 
 
-def read_peft_dir(path: str | Path, family: str | None = None, config: Any = None) -> IA3Adapter:
-    """Read a PEFT IA3 adapter directory (edgeia3's own metadata, if present, wins).
-
-    A bare PEFT directory does not say its architecture: ``family`` (or a base
-    ``config``, which also gives the row ranges of fused modules) is required.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if (path / CANONICAL_FILE).exists():
-        return IA3Adapter.load(path / CANONICAL_FILE)
-    for f in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (path / f).exists():
-            raise EdgeIA3Error(f"{path} is not an IA3 adapter directory: {f} is missing")
+def _read_config(path: Path) -> dict:
+    """adapter_config.json, checked as PEFT would (feed-forward modules, peft_type)."""
+    file = path / CONFIG_FILE
     try:
-        peft_cfg = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        peft_cfg = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
-        raise EdgeIA3Error(f"{path / CONFIG_FILE} is not valid JSON: {e}") from e
+        raise EdgeIA3Error(f"{file} is not valid JSON: {e}") from e
     if not isinstance(peft_cfg, dict):
-        raise EdgeIA3Error(f"{path / CONFIG_FILE} holds a JSON {type(peft_cfg).__name__}, not an object")
+        raise EdgeIA3Error(f"{file} holds a JSON {type(peft_cfg).__name__}, not an object")
     ff = peft_cfg.get("feedforward_modules")
     if not (ff is None or isinstance(ff, str) or isinstance(ff, list) and all(isinstance(m, str) for m in ff)):
-        raise EdgeIA3Error(f"{path / CONFIG_FILE}: feedforward_modules must be a list of module names or a regex")
+        raise EdgeIA3Error(f"{file}: feedforward_modules must be a list of module names or a regex")
     if isinstance(ff, str):
         try:
             re.compile(ff)
         except (re.error, RecursionError) as e:
-            raise EdgeIA3Error(f"{path / CONFIG_FILE}: feedforward_modules is not a valid regex ({e})") from e
+            raise EdgeIA3Error(f"{file}: feedforward_modules is not a valid regex ({e})") from e
     targets = peft_cfg.get("target_modules")
     if isinstance(ff, list) and isinstance(targets, list):
         # PEFT's own rule (IA3Config): a feed-forward module must also be a target (names match by suffix)
         names = [str(t) for t in targets]
         stray = [m for m in ff if not any(t == m or t.endswith("." + m) or m.endswith("." + t) for t in names)]
         if stray:
-            raise EdgeIA3Error(f"{path / CONFIG_FILE}: feedforward_modules {stray} are not among target_modules "
+            raise EdgeIA3Error(f"{file}: feedforward_modules {stray} are not among target_modules "
                                f"{names}; PEFT requires them to be a subset")
     if peft_cfg.get("peft_type") != "IA3":
         raise EdgeIA3Error(f"{path} holds a {' '.join(str(peft_cfg.get('peft_type')).split())} adapter, not IA3")
+    return peft_cfg
+
+
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(str(path / WEIGHTS_FILE), "np") as st:
-            tensors = {k: st.get_tensor(k) for k in st.keys()}
+            return {k: st.get_tensor(k) for k in st.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise EdgeIA3Error(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {e}") from e
 
-    if family is None and config is None:
-        raise EdgeIA3Error(
-            f"{path} is a PEFT IA3 directory without edgeia3 metadata, so its architecture is "
-            "unknown: give its base model (--base) so it can be read"
-        )
-    fam = get_family(family) if family else family_for_config(config)
-    layout = fused_layout_for(fam, config) if config is not None else {}
+
+def _vectors(path: Path, fam: Family, layout: dict, peft_cfg: dict,
+             tensors: dict[str, np.ndarray]) -> list[IA3Vector]:
+    """The canonical vectors of PEFT's tensors: one per site (fused modules split by ``layout``)."""
     vectors, seen = [], set()
     for key, arr in tensors.items():
         found = fam.locate(key[len(PREFIX):-len(SUFFIX)]) if key.startswith(PREFIX) and key.endswith(SUFFIX) \
@@ -135,7 +127,31 @@ def read_peft_dir(path: str | Path, family: str | None = None, config: Any = Non
             part = values[a:b]
             if not np.all(part == 1.0):
                 vectors.append(IA3Vector(layer, s.name, scaling, part.copy()))
-    adapter = IA3Adapter(fam.name, vectors, fused_layout=layout,
+    return vectors
+
+
+def read_peft_dir(path: str | Path, family: str | None = None, config: Any = None) -> IA3Adapter:
+    """Read a PEFT IA3 adapter directory (edgeia3's own metadata, if present, wins).
+
+    A bare PEFT directory does not say its architecture: ``family`` (or a base
+    ``config``, which also gives the row ranges of fused modules) is required.
+    """
+    path = Path(path)
+    if (path / CANONICAL_FILE).exists():
+        return IA3Adapter.load(path / CANONICAL_FILE)
+    for f in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / f).exists():
+            raise EdgeIA3Error(f"{path} is not an IA3 adapter directory: {f} is missing")
+    peft_cfg = _read_config(path)
+    tensors = _read_tensors(path)
+    if family is None and config is None:
+        raise EdgeIA3Error(
+            f"{path} is a PEFT IA3 directory without edgeia3 metadata, so its architecture is "
+            "unknown: give its base model (--base) so it can be read"
+        )
+    fam = get_family(family) if family else family_for_config(config)
+    layout = fused_layout_for(fam, config) if config is not None else {}
+    adapter = IA3Adapter(fam.name, _vectors(path, fam, layout, peft_cfg, tensors), fused_layout=layout,
                          extra={"peft_base_model": peft_cfg.get("base_model_name_or_path")})
     try:
         adapter.check_finite()
