@@ -85,10 +85,20 @@ def write_charts(doc: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = []
     exports = doc["exports"]
+    charts = (_sizes_chart(plt, exports, out), _speed_chart(plt, exports, out), _switch_chart(plt, exports, out))
+    return [name for name in charts if name]
 
-    # 1. size per artifact, log scale
+
+def _save_chart(plt, fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _sizes_chart(plt, exports: list[dict], out: Path) -> str:
+    """Size per artifact, log scale."""
     labels, values, colors = [], [], []
     for e in exports:
         labels.append(f"{e['label']}: base")
@@ -112,12 +122,11 @@ def write_charts(doc: dict, out: Path) -> list[str]:
     for y, v in enumerate(values):
         ax.text(v / 1e6, y, f"  {_mb(v)}", va="center", fontsize=8)
     ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(out / "sizes.png", dpi=110)
-    plt.close(fig)
-    names.append("sizes.png")
+    return _save_chart(plt, fig, out, "sizes.png")
 
-    # 2. decode tokens/s per export (base) and per adapter
+
+def _speed_chart(plt, exports: list[dict], out: Path) -> str:
+    """Decode tokens/s per export (base) and per adapter."""
     labels, med, lo, hi = [], [], [], []
     for e in exports:
         rows = [("base" if not e["merged"] else "merged", e["speed_base"])]
@@ -137,37 +146,33 @@ def write_charts(doc: dict, out: Path) -> list[str]:
     ax.invert_yaxis()
     ax.set_xlabel("decode tokens / s (median; whiskers: min–max)")
     ax.set_title("Greedy decode speed")
-    fig.tight_layout()
-    fig.savefig(out / "tokens_per_s.png", dpi=110)
-    plt.close(fig)
-    names.append("tokens_per_s.png")
+    return _save_chart(plt, fig, out, "tokens_per_s.png")
 
-    # 3. adapter switch vs reload, log scale
+
+def _switch_chart(plt, exports: list[dict], out: Path) -> str | None:
+    """Adapter switch vs reload, log scale (None: no export switches adapters)."""
     rows = [e for e in exports if e["switch_first_token_s"]]
-    if rows:
-        bars = [("switch adapter (use_adapter)", "switch_s", "#dd8452"),
-                ("switch + first token", "switch_first_token_s", "#c44e52"),
-                ("reload model + first token", "reload_s", "#4c72b0")]
-        fig, ax = plt.subplots(figsize=(max(6.5, 2.2 * len(rows)), 5))
-        w = 0.27
-        for k, (label, key, color) in enumerate(bars):
-            vals = [e[key]["median"] * 1e3 for e in rows]
-            xs = [i + (k - 1) * w for i in range(len(rows))]
-            ax.bar(xs, vals, width=w, label=label, color=color)
-            for x, v in zip(xs, vals):
-                ax.text(x, v, _t(v / 1e3), ha="center", va="bottom", fontsize=7)
-        for i, e in enumerate(rows):
-            ratio = e["reload_s"]["median"] / e["switch_s"]["median"]
-            ax.text(i, e["reload_s"]["median"] * 1e3 * 6, f"reload / switch: {ratio:,.0f}x", ha="center",
-                    fontsize=9, weight="bold")
-        ax.set_yscale("log")
-        ax.set_ylim(top=max(e["reload_s"]["median"] for e in rows) * 1e3 * 40)
-        ax.set_xticks(range(len(rows)), [e["label"] for e in rows], fontsize=9)
-        ax.set_ylabel("milliseconds (log scale)")
-        ax.set_title("Adapter switch vs model reload")
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False, fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "switch_vs_reload.png", dpi=110)
-        plt.close(fig)
-        names.append("switch_vs_reload.png")
-    return names
+    if not rows:
+        return None
+    bars = [("switch adapter (use_adapter)", "switch_s", "#dd8452"),
+            ("switch + first token", "switch_first_token_s", "#c44e52"),
+            ("reload model + first token", "reload_s", "#4c72b0")]
+    fig, ax = plt.subplots(figsize=(max(6.5, 2.2 * len(rows)), 5))
+    w = 0.27
+    for k, (label, key, color) in enumerate(bars):
+        vals = [e[key]["median"] * 1e3 for e in rows]
+        xs = [i + (k - 1) * w for i in range(len(rows))]
+        ax.bar(xs, vals, width=w, label=label, color=color)
+        for x, v in zip(xs, vals):
+            ax.text(x, v, _t(v / 1e3), ha="center", va="bottom", fontsize=7)
+    for i, e in enumerate(rows):
+        ratio = e["reload_s"]["median"] / e["switch_s"]["median"]
+        ax.text(i, e["reload_s"]["median"] * 1e3 * 6, f"reload / switch: {ratio:,.0f}x", ha="center",
+                fontsize=9, weight="bold")
+    ax.set_yscale("log")
+    ax.set_ylim(top=max(e["reload_s"]["median"] for e in rows) * 1e3 * 40)
+    ax.set_xticks(range(len(rows)), [e["label"] for e in rows], fontsize=9)
+    ax.set_ylabel("milliseconds (log scale)")
+    ax.set_title("Adapter switch vs model reload")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False, fontsize=8)
+    return _save_chart(plt, fig, out, "switch_vs_reload.png")
