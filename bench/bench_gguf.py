@@ -26,7 +26,8 @@ from common import machine  # noqa: E402
 
 from edgeia3.converters.gguf.adapter_file import write_ia3_gguf  # noqa: E402
 from edgeia3.converters.gguf.base_gguf import GGUFBase  # noqa: E402
-from edgeia3.converters.gguf.merge import merge_gguf, merge_into_file  # noqa: E402
+from edgeia3.converters.gguf.merge import merge_into_file  # noqa: E402
+from edgeia3.steps.gguf_merge import merge_gguf  # noqa: E402
 from edgeia3.validate import adapter_for_base  # noqa: E402
 from edgeia3.base import default_gguf  # noqa: E402
 from edgeia3.runtimes.llama_runtime import RELOAD, LlamaCppRuntime  # noqa: E402

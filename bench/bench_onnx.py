@@ -37,7 +37,7 @@ def random_adapters(work: Path, names: list[str]) -> dict[str, Path]:
 
 
 def timed_export(**kw):
-    from edgeia3.converters.onnx.export import export
+    from edgeia3.steps.onnx_export import export
 
     t0 = time.perf_counter()
     res = export(**kw)
@@ -142,7 +142,7 @@ def main() -> None:
           f"{rl / sw:,.0f}x (goal >= 1000x: {'met' if rl / sw >= 1000 else 'NOT met'})")
 
     ad_bytes = side.adapters["a"].stat().st_size
-    from edgeia3.converters.onnx.export import model_bytes
+    from edgeia3.steps.onnx_export import model_bytes
 
     mb = model_bytes(stock.out)
     print(f"\nadapter file {ad_bytes / 1e3:.1f} kB vs model {mb / 1e6:.1f} MB: {ad_bytes / mb * 100:.3f}% "

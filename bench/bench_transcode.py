@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     header("ONNX int4: GGUF blocks transcoded vs the builder's own int4 (SmolLM2-135M)")
-    from edgeia3.converters.onnx.export import export
+    from edgeia3.steps.onnx_export import export
     from edgeia3.base import load_base
     from edgeia3.runtimes.onnx_runtime import OnnxRuntime
 

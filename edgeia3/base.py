@@ -149,6 +149,14 @@ def locate_base(spec: str | os.PathLike) -> tuple[Path | None, str]:
     raise EdgeIA3Error(f"base not found: {spec} (expected {named}, a model dir, a .gguf or a hub id)")
 
 
+def resolve_gguf_base(spec: str | os.PathLike) -> Path:
+    """The GGUF file of a base spec ('default', a .gguf, a GGUF export dir); refuses others."""
+    gguf, _ = locate_base(spec)
+    if gguf is None:
+        raise EdgeIA3Error(f"a GGUF merge needs a .gguf base (or 'default'), got {spec}")
+    return gguf
+
+
 def resolve_base(spec: str | os.PathLike) -> BaseSource:
     """The base as transformers will load it (a GGUF is dequantized once into a cached dir)."""
     gguf, hf = locate_base(spec)

@@ -1,7 +1,8 @@
 """Export step: base (+ adapters) in, a runtime artifact out.
 
-The format-specific work lives in ``converters/`` (ONNX, GGUF); this module is
-the stable entry both the CLI and Python users call.
+The per-format steps live in ``edgeia3/steps/`` (ONNX, T5 ONNX, GGUF), the format work
+they drive in ``converters/``; this module is the stable entry both the CLI and Python
+users call.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def export_onnx(base: str, out: str | Path, precision: str = "int4",
     has one), "builder" or a llama.cpp type. ``strict``: refuse adapters trained on
     other weights. An existing non-empty ``out`` is refused unless ``force``.
     """
-    from edgeia3.converters.onnx.export import export
+    from .steps.onnx_export import export
 
     if _is_encoder_decoder(base):  # T5: edgeia3's own encoder + decoder-with-past graphs
         return _export_t5_onnx(base, out, precision, adapters or {}, merge, mobile, force)
@@ -55,7 +56,7 @@ def _is_encoder_decoder(base: str) -> bool:
 
 def _export_t5_onnx(base: str, out: str | Path, precision: str, adapters: dict[str, str], merge: str | None,
                     mobile: bool, force: bool) -> str:
-    from edgeia3.converters.onnx.t5 import export_t5
+    from .steps.t5_export import export_t5
 
     if mobile:
         raise EdgeIA3Error("T5 ONNX exports have no --mobile form yet (onnxruntime-genai's builder has no T5)")
@@ -74,7 +75,7 @@ def export_gguf(base: str, out: str | Path, quant: str | None = None,
     as is / q4_0 for a transformers base. ``strict``: refuse adapters trained on
     other weights. An existing non-empty ``out`` is refused unless ``force``.
     """
-    from edgeia3.converters.gguf.export import export
+    from .steps.gguf_export import export
 
     def build(where: Path, force_it: bool) -> Any:
         return export(base=base, out=where, quant=quant, adapters=adapters or {}, merge=merge, force=force_it,
@@ -199,7 +200,7 @@ def _canonical(m: ExportManifest) -> None:
 
 
 def _onnx_info(path: Path, m: ExportManifest) -> ExportInfo:
-    from edgeia3.converters.onnx.export import plans_of
+    from edgeia3.converters.onnx.graph import plans_of
 
     from .registry import get_family
 
@@ -225,7 +226,7 @@ def _onnx_info(path: Path, m: ExportManifest) -> ExportInfo:
 
 def _onnx_adapters(info: ExportInfo) -> dict[str, Any]:
     from edgeia3.converters.onnx.adapter_file import read_onnx_adapter
-    from edgeia3.converters.onnx.export import plans_of
+    from edgeia3.converters.onnx.graph import plans_of
 
     from .adapter import IA3Adapter
 

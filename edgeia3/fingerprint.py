@@ -45,7 +45,7 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _structural(family: Family, config: Any, shapes: dict[str, tuple[int, int]]) -> str:
+def structural_hash(family: Family, config: Any, shapes: dict[str, tuple[int, int]]) -> str:
     """Hash of the structure. ``config`` is a transformers config object (its
     attribute map resolves per-model key names, e.g. gpt2's n_layer) or any
     object with the same attributes (a GGUF base's view)."""
@@ -62,7 +62,7 @@ def _structural(family: Family, config: Any, shapes: dict[str, tuple[int, int]])
     return _sha(json.dumps(doc, sort_keys=True).encode())
 
 
-def _content(norm: np.ndarray, embed_rows: np.ndarray) -> str:
+def content_hash(norm: np.ndarray, embed_rows: np.ndarray) -> str:
     """``norm`` as llama.cpp stores it (``Family.gguf_norm_shift`` added): a transformers
     dir, its GGUF and that GGUF loaded back by transformers then hash the same bits
     (subtracting and re-adding 1.0 is exact in float32 where adding it was not)."""
@@ -106,7 +106,7 @@ def identity_of_model(model: Any, family: Family, name: str = "") -> BaseIdentit
     }
     norm = model.get_parameter(family.final_norm).detach().float().cpu().numpy() + np.float32(family.gguf_norm_shift)
     embed = model.get_parameter(family.embed)[:EMBED_ROWS].detach().float().cpu().numpy()
-    return BaseIdentity(_structural(family, config, shapes), _content(norm, embed), name)
+    return BaseIdentity(structural_hash(family, config, shapes), content_hash(norm, embed), name)
 
 
 def identity_of_dir(path: str | Path, family: Family, name: str = "") -> BaseIdentity:
@@ -137,7 +137,7 @@ def identity_of_dir(path: str | Path, family: Family, name: str = "") -> BaseIde
     shapes = {m: shape(m) for m in _module_names(family, num_layers(config))}
     embed = get(family.embed)[:EMBED_ROWS]
     norm = get(family.final_norm) + np.float32(family.gguf_norm_shift)
-    return BaseIdentity(_structural(family, config, shapes), _content(norm, embed), name)
+    return BaseIdentity(structural_hash(family, config, shapes), content_hash(norm, embed), name)
 
 
 

@@ -127,8 +127,8 @@ def merge(base: str = DEFAULT_BASE, adapter: str | Path = "", out: str | Path = 
 
 def _merge_into_gguf(base: str, adapter: str | Path, out: Path, force: bool) -> MergeResult:
     """Merge straight into an already-quantized GGUF by rescaling block scales."""
-    from edgeia3.converters.gguf.base_gguf import resolve_gguf_base
-    from edgeia3.converters.gguf.merge import merge_gguf
+    from .base import resolve_gguf_base
+    from .steps.gguf_merge import merge_gguf
 
     if out.exists() and out.resolve() == resolve_gguf_base(base).resolve():
         raise EdgeIA3Error("--out must differ from the base GGUF (the base stays pristine)")

@@ -1,8 +1,9 @@
 """Check an adapter against a base: one clear error per problem.
 
-The checks run against anything that can describe its shape - a loaded
-transformers model (``LoadedBase``) or a GGUF file (``edgeia3.converters.gguf.base_gguf.GGUFBase``) -
-so a GGUF base is never loaded into torch just to validate an adapter.
+The checks run against anything that can describe its shape (``BaseShape``) - a loaded
+transformers model (``edgeia3.base.LoadedBase``) or a GGUF file
+(``edgeia3.converters.gguf.base_gguf.GGUFBase``) - so a GGUF base is never loaded into torch
+just to validate an adapter, and this module sits below both (it imports no base loader).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .adapter import IA3Adapter, fused_layout_for
-from .base import LoadedBase
 from .errors import EdgeIA3Error
 from .fingerprint import BaseIdentity
 from .formats import load_adapter
@@ -94,7 +94,7 @@ def validate_adapter(adapter: IA3Adapter, base: BaseShape, check_identity: bool 
             raise EdgeIA3Error(f"fused layout of site {site} {rows} differs from the base's {layout.get(site)}")
 
 
-def load_adapter_for(path: str | Path, base: LoadedBase, check_identity: bool = True) -> IA3Adapter:
+def load_adapter_for(path: str | Path, base: BaseShape, check_identity: bool = True) -> IA3Adapter:
     """Load any supported adapter form and validate it against ``base``."""
     adapter = load_adapter(path, base_config=base.config)
     if not adapter.fused_layout:

@@ -192,7 +192,7 @@ def test_gguf_block_merge_refuses_down(tmp_path):
 
 
 def test_onnx_export_refuses_falcon(tiny_dir, tmp_path):
-    from edgeia3.converters.onnx.export import export
+    from edgeia3.steps.onnx_export import export
 
     with pytest.raises(EdgeIA3Error, match="does not support the 'falcon' family"):
         export(base=str(tiny_dir("falcon", tokenizer=True)), out=tmp_path / "onnx")

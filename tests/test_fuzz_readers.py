@@ -232,7 +232,7 @@ def test_fuzz_ia3_gguf_metadata_and_tensors(valid, data):
 
 def _check_onnx_adapter(valid, data: bytes):
     from edgeia3.converters.onnx.adapter_file import read_onnx_adapter
-    from edgeia3.converters.onnx.export import plans_of
+    from edgeia3.converters.onnx.graph import plans_of
     from edgeia3.manifest import read_manifest
 
     m = read_manifest(valid["onnx"])

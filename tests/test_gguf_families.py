@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from edgeia3 import load_adapter_for, load_base, to_peft_model
 from edgeia3.converters.gguf.base_gguf import GGUFBase
-from edgeia3.converters.gguf.export import export
+from edgeia3.steps.gguf_export import export
 from edgeia3.converters.gguf.hf_writer import write_hf_gguf
 from edgeia3.errors import EdgeIA3Error
 from edgeia3.fingerprint import identity_of_dir

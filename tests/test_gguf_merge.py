@@ -15,7 +15,8 @@ from gguf import GGMLQuantizationType as T, GGUFReader, quants
 from edgeia3.converters.gguf.adapter_file import read_ia3_gguf, write_ia3_gguf
 from edgeia3.converters.gguf.base_gguf import GGUFBase
 from edgeia3.converters.gguf.hf_writer import write_hf_gguf
-from edgeia3.converters.gguf.merge import adapter_plan, merge_gguf
+from edgeia3.converters.gguf.merge import adapter_plan
+from edgeia3.steps.gguf_merge import merge_gguf
 from edgeia3.converters.gguf.plan import rope_permute
 from edgeia3.converters.gguf.quantize import quantize
 from edgeia3.adapter import IA3Adapter

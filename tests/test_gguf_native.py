@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from edgeia3.converters.gguf.blocks import SCALE_FIELDS
 from edgeia3.converters.gguf.decompose import SUPPORTED, decompose, float_values
 from edgeia3.converters.gguf.torch_weights import GGUFLinear, PackedWeight
-from edgeia3.converters.onnx.export import export as export_onnx
+from edgeia3.steps.onnx_export import export as export_onnx
 from edgeia3 import load_base
 from edgeia3.base import quantized_gguf, resolve_base
 from tiny_models import random_peft_adapter

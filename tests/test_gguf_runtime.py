@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from edgeia3.converters.gguf.merge import merge_gguf
+from edgeia3.steps.gguf_merge import merge_gguf
 from edgeia3.base import default_gguf
 from edgeia3.cli import app
 from edgeia3.runtimes import generate, open_runtime

@@ -11,7 +11,7 @@ import torch
 from gguf import GGUFReader
 from transformers import AutoModelForCausalLM
 
-from edgeia3.converters.gguf.export import export
+from edgeia3.steps.gguf_export import export
 from edgeia3.converters.gguf.hf_writer import write_hf_gguf
 from edgeia3.base import load_base, resolve_base
 from edgeia3.runtimes.llama_runtime import LlamaCppRuntime

@@ -1,5 +1,17 @@
-"""The house rules that keep the code readable: layers import in one direction,
-there are no import cycles, and the installed package list covers every folder."""
+"""The house rules that keep the code readable: every module sits in one layer and imports
+only its own layer or the layers below it (lazy imports inside functions included), there
+are no import cycles, no module uses another package's private (``_name``) names, and the
+installed package list covers every folder.
+
+The layers, lowest first (docs/ARCHITECTURE.md draws them):
+
+- core: the canonical adapter, registry, base identity, token contract, errors, atomic
+  writes, manifest, deployed weights, chat templates;
+- formats: reading and writing adapters and bases in each format (PEFT dir, GGUF, ONNX,
+  web) and validating an adapter against anything with a base's shape;
+- steps: base loading, train, merge, export, run, report, inspect, serve and the runtimes;
+- cli: the typer CLI and the package facade.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +19,41 @@ import ast
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # Installed module name -> folder (converters/ installs as edgeia3.converters).
 FOLDERS = {"edgeia3": ROOT / "edgeia3", "edgeia3.converters": ROOT / "converters"}
-CORE = {"edgeia3.errors", "edgeia3.atomic", "edgeia3.registry", "edgeia3.registry.base",
-        "edgeia3.registry.builtin", "edgeia3.registry.gguf_hparams", "edgeia3.registry.onnx_config",
-        "edgeia3.adapter", "edgeia3.fingerprint", "edgeia3.manifest"}
+
+
+def _names(prefix: str, *mods: str) -> set[str]:
+    return {f"{prefix}.{m}" if m else prefix for m in mods}
+
+
+# Every module, by layer (lowest first). A new module is assigned here or the test fails.
+LAYERS: dict[str, set[str]] = {
+    "core": _names("edgeia3", "errors", "atomic", "adapter", "fingerprint", "manifest", "tokens", "weights",
+                   "prompts", "registry", "registry.base", "registry.builtin", "registry.gguf_hparams",
+                   "registry.onnx_config"),
+    "formats": _names("edgeia3", "formats", "formats.peft_dir", "validate", "converters")
+    | _names("edgeia3.converters.gguf", "", "adapter_file", "base_gguf", "blocks", "decompose", "file_types",
+             "ggml_index", "hf_writer", "llama_vocab", "merge", "plan", "quant_types", "quantize",
+             "torch_weights", "unigram", "vocab")
+    | _names("edgeia3.converters.onnx", "", "adapter_file", "builder", "graph", "mobile", "t5", "transcode",
+             "web"),
+    "steps": _names("edgeia3", "base", "embedded", "npm", "train", "tasks", "data", "evaluate", "progress",
+                    "schedule", "seq2seq", "merge", "export", "run", "report", "report_render", "inspect", "web")
+    | _names("edgeia3.steps", "", "gguf_export", "gguf_merge", "onnx_export", "t5_export")
+    | _names("edgeia3.runtimes", "", "base_runtime", "llama_batch", "llama_runtime", "onnx_adapters",
+             "onnx_batch", "onnx_runtime", "t5_llama", "t5_onnx", "torch_runtime")
+    | _names("edgeia3.serve", "", "api", "batching", "bodies", "engine", "hotload", "metrics", "requests",
+             "security"),
+    "cli": _names("edgeia3", "", "__main__", "cli"),
+}
+# (importer, imported) pairs allowed to point upward, each with the reason. Keep it empty.
+KNOWN_UPWARD: dict[tuple[str, str], str] = {}
+# (importer, "module._name") private names used across packages, each with the reason. Keep it empty.
+KNOWN_PRIVATE: dict[tuple[str, str], str] = {}
 
 
 def _modules() -> dict[str, Path]:
@@ -26,35 +67,96 @@ def _modules() -> dict[str, Path]:
     return mods
 
 
-def _imports(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
-    """Project modules ``name`` imports anywhere in its body (lazy imports included)."""
-    is_pkg = path.name == "__init__.py"
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+def _package(name: str, is_pkg: bool) -> str:
+    return name if is_pkg else name.rpartition(".")[0]
+
+
+def _owner(dotted: str, mods: set[str] | dict) -> str:
+    """The longest prefix of ``dotted`` that is a project module ("" if none)."""
+    while dotted and dotted not in mods:
+        dotted = dotted.rpartition(".")[0]
+    return dotted
+
+
+def _dotted(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return base and f"{base}.{node.attr}"
+    return None
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _scan(name: str, source: str, is_pkg: bool, mods: set[str] | dict) -> tuple[set[str], set[str]]:
+    """(project modules ``name`` imports anywhere in its body, lazy imports included;
+    "module._name" private names of another package's modules it imports or reads)."""
+    imports, private = set(), set()
+    bound: dict[str, str] = {}  # local name -> project module it names
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                pkg = name.split(".") if is_pkg else name.split(".")[:-1]
+                pkg = _package(name, is_pkg).split(".")
                 pkg = pkg[: len(pkg) - (node.level - 1)]
                 mod = ".".join(pkg + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            cands = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            imports.add(_owner(mod, mods))
+            for a in node.names:
+                full = f"{mod}.{a.name}"
+                if full in mods:
+                    imports.add(full)
+                    bound[a.asname or a.name] = full
+                elif _private(a.name) and _owner(mod, mods):
+                    private.add(f"{_owner(mod, mods)}.{a.name}")
         elif isinstance(node, ast.Import):
-            cands = [a.name for a in node.names]
-        else:
-            continue
-        for c in cands:
-            while c and c not in mods:
-                c = c.rpartition(".")[0]
-            # a package's own parents are not edges (importing a submodule runs them anyway)
-            if c and c != name and not name.startswith(c + "."):
-                out.add(c)
-    return out
+            for a in node.names:
+                imports.add(_owner(a.name, mods))
+                if a.asname and a.name in mods:
+                    bound[a.asname] = a.name
+                elif not a.asname and a.name.split(".")[0] in mods:
+                    bound[a.name.split(".")[0]] = a.name.split(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            dotted = _dotted(node.value)
+            if dotted and dotted.split(".")[0] in bound:
+                full = ".".join([bound[dotted.split(".")[0]], *dotted.split(".")[1:]])
+                if full in mods:
+                    private.add(f"{full}.{node.attr}")
+    own = _package(name, is_pkg)
+    # a package's own parents are not edges (importing a submodule runs them anyway)
+    imports = {m for m in imports if m and m != name and not name.startswith(m + ".")}
+    private = {p for p in private if _package(p.rpartition(".")[0], _is_pkg(p.rpartition(".")[0], mods)) != own}
+    return imports, private
+
+
+def _is_pkg(module: str, mods: set[str] | dict) -> bool:
+    return any(m.startswith(module + ".") for m in mods)
+
+
+def _scan_all() -> dict[str, tuple[set[str], set[str]]]:
+    mods = _modules()
+    return {m: _scan(m, p.read_text(), p.name == "__init__.py", mods) for m, p in mods.items()}
 
 
 def _graph() -> dict[str, set[str]]:
-    mods = _modules()
-    return {m: _imports(m, p, mods) for m, p in mods.items()}
+    return {m: imports for m, (imports, _) in _scan_all().items()}
+
+
+def _layer_of() -> dict[str, int]:
+    return {m: rank for rank, mods in enumerate(LAYERS.values()) for m in mods}
+
+
+def _upward(graph: dict[str, set[str]], layer: dict[str, int]) -> list[str]:
+    """Every import of a higher layer (a module with no layer fails its own test)."""
+    names = list(LAYERS)
+    return sorted(f"{m} ({names[layer[m]]}) imports {d} ({names[layer[d]]})"
+                  for m, deps in graph.items() for d in deps
+                  if m in layer and d in layer and layer[d] > layer[m] and (m, d) not in KNOWN_UPWARD)
 
 
 def _cycles(g: dict[str, set[str]]) -> list[list[str]]:
@@ -89,30 +191,66 @@ def _cycles(g: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def test_every_module_has_exactly_one_layer():
+    mods = set(_modules())
+    assert len(mods) > 50  # the scan found the library, not an empty folder
+    assigned = [m for mods_ in LAYERS.values() for m in mods_]
+    assert len(assigned) == len(set(assigned)), "a module is listed in two layers"
+    unassigned = sorted(mods - set(assigned))
+    assert not unassigned, f"modules with no layer (add each to LAYERS): {unassigned}"
+
+
+def test_no_upward_imports():
+    assert _upward(_graph(), _layer_of()) == []
+
+
 def test_no_import_cycles():
     g = _graph()
-    assert len(g) > 50  # the scan found the library, not an empty folder
+    assert len(g) > 50
     assert _cycles(g) == []
+
+
+def test_no_private_names_across_packages():
+    found = sorted(f"{m} uses {p}" for m, (_, private) in _scan_all().items() for p in private
+                   if (m, p) not in KNOWN_PRIVATE)
+    assert found == []
 
 
 def test_cycle_checker_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_core_imports_nothing_above_it():
-    g = _graph()
-    for mod in CORE:
-        above = {d for d in g[mod] if d not in CORE}
-        assert not above, f"{mod} (core) imports {above}"
+MODS = {"edgeia3": 0, "edgeia3.base": 0, "edgeia3.fingerprint": 0, "edgeia3.converters": 0,
+        "edgeia3.converters.gguf": 0, "edgeia3.converters.gguf.plan": 0, "edgeia3.converters.gguf.blocks": 0}
 
 
-def test_converters_never_import_steps_or_cli():
-    steps = {"edgeia3.train", "edgeia3.export", "edgeia3.report", "edgeia3.cli", "edgeia3.inspect",
-             "edgeia3.serve", "edgeia3.run"}
-    for mod, deps in _graph().items():
-        if mod.startswith("edgeia3.converters"):
-            bad = {d for d in deps if d in steps or any(d.startswith(s + ".") for s in steps)}
-            assert not bad, f"{mod} imports steps {bad}"
+@pytest.mark.parametrize("source, imports", [
+    ("from edgeia3.base import load_base", {"edgeia3.base"}),
+    ("def f():\n    from edgeia3.base import load_base", {"edgeia3.base"}),  # lazy
+    ("from ... import base", {"edgeia3.base"}),
+    ("import edgeia3.base as b", {"edgeia3.base"}),
+    ("from .blocks import row_fields", {"edgeia3.converters.gguf.blocks"}),
+])
+def test_import_scan_finds_every_form(source, imports):
+    assert _scan("edgeia3.converters.gguf.plan", source, False, MODS)[0] == imports
+
+
+def test_layer_check_finds_an_upward_import():
+    graph = {m: set() for m in _layer_of()}
+    graph["edgeia3.converters.gguf.plan"] = {"edgeia3.base"}  # formats -> steps
+    assert _upward(graph, _layer_of()) == ["edgeia3.converters.gguf.plan (formats) imports edgeia3.base (steps)"]
+
+
+@pytest.mark.parametrize("source, private", [
+    ("from edgeia3.fingerprint import _content", {"edgeia3.fingerprint._content"}),
+    ("def f():\n    from edgeia3 import fingerprint\n    return fingerprint._content", {"edgeia3.fingerprint._content"}),
+    ("import edgeia3.fingerprint as fp\nfp._content(1)", {"edgeia3.fingerprint._content"}),
+    ("import edgeia3.fingerprint\nedgeia3.fingerprint._content(1)", {"edgeia3.fingerprint._content"}),
+    ("from .blocks import _field", set()),  # the same package may share private helpers
+    ("from edgeia3.fingerprint import __doc__, content_hash", set()),
+])
+def test_private_scan_finds_every_form(source, private):
+    assert _scan("edgeia3.converters.gguf.plan", source, False, MODS)[1] == private
 
 
 def test_installed_packages_cover_every_folder():

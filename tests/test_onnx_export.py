@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from edgeia3.converters.onnx.adapter_file import read_onnx_adapter
-from edgeia3.converters.onnx.export import export, plans_of
+from edgeia3.converters.onnx.graph import plans_of
+from edgeia3.steps.onnx_export import export
 from edgeia3 import load_adapter_for, load_base, to_peft_model
 from edgeia3.runtimes import open_runtime
 from edgeia3.runtimes.torch_runtime import TorchRuntime

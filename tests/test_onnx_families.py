@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from edgeia3 import EdgeIA3Error, load_base
-from edgeia3.converters.onnx.export import export
+from edgeia3.steps.onnx_export import export
 from edgeia3.registry import family_for_config
 from edgeia3.runtimes import open_runtime
 from test_onnx_export import IDS, Tiny

@@ -59,7 +59,7 @@ def test_int4_merged_matches_side(work):
     roundings flip, and this model amplifies that to ~1.7 max abs (its int4 error
     vs fp32 is ~10), so exactness can only be checked with fp32 compute.
     """
-    from edgeia3.converters.onnx.export import export
+    from edgeia3.steps.onnx_export import export
 
     # the builder's own int4 weights, whose MatMulNBits scale rows the merge patches
     kw = dict(base="default", precision="int4", adapters={"a": work / "a"}, accuracy_level=1, weights="builder")
@@ -86,7 +86,7 @@ def test_int4_switch_a_b_a(int4_side):
 
 
 def test_fp32_side_matches_peft_and_greedy_decoding(smollm2, work):
-    from edgeia3.converters.onnx.export import export
+    from edgeia3.steps.onnx_export import export
 
     rt = open_runtime(export(base="default", out=work / "fp32_side", precision="fp32",
                              adapters={"a": work / "a"}).out)

@@ -167,6 +167,6 @@ def test_one_adapter_name_rule():
     for bad in ("", "-a", ".a", "a b", "a/b", "a\n", "x" * 65, "base", "BASE", 3):
         with pytest.raises(EdgeIA3Error):
             check_adapter_name(bad)
-    for path in ("converters/onnx/export.py", "converters/gguf/export.py", "edgeia3/serve/hotload.py"):
+    for path in ("edgeia3/steps/onnx_export.py", "edgeia3/steps/gguf_export.py", "edgeia3/serve/hotload.py"):
         text = (ROOT / path).read_text()
         assert "adapter_name" in text and "[A-Za-z0-9][A-Za-z0-9" not in text, path

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from edgeia3 import EdgeIA3Error
 from edgeia3.converters.gguf.base_gguf import GGUFBase
-from edgeia3.converters.gguf.export import export
+from edgeia3.steps.gguf_export import export
 from edgeia3.converters.gguf.hf_writer import write_hf_gguf
 from edgeia3.fingerprint import identity_of_dir
 from edgeia3.registry import get_family
@@ -276,7 +276,7 @@ def test_t5_onnx_server_checks_ids_and_context(unigram_tokenizer, tmp_path):
 
     import openai
 
-    from edgeia3.converters.onnx.t5 import export_t5
+    from edgeia3.steps.t5_export import export_t5
     from serving import Server, chat
 
     d, model = _t5_dir(tmp_path, "gated-gelu", unigram_tokenizer)
@@ -303,7 +303,7 @@ def test_report_and_torch_reference_cover_t5_exports(unigram_tokenizer, tmp_path
     import copy
 
     from edgeia3.export import read_export
-    from edgeia3.converters.onnx.t5 import export_t5
+    from edgeia3.steps.t5_export import export_t5
     from edgeia3.validate import load_adapter_for
     from edgeia3.report import ReportOptions, report
     from edgeia3.runtimes.torch_runtime import TorchRuntime

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgeia3.converters.onnx.t5 import export_t5
+from edgeia3.steps.t5_export import export_t5
 from edgeia3.errors import EdgeIA3Error
 
 from edgeia3.runtimes.t5_onnx import T5OnnxRuntime

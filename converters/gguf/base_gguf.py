@@ -1,8 +1,8 @@
 """A GGUF file as a base model: its family, identity, and adapter validation.
 
-The checks mirror edgeia3.validate (which needs a loaded transformers model)
-against the GGUF's own tensor shapes, so a GGUF base is never dequantized or
-loaded into torch just to check an adapter.
+A ``GGUFBase`` states its module shapes and identities (``edgeia3.validate.BaseShape``), so
+``validate_adapter`` checks an adapter against the GGUF's own tensor shapes: a GGUF base is
+never dequantized or loaded into torch just to check an adapter.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 from edgeia3.adapter import IA3Adapter, fused_layout_for
 from edgeia3.errors import EdgeIA3Error
-from edgeia3.fingerprint import EMBED_ROWS, BaseIdentity, _content, _structural
+from edgeia3.fingerprint import EMBED_ROWS, BaseIdentity, content_hash, structural_hash
 from edgeia3.formats import load_adapter
 from edgeia3.registry import Family, Site, family_for_gguf_arch
 from edgeia3.validate import validate_adapter
@@ -65,7 +65,7 @@ class GGUFBase:
         del mm
         config = SimpleNamespace(model_type=fam.model_types[0], num_hidden_layers=self.config.num_hidden_layers,
                                  hidden_size=self.config.hidden_size, vocab_size=int(embd.ne[1]))
-        return BaseIdentity(_structural(fam, config, shapes), _content(norm, rows), self.name)
+        return BaseIdentity(structural_hash(fam, config, shapes), content_hash(norm, rows), self.name)
 
     @property
     def identities(self) -> list[BaseIdentity]:
@@ -109,12 +109,3 @@ def _gguf_name(family: Family, hf_name: str, default: str) -> str:
     """``hf_name``'s tensor name in llama.cpp's files (gguf-py's map), else ``default``."""
     return tensor_name_map(family.gguf_arch).get_name(hf_name, try_suffixes=(".weight",)) or default
 
-
-def resolve_gguf_base(spec: str | Path) -> Path:
-    """The GGUF file of a base spec ('default', a .gguf, a GGUF export dir); refuses others."""
-    from edgeia3.base import locate_base
-
-    gguf, _ = locate_base(spec)
-    if gguf is None:
-        raise EdgeIA3Error(f"a GGUF merge needs a .gguf base (or 'default'), got {spec}")
-    return gguf

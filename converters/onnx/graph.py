@@ -20,6 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgeia3.errors import EdgeIA3Error
+from edgeia3.manifest import ExportManifest
 from edgeia3.registry import Family, Scaling
 
 INPUT_PREFIX = "ia3.layers."
@@ -212,3 +213,8 @@ def scale_output_rows(model: onnx.ModelProto, model_dir: Path, node_name: str, s
         bias = _external_view(inits[name], model_dir)
         bias[start:stop] = (bias[start:stop].astype(np.float32) * v).astype(bias.dtype)
         bias.flush()
+
+
+def plans_of(manifest: ExportManifest) -> list[IA3Input]:
+    """The IA3 inputs an export's manifest records."""
+    return [IA3Input.from_dict(d) for d in manifest.ia3_inputs or []]

@@ -20,6 +20,9 @@ the module's output, input sites (``enc_wo``, ``dec_wo``) multiply ``wo``'s inpu
 Side mode: each adapter is ``adapters/NAME.safetensors`` holding one [1, 1, N] tensor per
 IA3 input (ones where the adapter leaves a site alone); no adapter = feed ones.
 Merged mode: the adapter folded with ``merge_loaded``, graphs without IA3 inputs.
+
+This module builds the graphs and the adapter files; ``edgeia3.steps.t5_export`` loads the
+base, validates and merges the adapters and writes the manifest.
 """
 
 from __future__ import annotations
@@ -36,14 +39,8 @@ import torch
 from torch import nn
 
 from edgeia3.adapter import IA3Adapter
-from edgeia3.base import load_base
 from edgeia3.errors import EdgeIA3Error
-from edgeia3.atomic import atomic_dir, check_out
-from edgeia3.manifest import AdapterEntry, ExportManifest, Merged, read_manifest, write_manifest
-from edgeia3.merge import merge_loaded
-from edgeia3.prompts import recorded_template
-from edgeia3.registry import Scaling, decoder_start_token
-from edgeia3.validate import load_adapter_for
+from edgeia3.registry import Scaling
 
 KIND = "onnx-t5"
 ENCODER_FILE = "encoder.onnx"
@@ -192,6 +189,25 @@ def _site_size(base: Any, layer: int, site: str) -> int:
     return out if s.scaling is Scaling.OUTPUT else inp
 
 
+def site_sizes(base: Any, sites: list[tuple[int, str]]) -> dict[tuple[int, str], int]:
+    """Length of each IA3 input: the site's output or input size in ``base`` (anything with
+    ``family`` and ``module_shape``, ``edgeia3.validate.BaseShape``)."""
+    return {k: _site_size(base, *k) for k in sites}
+
+
+def ia3_inputs(sites: list[tuple[int, str]], sizes: dict) -> list[dict]:
+    """The manifest's ``ia3_inputs``: name, layer, site, size and graph of each IA3 input."""
+    return [{"name": ia3_name(*k), "layer": k[0], "site": k[1], "size": sizes[k],
+             "graph": "encoder" if k[1] in ENCODER_SITES else "decoder"} for k in sites]
+
+
+def save_adapter(adapter: IA3Adapter, sites: list[tuple[int, str]], sizes: dict, path: Path) -> None:
+    """An adapter's side-mode file: its IA3 input tensors (``adapter_tensors``) as safetensors."""
+    from safetensors.numpy import save_file
+
+    save_file(adapter_tensors(adapter, sites, sizes), str(path), metadata={"format": "edgeia3-onnx-t5-ia3"})
+
+
 def _dims(x: Any, names: list[str], axes: dict) -> Any:
     """torch.export's ``dynamic_shapes`` for the example arguments ``x``: Dim.DYNAMIC for each axis
     ``axes`` names on each tensor (``names`` in flattened order), but IA3_BATCH stays static (see
@@ -303,36 +319,12 @@ def quantize_int4(path: Path) -> None:
     onnx.save_model(q.model.model, str(path))
 
 
-def export_t5(base_dir: str | Path, out_dir: str | Path, adapters: dict[str, str | Path] | None = None,
-              merge: str | None = None, force: bool = False, precision: str = "fp32") -> ExportManifest:
-    """Export a T5 base (and IA3 adapters, as side inputs or one merged) to ``out_dir``;
-    returns the manifest written there (``edgeia3.json``, kind "onnx-t5"). Written under a
-    temp name and renamed when complete; an existing ``out_dir`` is refused unless ``force``."""
-    if precision not in PRECISIONS:
-        raise EdgeIA3Error(f"T5 exports to ONNX as {' or '.join(PRECISIONS)}, not '{precision}'")
-    check_out(out_dir, force)
-    base = load_base(base_dir)
-    if base.family.auto_model != "AutoModelForSeq2SeqLM":
-        raise EdgeIA3Error(f"{base_dir}: a {base.family.name} model; this exporter is for T5 (encoder-decoder)")
-    loaded = {name: load_adapter_for(p, base) for name, p in (adapters or {}).items()}
-    if merge is not None and merge not in loaded:
-        raise EdgeIA3Error(f"--merge {merge}: no adapter of that name (given: {', '.join(loaded) or 'none'})")
-    with atomic_dir(out_dir, force=force) as out:
-        _write(out, base, loaded, merge, precision)
-    return read_manifest(out_dir)
-
-
-def _write(out: Path, base: Any, loaded: dict[str, IA3Adapter], merge: str | None, precision: str) -> None:
-    model = base.model.float().eval()
+def write_graphs(out: Path, model: Any, sites: list[tuple[int, str]], sizes: dict, precision: str) -> None:
+    """``encoder.onnx`` and ``decoder.onnx`` of ``model`` (a transformers T5, fp32, eval; a merged
+    adapter already folded in) in ``out``, with one IA3 input per (layer, site) of ``sites``;
+    ``precision`` int4: then quantized (``quantize_int4``)."""
     cfg = model.config
     n, heads, dkv = cfg.num_layers, cfg.num_heads, cfg.d_kv
-
-    if merge is not None:
-        model = merge_loaded(base, loaded[merge]).float().eval()
-        sites: list[tuple[int, str]] = []
-    else:
-        sites = plan_sites(loaded, base.family, n)
-    sizes = {k: _site_size(base, *k) for k in sites}
     enc_sites = [k for k in sites if k[1] in ENCODER_SITES]
     dec_sites = [k for k in sites if k[1] not in ENCODER_SITES]
 
@@ -369,36 +361,3 @@ def _write(out: Path, base: Any, loaded: dict[str, IA3Adapter], merge: str | Non
     if precision == "int4":  # a merged adapter is folded in before its weights are quantized
         for f in (ENCODER_FILE, DECODER_FILE):
             quantize_int4(out / f)
-
-    (out / ADAPTER_DIR).mkdir(exist_ok=True)
-    entries = {name: _adapter_entry(out, name, ad, merge, sites, sizes) for name, ad in loaded.items()}
-    cfg.save_pretrained(out)  # decoder_start_token_id, eos_token_id, ...
-    if base.tokenizer is not None:
-        base.tokenizer.save_pretrained(out)
-    write_manifest(out, ExportManifest(
-        KIND, "t5", {"name": base.source.name, "spec": base.source.spec, "identity": base.identity.to_dict()},
-        entries, Merged(merge, "torch fold (merge_loaded)") if merge else None, precision=precision,
-        model_bytes=sum((out / f).stat().st_size for f in (ENCODER_FILE, DECODER_FILE)),
-        mode="merged" if merge else ("side" if loaded else "base"),
-        ia3_inputs=[{"name": ia3_name(*k), "layer": k[0], "site": k[1], "size": sizes[k],
-                     "graph": "encoder" if k in enc_sites else "decoder"} for k in sites],
-        extra={"provider": "cpu", "encoder": ENCODER_FILE, "decoder": DECODER_FILE, "decoder_with_past": True,
-               "num_layers": n, "num_heads": heads, "d_kv": dkv, "decoder_start_token_id": decoder_start_token(cfg),
-               "eos_token_id": cfg.eos_token_id}))
-
-
-def _adapter_entry(out: Path, name: str, ad: IA3Adapter, merge: str | None, sites: list, sizes: dict) -> AdapterEntry:
-    """Write adapter ``name``'s file (side: its input tensors; merged: its canonical vectors, for
-    provenance and reports) and return its manifest entry."""
-    from safetensors.numpy import save_file
-
-    # the chat template it was trained with renders its prompts
-    entry = AdapterEntry(sites=ad.sites, params=ad.num_params, trained_quant=ad.quant, trained_weights=ad.trained_on,
-                         chat_template=recorded_template(ad) or None)
-    if merge is None:
-        entry.file = f"{ADAPTER_DIR}/{name}.safetensors"
-        save_file(adapter_tensors(ad, sites, sizes), str(out / entry.file), metadata={"format": "edgeia3-onnx-t5-ia3"})
-        entry.bytes = (out / entry.file).stat().st_size
-    elif name == merge:
-        entry.canonical = str(ad.save(out / ADAPTER_DIR / f"{name}.ia3.safetensors").relative_to(out))
-    return entry

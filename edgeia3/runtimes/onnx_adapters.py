@@ -26,7 +26,7 @@ def prepare(manifest: ExportManifest, dtype: Any, name: str, path: Path, workdir
     ``dtype``) and write the runtime's own ``.onnx_adapter`` copy of it under ``workdir``.
     Returns (the copy, facts about the adapter, the adapter)."""
     from edgeia3.converters.onnx.adapter_file import SUFFIX, read_onnx_adapter, write_onnx_adapter
-    from edgeia3.converters.onnx.export import plans_of
+    from edgeia3.converters.onnx.graph import plans_of
 
     plans = plans_of(manifest)
     workdir.mkdir(parents=True, exist_ok=True)

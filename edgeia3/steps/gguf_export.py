@@ -9,6 +9,7 @@ Layout::
 A transformers base is written to GGUF (hf_writer) and quantized by
 llama.cpp; a .gguf base (or 'default', the embedded SmolLM2 Q4_1) is used as
 is. The whole directory is written under a temporary name and renamed.
+A step: it resolves the base (``edgeia3.base``) and drives ``edgeia3.converters.gguf``.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ from edgeia3.manifest import AdapterEntry, ExportManifest, Merged, write_manifes
 from edgeia3.tokens import TokenContract, check_tokens
 from edgeia3.weights import check_deployment, llama_quant
 
-from .adapter_file import SUFFIX, write_ia3_gguf
-from .llama_vocab import llama_cpp_tokens
-from .base_gguf import GGUFBase
-from .file_types import EXPORT_QUANTS, TRAIN_QUANTS, WRITER_TYPES
-from .ggml_index import GGUFIndex, gguf_weights
-from .merge import adapter_plan, apply_plan
+from edgeia3.converters.gguf.adapter_file import SUFFIX, write_ia3_gguf
+from edgeia3.converters.gguf.base_gguf import GGUFBase
+from edgeia3.converters.gguf.file_types import EXPORT_QUANTS, TRAIN_QUANTS, WRITER_TYPES
+from edgeia3.converters.gguf.ggml_index import GGUFIndex, gguf_weights
+from edgeia3.converters.gguf.llama_vocab import llama_cpp_tokens
+from edgeia3.converters.gguf.merge import adapter_plan, apply_plan
 from edgeia3.formats import load_adapter
 
 MODEL_FILE = "model.gguf"
@@ -172,7 +173,7 @@ def _trained_quant(adapters: dict[str, str]) -> str | None:
 
 
 def _from_transformers(hf_dir: Path, model: Path, quant: str, notes: list[str]) -> str:
-    from .hf_writer import write_hf_gguf
+    from edgeia3.converters.gguf.hf_writer import write_hf_gguf
 
     written = write_hf_gguf(hf_dir, model, dtype=quant)
     if not written.pre_verified and "placeholder" not in written.tokenizer:

@@ -12,6 +12,9 @@ graph post-processing -> a folder ``og.Model(DIR)`` opens, with
   sites of gated MLPs land on up_proj's rows). fp32/fp16, adapters trained
   on NF4 and anything not foldable into rows are folded in torch before the
   build (the manifest says which).
+
+A step: it loads the base (``edgeia3.base``), validates and merges adapters
+(``edgeia3.validate``, ``edgeia3.merge``) and drives ``edgeia3.converters.onnx``.
 """
 
 from __future__ import annotations
@@ -37,11 +40,11 @@ from edgeia3.tokens import TokenContract, check_tokens
 from edgeia3.validate import expected_length, load_adapter_for
 from edgeia3.weights import check_deployment, llama_quant, same_weights
 
-from . import builder
-from .adapter_file import SUFFIX, write_onnx_adapter
-from .graph import (IA3Input, activation_np_dtype, activation_type, add_side_inputs, find_node, plan_inputs,
-                    scale_output_rows)
-from .transcode import carries, fusable_qkv, not_carried, transcode
+from edgeia3.converters.onnx import builder
+from edgeia3.converters.onnx.adapter_file import SUFFIX, write_onnx_adapter
+from edgeia3.converters.onnx.graph import (IA3Input, activation_np_dtype, activation_type, add_side_inputs,
+                                           find_node, plan_inputs, scale_output_rows)
+from edgeia3.converters.onnx.transcode import carries, fusable_qkv, not_carried, transcode
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 PROVIDERS = ("cpu", "cuda")
@@ -216,7 +219,7 @@ def export(base: str = "default", out: str | Path = "", precision: str = "int4",
             manifest.adapters[name] = _adapter_entry(tmp, name, ad, adapters[name], plans, deployed, merge)
         manifest.model_bytes = model_bytes(tmp)
         if mobile:
-            from .mobile import make_mobile
+            from edgeia3.converters.onnx.mobile import make_mobile
 
             manifest.extra["mobile"] = make_mobile(tmp)
         manifest.token_contract = lb.tokens.to_json()  # what the export's tokenizer adds (the runtimes' rule)
@@ -404,6 +407,3 @@ def _manifest(lb: LoadedBase, identity: Any, precision: str, provider: str, plan
                "sites": sorted({part[0] for p in plans for part in p.parts}),
                "builder": f"onnxruntime-genai {builder.builder_version()}", "mobile": None})
 
-
-def plans_of(manifest: ExportManifest) -> list[IA3Input]:
-    return [IA3Input.from_dict(d) for d in manifest.ia3_inputs or []]
