@@ -212,7 +212,13 @@ def int8_matmuls(graph: onnx.GraphProto) -> int:
                                                                      f"{base}.int8_scale"], [node.output[0]],
                                           name=f"{node.name}/DynamicQuantizeMatMul", domain="com.microsoft"))
         done += 1
-    nodes = out_nodes  # the weight chains nothing reads any more go below
+    _replace_nodes(graph, out_nodes, new_inits)  # and drop the weight chains nothing reads any more
+    return done
+
+
+def _replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], new_inits: list[onnx.TensorProto]) -> None:
+    """``graph`` with ``nodes`` (and ``new_inits``), less the nodes nothing reads any more and the
+    initializers no node reads."""
     outputs = {o.name for o in graph.output}
     while True:
         needed = {i for n in nodes for i in n.input} | outputs
@@ -226,7 +232,6 @@ def int8_matmuls(graph: onnx.GraphProto) -> int:
     kept = [t for t in list(graph.initializer) + new_inits if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return done
 
 
 def _constant_chain(name: str, producer: dict, inits: dict) -> list[onnx.NodeProto] | None:
@@ -265,71 +270,78 @@ def fold_block_minimum(graph: onnx.GraphProto) -> int:
     drop: set[str] = set()
     new_nodes: dict[str, list[onnx.NodeProto]] = {}
     new_inits = []
-    done = 0
     for add in graph.node:
-        if add.op_type != "Add" or len(add.input) != 2:
+        found = _minimum_term(add, producer, inits, consumers, unique)
+        if found is None:
             continue
-        mm, mn = (producer.get(add.input[0]), producer.get(add.input[1]))
-        if mm is None or mn is None or mm.op_type != "MatMul" or mn.op_type != "MatMul":
-            continue
-        if producer.get(mm.input[1]) is None or producer[mm.input[1]].op_type != "DequantizeLinear":
-            mm, mn = mn, mm
-        dq = producer.get(mm.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or mn.input[1] not in inits:
-            continue
-        sums = producer.get(mn.input[0])
-        if sums is None or sums.op_type != "MatMul" or sums.input[0] != mm.input[0] or sums.input[1] not in inits:
-            continue
-        if len(consumers.get(mm.output[0], [])) != 1 or len(consumers.get(mn.output[0], [])) != 1:
-            continue
-        if not {add.name, mm.name, mn.name} <= unique:
-            continue
-        e = numpy_helper.to_array(inits[sums.input[1]])  # [K, blocks], 1 where row k is in block b
-        table = numpy_helper.to_array(inits[mn.input[1]])  # [blocks, N]
-        k, blocks = e.shape
-        if blocks == 0 or k % blocks or table.shape[0] != blocks:
-            continue
-        block = k // blocks
-        want = np.zeros_like(e)
-        want[np.arange(k), np.arange(k) // block] = 1
-        if not np.array_equal(e, want):
-            continue
-        base = f"{add.name.strip('/').replace('/', '.')}.min_fold"
-        shape3 = numpy_helper.from_array(np.array([blocks, 1, table.shape[1]], np.int64), f"{base}.shape3")
-        expand = numpy_helper.from_array(np.array([blocks, block, table.shape[1]], np.int64), f"{base}.expand")
-        shape2 = numpy_helper.from_array(np.array([k, table.shape[1]], np.int64), f"{base}.shape2")
-        new_inits += [shape3, expand, shape2]
-        w = f"{base}.weight"
-        new_nodes[add.name] = [
-            helper.make_node("Reshape", [mn.input[1], shape3.name], [f"{base}/r3"], name=f"{base}/Reshape3"),
-            helper.make_node("Expand", [f"{base}/r3", expand.name], [f"{base}/ex"], name=f"{base}/Expand"),
-            helper.make_node("Reshape", [f"{base}/ex", shape2.name], [f"{base}/spread"], name=f"{base}/Reshape2"),
-            helper.make_node("Add", [mm.input[1], f"{base}/spread"], [w], name=f"{base}/Add"),
-            helper.make_node("MatMul", [mm.input[0], w], [add.output[0]], name=f"{base}/MatMul"),
-        ]
+        mm, mn, table, block = found
+        new_nodes[add.name], fold_inits = _folded_minimum(add, mm, mn, table, block)
+        new_inits += fold_inits
         drop |= {mm.name, mn.name}
-        done += 1
-    if not done:
+    if not new_nodes:
         return 0
     nodes = []
     for n in graph.node:
         if n.name in drop:
             continue
         nodes.extend(new_nodes.get(n.name, [n]))
-    outputs = {o.name for o in graph.output}
-    while True:  # the block-sum MatMuls nothing reads any more
-        needed = {i for n in nodes for i in n.input} | outputs
-        alive = [n for n in nodes if any(o in needed for o in n.output)]
-        if len(alive) == len(nodes):
-            break
-        nodes = alive
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in nodes for i in n.input}
-    kept = [t for t in list(graph.initializer) + new_inits if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    return done
+    _replace_nodes(graph, nodes, new_inits)  # and drop the block-sum MatMuls nothing reads any more
+    return len(new_nodes)
+
+
+def _minimum_term(add: onnx.NodeProto, producer: dict, inits: dict, consumers: dict,
+                  unique: set[str]) -> tuple[onnx.NodeProto, onnx.NodeProto, np.ndarray, int] | None:
+    """(weight MatMul, minimum MatMul, minimum table [blocks, N], block size) when ``add`` sums
+    ``x @ DequantizeLinear(...)`` and ``(x @ E) @ M`` with E the exact block-membership matrix
+    (each node read once, named uniquely); None otherwise."""
+    if add.op_type != "Add" or len(add.input) != 2:
+        return None
+    mm, mn = (producer.get(add.input[0]), producer.get(add.input[1]))
+    if mm is None or mn is None or mm.op_type != "MatMul" or mn.op_type != "MatMul":
+        return None
+    if producer.get(mm.input[1]) is None or producer[mm.input[1]].op_type != "DequantizeLinear":
+        mm, mn = mn, mm
+    dq = producer.get(mm.input[1])
+    if dq is None or dq.op_type != "DequantizeLinear" or mn.input[1] not in inits:
+        return None
+    sums = producer.get(mn.input[0])
+    if sums is None or sums.op_type != "MatMul" or sums.input[0] != mm.input[0] or sums.input[1] not in inits:
+        return None
+    if len(consumers.get(mm.output[0], [])) != 1 or len(consumers.get(mn.output[0], [])) != 1:
+        return None
+    if not {add.name, mm.name, mn.name} <= unique:
+        return None
+    e = numpy_helper.to_array(inits[sums.input[1]])  # [K, blocks], 1 where row k is in block b
+    table = numpy_helper.to_array(inits[mn.input[1]])  # [blocks, N]
+    k, blocks = e.shape
+    if blocks == 0 or k % blocks or table.shape[0] != blocks:
+        return None
+    block = k // blocks
+    want = np.zeros_like(e)
+    want[np.arange(k), np.arange(k) // block] = 1
+    if not np.array_equal(e, want):
+        return None
+    return mm, mn, table, block
+
+
+def _folded_minimum(add: onnx.NodeProto, mm: onnx.NodeProto, mn: onnx.NodeProto, table: np.ndarray,
+                    block: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The nodes computing ``x @ (W + spread(M))`` into ``add``'s output, and their shape constants."""
+    blocks, n = table.shape
+    k = blocks * block
+    base = f"{add.name.strip('/').replace('/', '.')}.min_fold"
+    shape3 = numpy_helper.from_array(np.array([blocks, 1, n], np.int64), f"{base}.shape3")
+    expand = numpy_helper.from_array(np.array([blocks, block, n], np.int64), f"{base}.expand")
+    shape2 = numpy_helper.from_array(np.array([k, n], np.int64), f"{base}.shape2")
+    w = f"{base}.weight"
+    nodes = [
+        helper.make_node("Reshape", [mn.input[1], shape3.name], [f"{base}/r3"], name=f"{base}/Reshape3"),
+        helper.make_node("Expand", [f"{base}/r3", expand.name], [f"{base}/ex"], name=f"{base}/Expand"),
+        helper.make_node("Reshape", [f"{base}/ex", shape2.name], [f"{base}/spread"], name=f"{base}/Reshape2"),
+        helper.make_node("Add", [mm.input[1], f"{base}/spread"], [w], name=f"{base}/Add"),
+        helper.make_node("MatMul", [mm.input[0], w], [add.output[0]], name=f"{base}/MatMul"),
+    ]
+    return nodes, [shape3, expand, shape2]
 
 
 # -- adapters as files the page fetches ------------------------------------------------------------
