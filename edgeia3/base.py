@@ -11,23 +11,22 @@ A base spec is one of:
 
 A GGUF base is converted once to a transformers directory in the cache, so
 later loads take seconds instead of the ~35 s tokenizer conversion, and the
-4-bit (NF4) path can load it through bitsandbytes.
+4-bit (NF4) path can load it through bitsandbytes. The GGUF conversions themselves
+(dequantize to a transformers dir, quantize with llama.cpp, "can edgeia3 write this
+base as GGUF") are ``edgeia3.converters.gguf.to_hf``; this module picks the cache
+folders and decides which one a step needs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from edgeia3.converters.gguf.file_types import TRAIN_QUANTS, file_type
+from edgeia3.converters.gguf.file_types import TRAIN_QUANTS
 
-from .atomic import atomic_dir, atomic_file
 from .embedded import EMBEDDED, embedded_gguf
 from .errors import EdgeIA3Error
 from .registry import Family, family_for_config
@@ -57,56 +56,9 @@ def default_gguf() -> Path:
 
 def gguf_to_hf_dir(gguf: Path) -> Path:
     """Dequantize a GGUF into a cached transformers directory (once per file)."""
-    gguf = Path(gguf)
-    if not gguf.is_file():
-        raise EdgeIA3Error(f"GGUF file not found: {gguf}")
-    from edgeia3.converters.gguf.ggml_index import file_digest
+    from edgeia3.converters.gguf.to_hf import gguf_to_hf_dir
 
-    out = cache_home() / "hf" / f"{gguf.stem}-{file_digest(gguf)}"
-    if (out / "config.json").exists():
-        return out
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        config = _complete_gguf_config(gguf, AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config)
-    except Exception as e:  # transformers raises many types for unsupported/corrupt files
-        raise EdgeIA3Error(f"transformers cannot load GGUF {gguf}: {e}") from e
-    # The weights are already dequantized; transformers refuses to save a model
-    # that still carries the GGUF quantizer and its config.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    with atomic_dir(out, force=True) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "edgeia3_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-    return out
-
-
-def _complete_gguf_config(gguf: Path, config: Any) -> Any:
-    """Sizes transformers' GGUF reader leaves at its config defaults for some
-    architectures (qwen3's head_dim, gpt2's context length, Gemma's attention
-    scale), taken from the file: the model is what llama.cpp computes from it."""
-    from edgeia3.converters.gguf.ggml_index import GGUFIndex
-    from edgeia3.registry import family_for_gguf_arch
-
-    index = GGUFIndex(gguf)
-    misread = family_for_gguf_arch(index.arch).gguf_misread
-    why = misread(set(index.tensors)) if misread else None
-    if why:
-        raise EdgeIA3Error(f"{gguf}: transformers' GGUF reader would build another model from this file ({why}); "
-                           "train on the transformers directory it was converted from")
-    key_length = index.arch_int("attention.key_length", 0)
-    if key_length and getattr(config, "head_dim", None) not in (None, key_length):
-        config.head_dim = key_length
-    if key_length and getattr(config, "query_pre_attn_scalar", None) not in (None, key_length):
-        config.query_pre_attn_scalar = key_length  # llama.cpp's Gemma scales attention by head_dim
-    context = index.arch_int("context_length", 0)
-    if context:
-        config.max_position_embeddings = context
-    return config
+    return gguf_to_hf_dir(gguf, cache_home() / "hf")
 
 
 @dataclass
@@ -171,28 +123,9 @@ def quantized_gguf(src: BaseSource, quant: str) -> Path:
     dequantized tensors (its transformers twin, written back by edgeia3's GGUF writer so the
     file records the base's identity). q4_0 and q8_0 are "pure" (embedding and LM head too),
     so the ONNX transcode of the file runs entirely on onnxruntime's fast integer kernels."""
-    from edgeia3.converters.gguf.ggml_index import file_digest
-    from edgeia3.converters.gguf.hf_writer import write_hf_gguf
-    from edgeia3.converters.gguf.quantize import quantize
+    from edgeia3.converters.gguf.to_hf import quantized_gguf
 
-    pure = file_type(quant).pure
-    if src.gguf is not None:
-        stem, digest = src.gguf.stem, file_digest(src.gguf)
-    else:
-        hf_dir = Path(src.hf_path)
-        h = hashlib.sha256()
-        for f in sorted(hf_dir.glob("*.json")) + sorted(hf_dir.glob("*.safetensors")):
-            h.update(f.name.encode() + file_digest(f).encode())
-        stem, digest = hf_dir.name, h.hexdigest()[:16]
-    out = cache_home() / "quantized" / f"{stem}-{digest}-{quant}.gguf"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".f32-") as tmp, atomic_file(out, force=True) as dst:
-        f32 = Path(tmp) / "model.f32.gguf"
-        write_hf_gguf(Path(src.hf_path), f32, dtype="f32")
-        quantize(f32, dst, quant, pure=pure)
-    return out
+    return quantized_gguf(Path(src.hf_path), src.gguf, quant, cache_home() / "quantized")
 
 
 @dataclass
@@ -273,20 +206,10 @@ def resolve_quant(quant: str, src: BaseSource, family: Family) -> str:
 
 
 def _gguf_writable(src: BaseSource, family: Family) -> bool:
-    """edgeia3's GGUF writer takes this base: a local dir whose tokenizer is BPE, SentencePiece
-    or absent, and a config llama.cpp computes like transformers (the family's gguf_hparams)."""
-    import gguf
+    """edgeia3's GGUF writer takes this base (``converters.gguf.to_hf.gguf_writable``)."""
+    from edgeia3.converters.gguf.to_hf import gguf_writable
 
-    from edgeia3.converters.gguf.vocab import tokenizer_kind
-    from .fingerprint import hf_config
-
-    if not Path(src.hf_path).is_dir() or tokenizer_kind(Path(src.hf_path)) is None:
-        return False  # a hub id has nothing local to write from
-    try:
-        family.gguf_hparams(hf_config(src.hf_path), gguf.GGUFWriter(None, family.gguf_arch))
-    except EdgeIA3Error:
-        return False
-    return True
+    return gguf_writable(Path(src.hf_path), family)
 
 
 def _has_llama_cpp() -> bool:

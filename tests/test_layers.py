@@ -37,7 +37,7 @@ LAYERS: dict[str, set[str]] = {
                    "registry.onnx_config"),
     "formats": _names("edgeia3", "formats", "formats.peft_dir", "validate", "converters")
     | _names("edgeia3.converters.gguf", "", "adapter_file", "base_gguf", "blocks", "decompose", "file_types",
-             "ggml_index", "hf_writer", "llama_vocab", "merge", "plan", "quant_types", "quantize",
+             "ggml_index", "hf_writer", "llama_vocab", "merge", "plan", "quant_types", "quantize", "to_hf",
              "torch_weights", "unigram", "vocab")
     | _names("edgeia3.converters.onnx", "", "adapter_file", "builder", "graph", "mobile", "t5", "transcode",
              "web"),

@@ -10,5 +10,9 @@ Modules:
 - adapter_file: the ``.ia3.gguf`` adapter format (write and read)
 - merge:        exact merge into a GGUF file
 - hf_writer, vocab, quantize: transformers dir -> GGUF, llama.cpp's quantizer
-- export:       ``edgeia3 export gguf``
+- to_hf:        the cached conversions edgeia3.base asks for (GGUF -> transformers dir,
+                a base quantized by llama.cpp, whether edgeia3 can write a base as GGUF)
+
+``edgeia3 export gguf`` and ``merge --out X.gguf`` are steps (edgeia3/steps/) that use these;
+nothing here imports a step.
 """
