@@ -12,6 +12,10 @@ Decode tok/s (greedy, interleaved runs, median), model size, and mean |dlogit| o
 against PyTorch running the weights an adapter trained for that export would have seen.
 
     .venv/bin/python bench/bench_transcode.py [--tokens 64] [--runs 5]
+    .venv/bin/python bench/bench_transcode.py --base gemma3-270m   # a K-quant mixture
+
+``--base gemma3-270m``: the Gemma 3 270M Q4_K_M file (Q4_K, Q5_0, Q6_K and Q8_0 tensors)
+transcoded as it is, against the builder's int4 of the same dequantized weights.
 """
 
 from __future__ import annotations
@@ -34,21 +38,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--base", default="default", help="'default' (embedded SmolLM2) or gemma3-270m")
     args = ap.parse_args()
-    header("ONNX int4: GGUF blocks transcoded vs the builder's own int4 (SmolLM2-135M)")
+    header(f"ONNX int4: GGUF blocks transcoded vs the builder's own int4 ({args.base})")
     from edgeia3.steps.onnx_export import export
     from edgeia3.base import load_base
     from edgeia3.runtimes.onnx_runtime import OnnxRuntime
 
     configs = {"builder int4": ("builder", "gguf"), "Q4_1 blocks (default)": ("auto", "gguf"),
                "q4_0 blocks (--weights q4_0)": ("q4_0", "q4_0")}
+    if args.base != "default":  # a K-quant file: its own mixture is the default route
+        configs = {"builder int4": ("builder", "gguf"), "its GGUF blocks (default)": ("auto", "gguf")}
     with tempfile.TemporaryDirectory() as tmp:
         rts, rows = {}, {}
         for label, (weights, trained_as) in configs.items():
-            res = export(base="default", out=Path(tmp) / weights, weights=weights)
+            res = export(base=args.base, out=Path(tmp) / weights, weights=weights)
             rts[label] = OnnxRuntime(res.out)
             rows[label] = {"export": label, "model MB": round(res.manifest.model_bytes / 1e6, 1)}
-            ref = load_base("default", quant=trained_as)
+            ref = load_base(args.base, quant=trained_as)
             ids = rts[label].prompt_ids(PROMPT)
             with torch.no_grad():
                 want = ref.model(input_ids=torch.tensor([ids])).logits[0].numpy()
