@@ -32,7 +32,7 @@ def export_onnx(base: str, out: str | Path, precision: str = "int4",
     """
     from .steps.onnx_export import export
 
-    if _is_encoder_decoder(base):  # T5: edgeia3's own encoder + decoder-with-past graphs
+    if is_encoder_decoder(base):  # T5: edgeia3's own encoder + decoder-with-past graphs
         return _export_t5_onnx(base, out, precision, adapters or {}, merge, mobile, force)
 
     def build(where: Path, force_it: bool) -> Any:
@@ -43,7 +43,7 @@ def export_onnx(base: str, out: str | Path, precision: str = "int4",
     return _with_chat_templates(build, "onnx", out, force, adapters or {})
 
 
-def _is_encoder_decoder(base: str) -> bool:
+def is_encoder_decoder(base: str) -> bool:
     from .base import resolve_base
     from .fingerprint import hf_config
     from .registry import family_for_config

@@ -74,7 +74,7 @@ def export_web(base: str = "default", out: str | Path = "", adapters: dict[str, 
     from edgeia3.converters.onnx.web import MATMUL_MODES, browser_graph, export_id, write_web_adapter
 
     from .atomic import atomic_dir, check_out
-    from .export import _is_encoder_decoder, export_onnx
+    from .export import is_encoder_decoder, export_onnx
     from .manifest import read_manifest, write_manifest
     from .npm import install_runtime
 
@@ -85,7 +85,7 @@ def export_web(base: str = "default", out: str | Path = "", adapters: dict[str, 
     if matmul not in MATMUL_MODES:
         raise EdgeIA3Error(f"export web: --matmul must be one of {', '.join(MATMUL_MODES)}, got '{matmul}'")
     check_out(Path(out), force)
-    if _is_encoder_decoder(base):
+    if is_encoder_decoder(base):
         raise EdgeIA3Error("export web supports decoder-only models (onnxruntime-genai builder families); "
                            "encoder-decoder (T5) exports are not available for the browser yet")
     with atomic_dir(out, force=force) as tmp, tempfile.TemporaryDirectory(prefix="edgeia3-web-") as work:

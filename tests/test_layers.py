@@ -1,6 +1,6 @@
 """The house rules that keep the code readable: every module sits in one layer and imports
 only its own layer or the layers below it (lazy imports inside functions included), there
-are no import cycles, no module uses another package's private (``_name``) names, and the
+are no import cycles, no module uses another module's private (``_name``) names, and the
 installed package list covers every folder.
 
 The layers, lowest first (docs/ARCHITECTURE.md draws them):
@@ -52,7 +52,7 @@ LAYERS: dict[str, set[str]] = {
 }
 # (importer, imported) pairs allowed to point upward, each with the reason. Keep it empty.
 KNOWN_UPWARD: dict[tuple[str, str], str] = {}
-# (importer, "module._name") private names used across packages, each with the reason. Keep it empty.
+# (importer, "module._name") private names used from another module, each with the reason. Keep it empty.
 KNOWN_PRIVATE: dict[tuple[str, str], str] = {}
 
 
@@ -93,7 +93,7 @@ def _private(name: str) -> bool:
 
 def _scan(name: str, source: str, is_pkg: bool, mods: set[str] | dict) -> tuple[set[str], set[str]]:
     """(project modules ``name`` imports anywhere in its body, lazy imports included;
-    "module._name" private names of another package's modules it imports or reads)."""
+    "module._name" private names of other modules it imports or reads)."""
     imports, private = set(), set()
     bound: dict[str, str] = {}  # local name -> project module it names
     tree = ast.parse(source)
@@ -127,15 +127,10 @@ def _scan(name: str, source: str, is_pkg: bool, mods: set[str] | dict) -> tuple[
                 full = ".".join([bound[dotted.split(".")[0]], *dotted.split(".")[1:]])
                 if full in mods:
                     private.add(f"{full}.{node.attr}")
-    own = _package(name, is_pkg)
     # a package's own parents are not edges (importing a submodule runs them anyway)
     imports = {m for m in imports if m and m != name and not name.startswith(m + ".")}
-    private = {p for p in private if _package(p.rpartition(".")[0], _is_pkg(p.rpartition(".")[0], mods)) != own}
+    private = {p for p in private if p.rpartition(".")[0] != name}
     return imports, private
-
-
-def _is_pkg(module: str, mods: set[str] | dict) -> bool:
-    return any(m.startswith(module + ".") for m in mods)
 
 
 def _scan_all() -> dict[str, tuple[set[str], set[str]]]:
@@ -210,7 +205,7 @@ def test_no_import_cycles():
     assert _cycles(g) == []
 
 
-def test_no_private_names_across_packages():
+def test_no_private_names_across_modules():
     found = sorted(f"{m} uses {p}" for m, (_, private) in _scan_all().items() for p in private
                    if (m, p) not in KNOWN_PRIVATE)
     assert found == []
@@ -246,7 +241,9 @@ def test_layer_check_finds_an_upward_import():
     ("def f():\n    from edgeia3 import fingerprint\n    return fingerprint._content", {"edgeia3.fingerprint._content"}),
     ("import edgeia3.fingerprint as fp\nfp._content(1)", {"edgeia3.fingerprint._content"}),
     ("import edgeia3.fingerprint\nedgeia3.fingerprint._content(1)", {"edgeia3.fingerprint._content"}),
-    ("from .blocks import _field", set()),  # the same package may share private helpers
+    ("from .blocks import _field", {"edgeia3.converters.gguf.blocks._field"}),  # the same package too
+    ("from . import blocks\nblocks._field", {"edgeia3.converters.gguf.blocks._field"}),
+    ("_local = 1\nclass A:\n    _x = 1\nA._x", set()),  # its own private names
     ("from edgeia3.fingerprint import __doc__, content_hash", set()),
 ])
 def test_private_scan_finds_every_form(source, private):
