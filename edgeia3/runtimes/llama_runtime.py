@@ -77,6 +77,7 @@ class LlamaCppRuntime(RuntimeBase):
         self._active: str | None = merged
         self._ll = _llama_cpp()
         self._model = self._ctx = self._batch = None
+        self._decoders: weakref.WeakSet = weakref.WeakSet()  # batch decoders over this model (llama_batch)
         self._tokens: TokenContract | None = None
 
         # A private working copy: the pristine file stays untouched whatever we patch.
@@ -124,6 +125,8 @@ class LlamaCppRuntime(RuntimeBase):
         self.n_vocab = self._model.n_vocab()
 
     def _unload(self) -> None:
+        for dec in list(self._decoders):  # their contexts go before the model they run on
+            dec._release()
         for obj in (self._batch, self._ctx, self._model):
             if obj is not None:
                 obj.close()
@@ -239,7 +242,27 @@ class LlamaCppRuntime(RuntimeBase):
         self._cache.pop(name, None)
         self.adapter_paths.pop(name, None)
 
+    def _runs(self, name: str | None) -> bool:
+        """Whether the weights hold adapter ``name`` now (None: the base; a merged export: both)."""
+        if self.merged is not None:
+            return name in (None, self.merged)
+        return name == self._active
+
     # -- inference -------------------------------------------------------------
+    def batch_decoder(self, max_rows: int = 16) -> Any:
+        """Greedy decoding of up to ``max_rows`` requests at once over llama.cpp's parallel sequences,
+        all with the active adapter (``llama_batch.LlamaBatchDecoder``; for the server)."""
+        from .llama_batch import LlamaBatchDecoder
+
+        return LlamaBatchDecoder(self, max_rows)
+
+    def _model_ptr(self) -> Any:
+        """The ``llama_model *`` of the loaded model, for contexts made through the low-level API."""
+        return self._model.model
+
+    def _is_eog(self, token: int) -> bool:
+        return bool(self._ll.llama_vocab_is_eog(self._model.vocab, token))
+
     def _clear_kv(self) -> None:
         self._ctx.kv_cache_clear()
 

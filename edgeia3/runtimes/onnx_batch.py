@@ -54,6 +54,8 @@ class Row:
 class BatchDecoder:
     """Greedy decoding of up to ``max_rows`` requests at once (see the module doc)."""
 
+    one_adapter = False  # each row carries its own adapter's vectors
+
     def __init__(self, rt: Any, max_rows: int = 16):
         if max_rows < 1:
             raise EdgeIA3Error("max_rows must be at least 1")
@@ -151,6 +153,10 @@ class BatchDecoder:
             if r.key == key:
                 r.done = True
         self._drop_done()
+
+    def close(self) -> None:
+        """Drop the rows and the KV buffers (the decoder stays usable)."""
+        self.rows, self.kv, self.vec, self.capacity, self.bound = [], [], [], (0, 0), None
 
     # -- internals -------------------------------------------------------------------------------
     def _take(self, row: Row, logits: np.ndarray) -> int | None:

@@ -26,6 +26,7 @@ from .llama_runtime import LlamaCppRuntime
 
 class T5LlamaRuntime(LlamaCppRuntime):
     name = "llama.cpp-t5"
+    batch_decoder = None  # the encoder API decodes one request at a time
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -1,10 +1,16 @@
 """The batched worker loop: up to ``max_batch`` requests decode together (runtimes with
-``batch_decoder``: ONNX exports).
+``batch_decoder``: ONNX and GGUF exports).
 
 Between two steps the worker runs pending control tasks (adapter loads and
-unloads), then admits waiting requests (oldest first) into free rows - each is
-checked like any request (``Engine.admit``) and prefilled alone - then decodes
-one token for every row. A row leaves on EOS, ``max_tokens``, a stop string, or
+unloads), then admits waiting requests into free rows - each is checked like any
+request (``Engine.admit``) and prefilled alone - then decodes one token for every
+row. Which requests join: with a decoder whose rows each carry their adapter (ONNX),
+the oldest waiting, whatever their adapters; with one whose rows share the weights'
+adapter (llama.cpp, ``one_adapter``), the batch is a *group* for one adapter: a
+request joins while the adapter's turn lasts (``Scheduler.join``); once it is over,
+the group drains (no one joins), the runtime swaps to the next turn's adapter
+(``Scheduler.pick``) and a new group starts. An unload of the group's adapter waits
+until the group is done. A row leaves on EOS, ``max_tokens``, a stop string, or
 when its client went away; a step never waits for a slow client (events are
 queued to the HTTP handlers).
 
@@ -12,10 +18,12 @@ An exception while handling one row (detokenizing, finishing it) fails that requ
 alone with a 500 in OpenAI's error shape; a failed step fails the batch's rows; the
 loop itself never dies (``run``).
 
-Every row has its own adapter vectors (copied when it joins, so an unload
+Every ONNX row has its own adapter vectors (copied when it joins, so an unload
 cannot change a running request: it finishes with the adapter it started with,
-while waiting requests for that adapter fail with 404, as without batching) and
-its own KV cache; decoding is greedy. See ``edgeia3.runtimes.onnx_batch``.
+while waiting requests for that adapter fail with 404, as without batching); a
+llama.cpp group keeps its adapter's weights until it is done. Every row has its own
+KV cache (a llama.cpp sequence); decoding is greedy. See ``edgeia3.runtimes.onnx_batch``
+and ``edgeia3.runtimes.llama_batch``.
 """
 
 from __future__ import annotations
@@ -56,7 +64,8 @@ class BatchLoop:
                 if not self._once():
                     return
             except Exception as ex:
-                self.rows, self.dec = {}, None  # a fresh decoder for whatever comes next
+                self.rows = {}
+                self._discard()  # a fresh decoder for whatever comes next
                 self.e.fail_all(ex)
 
     def _once(self) -> bool:
@@ -67,13 +76,16 @@ class BatchLoop:
                 e.cond.wait()
             if e.closed:
                 return False  # close() answered every waiting and running request
-            control, admit = (e.controls.popleft() if e.controls else None), []
-            if control is None:
-                free = e.max_batch - len(self.rows)
-                admit, e.waiting = e.waiting[:free], e.waiting[free:]
+            control, admit = self._control(), []
+            opening = control is None and self.dec is None and bool(e.waiting)
+            if control is None and not opening:
+                admit = self._admissions()
                 e.running.extend(admit)  # so that close() reaches them
         if control is not None:  # run without the lock: handlers keep answering meanwhile
             return run_control(*control)
+        if opening:  # the runtime's decoder, made on the worker thread at first use
+            self.dec = e.rt.batch_decoder(e.max_batch)
+            return True
         for job in admit:
             self._guarded(job, self._join, job)
         for row in [r for r in self.rows.values() if r.job.cancelled.is_set()]:
@@ -81,6 +93,47 @@ class BatchLoop:
         if self.rows:
             self._step()
         return True
+
+    @property
+    def grouped(self) -> bool:
+        """Rows share one adapter (the decoder's ``one_adapter``: llama.cpp)."""
+        return self.dec is not None and bool(self.dec.one_adapter)
+
+    def _control(self) -> tuple | None:
+        """The next control task that may run now (under ``cond``): in order, but one that changes the
+        adapter a group decodes with waits until the group is done."""
+        e = self.e
+        for k, (fn, fut, holds) in enumerate(e.controls):
+            if not (self.grouped and self.rows and holds is not None and holds == e.active):
+                del e.controls[k]
+                return fn, fut
+        return None
+
+    def _admissions(self) -> list[Job]:
+        """The waiting jobs that join now (under ``cond``), taken out of ``waiting``."""
+        e = self.e
+        free = e.max_batch - len(self.rows)
+        if free <= 0 or not e.waiting:
+            return []
+        if not self.grouped:  # each row carries its adapter: the oldest, any adapters
+            admit, e.waiting = e.waiting[:free], e.waiting[free:]
+            return admit
+        now, admit = time.perf_counter(), []
+        group = e.active
+        if not self.rows:  # a new group: the next turn's adapter (swapped in as it joins)
+            admit.append(e.waiting.pop(e.scheduler.pick(e.waiting, e.active, now)))
+            group = admit[0].adapter
+        while len(admit) < free and e.waiting:
+            i = e.scheduler.join(e.waiting, group, now)
+            if i is None:  # the turn is over: the group drains
+                break
+            admit.append(e.waiting.pop(i))
+        return admit
+
+    def _discard(self) -> None:
+        if self.dec is not None:
+            dec, self.dec = self.dec, None
+            dec.close()
 
     def _guarded(self, job: Job, fn: Any, *args: Any) -> None:
         """``fn(*args)`` for one request; if it raises (a bug, a runtime failure), that request alone
@@ -102,6 +155,8 @@ class BatchLoop:
         row = _Row(job, TextStream(e.rt.detokenize, job.stop), len(ids), max_tokens)
         if self.dec is None:
             self.dec = e.rt.batch_decoder(e.max_batch)
+        if self.grouped:
+            e.use(job.adapter)  # the group's first row swaps; the others find it active
         t0 = time.perf_counter()
         try:
             tok = self.dec.join(job.id, ids, job.adapter, max_tokens, ignore_eos=job.ignore_eos)
@@ -122,7 +177,7 @@ class BatchLoop:
             out = self.dec.step()
         except Exception as ex:  # which row failed is unknown: fail them all, start a fresh decoder
             log.exception("a batch step failed")
-            self.dec = None
+            self._discard()
             for row in list(self.rows.values()):
                 self._drop(row.job, internal_error(ex))
             return

@@ -6,20 +6,24 @@ HTTP handlers put a ``Job`` into the queue and read its events (start, text
 deltas, done or error) from an asyncio queue the worker feeds.
 
 Two ways to schedule, by what the runtime can do:
-- batched (runtimes with ``batch_decoder``, i.e. ONNX exports, unless
-  ``Limits.max_batch`` is 1): up to ``max_batch`` requests decode together,
-  each row with its own adapter's vectors and its own KV cache; requests join
-  and leave between steps (``batching.BatchLoop``).
-- one request at a time (llama.cpp, or ``max_batch`` 1), in adapter turns
-  (``Scheduler``): all requests for the oldest request's adapter, then the
-  next - which saves swaps without starving anyone. A swap only ever happens
-  between two requests.
+- batched (runtimes with ``batch_decoder``: ONNX and GGUF exports, unless
+  ``Limits.max_batch`` is 1): up to ``max_batch`` requests decode together, each
+  row with its own KV cache; requests join and leave between steps
+  (``batching.BatchLoop``). ONNX rows each carry their own adapter's vectors, so any
+  mix of adapters decodes together; llama.cpp rows share the weights, so a batch is
+  a *group* of requests for one adapter, formed in adapter turns (``Scheduler``), and
+  the adapter is swapped only once the group has drained.
+- one request at a time (``max_batch`` 1, or a runtime without ``batch_decoder``:
+  T5, torch), in adapter turns (``Scheduler``): all requests for the oldest
+  request's adapter, then the next - which saves swaps without starving anyone. A
+  swap only ever happens between two requests.
 Either way every request decodes greedily with its adapter's exact weights from
 its own KV cache, so its answer never depends on which other requests were in flight.
 
 Control tasks (loading / unloading an adapter) run on the same thread, between
-requests (batched: between steps; a running row keeps its own copy of its
-adapter's vectors), before the next waiting request.
+requests (batched: between steps; a running ONNX row keeps its own copy of its
+adapter's vectors; unloading the adapter a llama.cpp group decodes with waits until
+the group is done), before the next waiting request.
 """
 
 from __future__ import annotations
@@ -63,6 +67,16 @@ class Scheduler:
         self.turn: set[str] = set()  # ids of the jobs the current turn still owes
 
     def pick(self, waiting: list[Job], current: str | None, now: float) -> int:
+        same = self.join(waiting, current, now)
+        if same is not None:
+            return same
+        nxt = waiting[0].adapter  # a new turn, for the oldest request's adapter
+        self.turn = {j.id for j in waiting[1:] if j.adapter == nxt}
+        return 0
+
+    def join(self, waiting: list[Job], current: str | None, now: float) -> int | None:
+        """A waiting job that the current turn (adapter ``current``) still serves, or None: the turn
+        is over (a batch group then drains, and ``pick`` starts the next turn)."""
         owed = next((i for i, j in enumerate(waiting) if j.id in self.turn), None)
         if owed is not None:
             self.turn.discard(waiting[owed].id)
@@ -72,9 +86,7 @@ class Scheduler:
             other = next((j for j in waiting if j.adapter != current), None)
             if other is None or now - other.submitted <= self.max_wait:
                 return same
-        nxt = waiting[0].adapter  # a new turn, for the oldest request's adapter
-        self.turn = {j.id for j in waiting[1:] if j.adapter == nxt}
-        return 0
+        return None
 
 
 class Engine:
@@ -183,14 +195,16 @@ class Engine:
                 with self.metrics.lock:
                     self.metrics.cancelled += 1
 
-    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        """Run ``fn`` on the worker thread between requests (before any waiting request)."""
+    def call(self, fn: Callable[[], Any], holds: str | None = None) -> concurrent.futures.Future:
+        """Run ``fn`` on the worker thread between requests (before any waiting request). ``holds``:
+        an adapter ``fn`` changes; where a batch shares the weights (llama.cpp), ``fn`` waits while
+        a batch decodes with that adapter."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self.cond:
             if self.closed:
                 fut.set_exception(ServeError(503, "the server is shutting down", "shutting_down"))
                 return fut
-            self.controls.append((fn, fut))
+            self.controls.append((fn, fut, holds))
             self.cond.notify()
         return fut
 
@@ -265,7 +279,7 @@ class Engine:
             if self.active == name:
                 self.active = self.rt.active
 
-        return self.call(remove)
+        return self.call(remove, holds=name)
 
     # -- the worker -----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -282,7 +296,7 @@ class Engine:
         with self.cond:
             while not (self.controls or self.waiting or self.closed):
                 self.cond.wait()
-            control = self.controls.popleft() if self.controls else None
+            control = self.controls.popleft()[:2] if self.controls else None
             if control is None and self.closed:
                 return False
             if control is None:
@@ -369,15 +383,7 @@ class Engine:
             return
         ids, max_tokens = admitted
         n_prompt = len(ids)
-        # -- the adapter (only ever between requests)
-        if job.adapter != self.active:
-            t0 = time.perf_counter()
-            rt.use_adapter(job.adapter)
-            dt = time.perf_counter() - t0
-            self.active = job.adapter
-            with m.lock:
-                m.adapter_swaps += 1
-                m.swap_seconds += dt
+        self.use(job.adapter)  # only ever between requests
         job.post("start", n_prompt, max_tokens)
         text = TextStream(rt.detokenize, job.stop)
         n, finish, t0 = 0, None, time.perf_counter()
@@ -406,6 +412,18 @@ class Engine:
                 m.prompt_tokens += n_prompt
                 m.decode_seconds += time.perf_counter() - t0
         return self.complete(job, text, finish, n, max_tokens, n_prompt)
+
+    def use(self, adapter: str | None) -> None:
+        """Swap the runtime to ``adapter`` unless it is active (counted in the metrics)."""
+        if adapter == self.active:
+            return
+        t0 = time.perf_counter()
+        self.rt.use_adapter(adapter)
+        dt = time.perf_counter() - t0
+        self.active = adapter
+        with self.metrics.lock:
+            self.metrics.adapter_swaps += 1
+            self.metrics.swap_seconds += dt
 
     def complete(self, job: Job, text: TextStream, finish: str | None, n: int, max_tokens: int,
                   n_prompt: int) -> None:
