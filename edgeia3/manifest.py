@@ -209,9 +209,9 @@ class ExportManifest:
                                "base": self.base}
         optional = {"fingerprint": self.fingerprint, "precision": self.precision, "quant": self.quant,
                     _MODEL_KEY.get(self.kind, "model_file"): self.model_file, "mode": self.mode,
-                    "ia3_inputs": self.ia3_inputs, "model_bytes": self.model_bytes, "weights": self.weights,
-                    "token_contract": self.token_contract}
+                    "ia3_inputs": self.ia3_inputs, "model_bytes": self.model_bytes, "weights": self.weights}
         doc.update({k: v for k, v in optional.items() if v is not None})
+        doc["token_contract"] = self.token_contract  # null says "unknown" (llama.cpp refused the vocabulary)
         doc["merged"] = self.merged.to_json(self.kind) if self.merged else None
         doc["adapters"] = {n: a.to_json(self.kind) for n, a in self.adapters.items()}
         doc["notes"] = list(self.notes)

@@ -96,12 +96,13 @@ def test_old_manifests_read_typed(name):
 
 def _written(doc: dict) -> dict:
     """``doc`` as today's writer writes it: the version-1 ``format`` becomes ``kind``, null optional
-    fields are left out, ``merged`` and ``notes`` always present."""
+    fields are left out, ``merged``, ``notes`` and ``token_contract`` (null: unknown) always present."""
     out = {k: v for k, v in doc.items() if k != "format" and (v is not None or k in ("merged", "mobile", "transcoded",
                                                                                         "chat_template"))}
     out["kind"] = doc.get("kind", "onnx")
     out.setdefault("merged", None)
     out.setdefault("notes", [])
+    out.setdefault("token_contract", None)
     return out
 
 
