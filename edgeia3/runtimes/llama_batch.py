@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EdgeIA3Error
+from .llama_runtime import flash_attn_type
 
 
 @dataclass
@@ -91,6 +92,7 @@ class LlamaBatchDecoder:
         cp.n_batch = max(self.context, self.max_rows)  # a whole prompt in one llama_decode
         cp.n_ubatch = min(512, cp.n_batch)
         cp.n_threads = cp.n_threads_batch = rt.n_threads
+        cp.flash_attn_type = flash_attn_type(ll)  # as the runtime's own context (see there)
         ctx = ll.llama_init_from_model(rt._model_ptr(), cp)
         if not ctx:
             raise EdgeIA3Error(f"llama.cpp cannot make a context of {self.max_rows} sequences x {self.context} "

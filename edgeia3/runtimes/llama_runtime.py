@@ -43,6 +43,14 @@ FIELD_CACHE = 8
 IN_PLACE, RELOAD = "in-place", "reload"
 
 
+def flash_attn_type(ll: Any) -> int:
+    """Flash attention off, in every context the runtime makes (one request, or a batch): llama.cpp's
+    CPU flash attention splits the KV cells of a step into chunks by their count, and a batch's
+    count is its longest row's - a row's logits would then depend on the other rows. Without it
+    the masked cells of a batch add exact zeros, so each row computes what it computes alone."""
+    return ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+
+
 def _llama_cpp() -> Any:
     try:
         import llama_cpp
@@ -116,6 +124,7 @@ class LlamaCppRuntime(RuntimeBase):
         cp.n_ctx = cp.n_batch = self.n_ctx
         cp.n_ubatch = min(512, self.n_ctx)
         cp.n_threads = cp.n_threads_batch = self.n_threads
+        cp.flash_attn_type = flash_attn_type(ll)
         try:
             self._model = _internals.LlamaModel(path_model=str(self.work), params=mp, verbose=False)
             self._ctx = _internals.LlamaContext(model=self._model, params=cp, verbose=False)
