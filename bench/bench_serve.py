@@ -8,10 +8,11 @@
    concurrent clients, single-adapter (every request names one adapter) vs mixed-adapter
    (requests cycle over the base and 7 adapters), each request a chat completion of exactly
    ``--tokens`` tokens (``ignore_eos``). One server process per export and scheduling, one
-   worker. ONNX runs twice: batched (``Limits.max_batch`` = ``--max-batch``: requests decode
-   together, each row with its own adapter) and one request at a time (``max_batch`` 1, the
-   onnxruntime-genai path); the goals table gives mixed / single-adapter and batched /
-   one-at-a-time requests/s at the highest concurrency. GGUF (llama.cpp) is one at a time.
+   worker. Each export runs twice: batched (``Limits.max_batch`` = ``--max-batch``: requests
+   decode together; ONNX: each row with its own adapter; GGUF: llama.cpp sequences in groups
+   of one adapter) and one request at a time (``max_batch`` 1, the onnxruntime-genai /
+   llama.cpp path); the goals table gives mixed / single-adapter and batched / one-at-a-time
+   requests/s at the highest concurrency.
 2. Resident adapters: the server started with ``--adapters-dir`` holding N adapters:
    start-up time (N adapters validated and loaded), resident memory (RSS) against the
    same server without them, and time to the first token of a streamed 1-token answer
@@ -112,7 +113,8 @@ LAUNCH = ("import sys; from edgeia3.serve import Limits, serve; serve(sys.argv[1
 
 
 class Server:
-    def __init__(self, model: Path, log_path: Path, *extra: str, max_batch: int | None = None):
+    def __init__(self, model: Path, log_path: Path, *extra: str, max_batch: int | None = None,
+                 src: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "edgeia3", "serve", "--model", str(model), "--port", str(self.port),
@@ -121,7 +123,8 @@ class Server:
             cmd = [sys.executable, "-c", LAUNCH, str(model), str(self.port), str(max_batch)]
         self._log = open(log_path, "w")
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        # src: another checkout's edgeia3 (``python -c`` imports from its working directory first)
+        self.proc = subprocess.Popen(cmd, cwd=src or ROOT, stdout=self._log, stderr=subprocess.STDOUT)
         self.http = httpx.Client(base_url=self.url, timeout=600)
         while True:
             if self.proc.poll() is not None:
@@ -195,15 +198,18 @@ def load_test(srv: Server, models: list[str], concurrency: int, n: int, tokens: 
 
 def throughput(kind: str, export: Path, names: list[str], args: argparse.Namespace, levels: list[int]) -> tuple:
     """The throughput table's rows for one export, the requests/s per cell, its first server's
-    resident-adapter row, runtime name and RSS. ONNX: a batched and a one-at-a-time server, both up, their cells
+    resident-adapter row, runtime name and RSS. A batched and a one-at-a-time server, both up, their cells
     interleaved (and repeated ``--repeat`` times: req/s is the median) so that a busy machine's
-    drift hits both alike; GGUF: one at a time."""
-    schedules = (("batched", args.max_batch), ("one at a time", 1)) if kind == "onnx" else (("one at a time", None),)
+    drift hits both alike."""
+    schedules = (("batched", args.max_batch), ("one at a time", 1))
+    if args.baseline_src:
+        schedules += (("one at a time, baseline", 1),)
     modes = (("single", [names[0]]), ("mixed", ["base"] + names[:EXPORT_ADAPTERS - 1]))
     servers = {}
     try:
         for sched, max_batch in schedules:
-            servers[sched] = srv = Server(export, args.work / f"server-{kind}-{max_batch}.log", max_batch=max_batch)
+            servers[sched] = srv = Server(export, args.work / f"server-{kind}-{max_batch}-{len(servers)}.log",
+                                          max_batch=max_batch, src=args.baseline_src if "baseline" in sched else None)
             srv.baseline_rss = srv.rss_mb()
             for m in ["base"] + names[:EXPORT_ADAPTERS - 1]:  # warm up every model once
                 srv.http.post("/v1/chat/completions", json=chat_body(m, 0, 4))
@@ -272,10 +278,13 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--requests", type=int, default=48, help="requests per (concurrency, mode) cell")
     ap.add_argument("--tokens", type=int, default=32, help="tokens per answer")
-    ap.add_argument("--max-batch", type=int, default=16, help="rows of the batched ONNX server")
+    ap.add_argument("--max-batch", type=int, default=16, help="rows of the batched servers")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of the throughput cells (req/s: the median)")
     ap.add_argument("--resident", default="100,1000", help="resident adapter counts ('' to skip)")
     ap.add_argument("--switches", type=int, default=20)
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="also serve one at a time from this checkout of edgeia3 (e.g. `git archive` of an older "
+                         "commit), its cells interleaved with the others")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
@@ -313,7 +322,8 @@ def main() -> None:
     print(f"Each request: a chat completion of exactly {args.tokens} tokens (greedy, ignore_eos); "
           "latency is client-side (queueing included). single: every request names the same adapter; "
           f"mixed: requests cycle over the base and {EXPORT_ADAPTERS - 1} adapters. batched: up to "
-          f"{args.max_batch} requests decode together; one at a time: the onnxruntime-genai / llama.cpp path. "
+          f"{args.max_batch} requests decode together (GGUF: for one adapter at a time); one at a time: the "
+          "onnxruntime-genai / llama.cpp path. "
           f"req/s: the median of {args.repeat} interleaved round(s); latency percentiles over all of them.")
     print()
     print(table(results["throughput"]))

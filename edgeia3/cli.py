@@ -309,8 +309,9 @@ def serve(
     max_body_bytes: int = typer.Option(1 << 20, help="cap on a request body; more get 413"),
     max_group_wait: float = typer.Option(1.0, help="seconds a request for another adapter may wait while "
                                          "requests for the active adapter are served first"),
-    max_batch: int = typer.Option(16, help="ONNX exports: requests decoded together in one batch, each "
-                                  "with its own adapter (1: one at a time)"),
+    max_batch: int = typer.Option(16, help="requests decoded together in one batch (ONNX: each with its own "
+                                  "adapter; GGUF: requests for one adapter, KV for a full context per "
+                                  "row allocated up front); 1: one at a time"),
     provider: Optional[str] = typer.Option(None, help="onnxruntime execution provider (ONNX exports)"),
     log_level: str = typer.Option("warning", help="uvicorn log level (info shows each request)"),
     chat_template: Optional[str] = typer.Option(None, help=CHAT_TEMPLATE_HELP + "; for every adapter"),

@@ -29,8 +29,9 @@ __all__ = ["NotLoadable", "Runtime", "RuntimeBase", "adapter_format", "generate"
 class Runtime(Protocol):
     name: str  # e.g. "torch", "onnxruntime-genai", "llama.cpp"; for people (messages, metrics), never to branch on
     templates: ChatTemplates  # which chat template renders chat for which adapter (edgeia3.prompts)
-    # Greedy decoding of up to N requests at once, each with its own adapter and KV cache
-    # (``batch_decoder(N)``: ONNX exports, see ``onnx_batch``); None: one request at a time.
+    # Greedy decoding of up to N requests at once, each with its own KV cache (``batch_decoder(N)``:
+    # ONNX exports, each row with its own adapter, see ``onnx_batch``; GGUF exports, rows with the
+    # active adapter - the decoder's ``one_adapter`` -, see ``llama_batch``); None: one request at a time.
     batch_decoder: Callable[[int], Any] | None
 
     @property

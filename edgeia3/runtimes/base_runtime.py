@@ -40,7 +40,7 @@ class RuntimeBase:
 
     name: str = "runtime"
     templates: ChatTemplates
-    batch_decoder: Any = None  # one request at a time, unless a runtime decodes batches (ONNX)
+    batch_decoder: Any = None  # one request at a time, unless a runtime decodes batches (ONNX, GGUF)
     _active: str | None = None
 
     @property

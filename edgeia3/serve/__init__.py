@@ -5,8 +5,9 @@
 
 A request's ``model`` field picks the adapter ("base": none). One worker thread
 owns the runtime and serves a bounded queue: ONNX exports decode up to
-``Limits.max_batch`` requests together, each with its own adapter (``batching``);
-llama.cpp serves one at a time, grouping waiting requests by adapter. Decoding is
+``Limits.max_batch`` requests together, each with its own adapter; GGUF exports decode
+up to ``max_batch`` requests for one adapter together, in adapter turns (``batching``);
+T5 GGUFs serve one at a time, grouping waiting requests by adapter. Decoding is
 greedy, so an answer never depends on the other requests in flight. See ``engine``
 (scheduling), ``api`` (the HTTP surface) and ``security`` (Host and key checks, which
 files run-time adapter loading may read).

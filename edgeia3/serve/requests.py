@@ -51,7 +51,7 @@ class Limits:
     max_prompt_tokens: int = 4096  # cap on prompt tokens (the model's context caps too)
     max_body_bytes: int = 1 << 20  # request body; more: 413
     max_group_wait: float = 1.0  # seconds another adapter's oldest request may wait while one adapter is served
-    max_batch: int = 16  # requests decoded together (runtimes that batch: ONNX); 1: one at a time
+    max_batch: int = 16  # requests decoded together (runtimes that batch: ONNX, GGUF); 1: one at a time
     max_adapters: int = 64  # adapters served at once (the export's own included); a run-time load beyond: 400
 
 
