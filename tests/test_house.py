@@ -15,12 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("edgeia3", "converters")
 MAX_LINES = 80
 
-# "path::qualified name" -> why it is still long. Each entry must still be over the limit
-# (a stale one fails), so the list only shrinks.
-KNOWN_LONG: dict[str, str] = {
-    "edgeia3/serve/api.py::create_app": "the server work is rewriting the app's routes (issue 24, item 1)",
-}
-
 
 def _functions(source: str, where: str = "") -> dict[str, int]:
     """``where::qualified name`` -> length in lines, for every function and method in ``source``."""
@@ -52,16 +46,9 @@ def _library() -> dict[str, int]:
 def test_no_library_function_is_over_the_limit():
     funcs = _library()
     assert len(funcs) > 500  # the scan found the library, not an empty folder
-    long = {name: n for name, n in funcs.items() if n > MAX_LINES and name not in KNOWN_LONG}
+    long = {name: n for name, n in funcs.items() if n > MAX_LINES}
     assert not long, (f"functions over {MAX_LINES} lines (split them by concern): "
                       + ", ".join(f"{name} ({n})" for name, n in sorted(long.items(), key=lambda x: -x[1])))
-
-
-def test_known_long_functions_are_still_long():
-    """An entry whose function was split (or moved) is removed, so the allowance never outlives it."""
-    funcs = _library()
-    stale = [name for name in KNOWN_LONG if funcs.get(name, 0) <= MAX_LINES]
-    assert not stale, f"no longer over {MAX_LINES} lines (or gone): remove {stale} from KNOWN_LONG"
 
 
 def test_lengths_are_measured_per_function_and_method():

@@ -124,6 +124,18 @@ async def _next_event(job: Job, watch: asyncio.Task | None) -> tuple:
 def create_app(engine: Engine, api_key: str | None = None, host: str = "127.0.0.1") -> Any:
     """A FastAPI app serving ``engine`` (started and closed with the app's lifespan); ``host``: the
     address it is bound to (which Host headers it answers)."""
+    app = FastAPI(title="edgeia3 serve", version="1", lifespan=_lifespan(engine))
+    server = _Server(engine)
+    _add_error_handlers(app, server.error_response)
+    app.add_middleware(Guard, hosts=HostCheck(host), api_key=api_key, reply=server.error_response)
+    _add_info_routes(app, server)
+    _add_adapter_routes(app, server)
+    _add_generation_routes(app, server)
+    return app
+
+
+def _lifespan(engine: Engine) -> Any:
+    """The app's lifespan: the engine's worker started (unless it runs or was closed), closed at the end."""
     import contextlib
 
     @contextlib.asynccontextmanager
@@ -135,45 +147,154 @@ def create_app(engine: Engine, api_key: str | None = None, host: str = "127.0.0.
         finally:
             await asyncio.get_running_loop().run_in_executor(None, engine.close)
 
-    app = FastAPI(title="edgeia3 serve", version="1", lifespan=lifespan)
-    fingerprint = f"edgeia3-{engine.rt.name}"
-    headers = {"x-edgeia3-decoding": SAMPLING_NOTE}
+    return lifespan
 
-    def error_response(err: ServeError) -> JSONResponse:
-        engine.metrics.error(err.status)
+
+class _Server:
+    """What the routes share: the engine, the headers on every reply, error and model bodies, and the
+    generation replies (one JSON body, or server-sent events)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.fingerprint = f"edgeia3-{engine.rt.name}"
+        self.headers = {"x-edgeia3-decoding": SAMPLING_NOTE}
+
+    def error_response(self, err: ServeError) -> JSONResponse:
+        self.engine.metrics.error(err.status)
         extra = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
-        return JSONResponse(err.body(), status_code=err.status, headers={**headers, **extra})
+        return JSONResponse(err.body(), status_code=err.status, headers={**self.headers, **extra})
 
-    @app.exception_handler(ServeError)
-    async def _serve_error(request: Request, err: ServeError):
-        return error_response(err)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {}
-        loc = ".".join(str(x) for x in first.get("loc", ()))
-        return error_response(ServeError(400, f"invalid request: {loc}: {first.get('msg', 'invalid')}",
-                                         "invalid_value"))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, err: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        return error_response(ServeError(err.status_code, str(err.detail), code))
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, err: Exception):
-        return error_response(internal_error(err))
-
-    app.add_middleware(Guard, hosts=HostCheck(host), api_key=api_key, reply=error_response)
-
-    def model_object(name: str) -> dict:
+    def model_object(self, name: str) -> dict:
+        engine = self.engine
         info = {"kind": "base"} if name == BASE else {"kind": "adapter", **engine.names.get(name, {})}
         if name == BASE and engine.merged:
             info["merged"] = engine.merged
         return {"id": name, "object": "model", "created": engine.created, "owned_by": "edgeia3",
                 "edgeia3": {**info, "runtime": engine.rt.name}}
 
-    # -- info ---------------------------------------------------------------------------------------
+    async def run(self, request: Request, job: Job, kind: str, model: str, stream: bool, include_usage: bool):
+        """Submit ``job`` and answer it: a stream once its prompt is in, else the whole completion."""
+        engine = self.engine
+        engine.submit(job)
+        watch = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            first = await _next_event(job, watch)
+            if first[0] == "error":
+                raise first[1]
+            _, n_prompt, _max = first
+            if stream:
+                watch.cancel()  # from here Starlette watches the connection and cancels the stream
+                watch = None
+                return StreamingResponse(self._sse(job, kind, model, n_prompt, include_usage), headers={
+                    **self.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                    media_type="text/event-stream")
+            parts = []
+            while True:
+                ev = await _next_event(job, watch)
+                if ev[0] == "delta":
+                    parts.append(ev[1])
+                elif ev[0] == "error":
+                    raise ev[1]
+                else:
+                    _, finish, n_prompt, n_gen = ev
+                    break
+        except _Disconnected:
+            engine.cancel(job)
+            return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
+                                           "param": None, "code": "client_disconnected"}}, status_code=499)
+        except BaseException:
+            engine.cancel(job)
+            raise
+        finally:
+            if watch is not None:
+                watch.cancel()
+        return self._completion("".join(parts), kind, model, finish, n_prompt, n_gen)
+
+    def _completion(self, text: str, kind: str, model: str, finish: str, n_prompt: int, n_gen: int):
+        cid, created = _id(kind), int(time.time())
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish}
+            obj = "chat.completion"
+        else:
+            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return JSONResponse({"id": cid, "object": obj, "created": created, "model": model,
+                             "system_fingerprint": self.fingerprint, "choices": [choice],
+                             "usage": _usage(n_prompt, n_gen)}, headers=self.headers)
+
+    async def _sse(self, job: Job, kind: str, model: str, n_prompt: int, include_usage: bool):
+        cid, created = _id(kind), int(time.time())
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        fingerprint = self.fingerprint
+
+        def chunk(text: str | None, finish: str | None = None, role: bool = False) -> str:
+            if kind == "chat":
+                delta: dict = {} if text is None else {"content": text}
+                if role:
+                    delta = {"role": "assistant", "content": ""}
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}
+            body = {"id": cid, "object": obj, "created": created, "model": model,
+                    "system_fingerprint": fingerprint, "choices": [choice]}
+            if include_usage:
+                body["usage"] = None
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        try:
+            if kind == "chat":
+                yield chunk(None, role=True)
+            while True:
+                ev = await job.events.get()
+                if ev[0] == "delta":
+                    yield chunk(ev[1])
+                elif ev[0] == "error":
+                    self.engine.metrics.error(ev[1].status)
+                    yield f"data: {json.dumps(ev[1].body())}\n\n"
+                    return
+                else:
+                    _, finish, n_prompt, n_gen = ev
+                    yield chunk(None if kind == "chat" else "", finish)
+                    if include_usage:
+                        body = {"id": cid, "object": obj, "created": created, "model": model,
+                                "system_fingerprint": fingerprint, "choices": [], "usage": _usage(n_prompt, n_gen)}
+                        yield f"data: {json.dumps(body)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            self.engine.cancel(job)  # the client went away mid-stream (no-op once the job finished)
+
+
+# -- errors -----------------------------------------------------------------------------------------
+def _add_error_handlers(app: Any, reply: Any) -> None:
+    """Every error as OpenAI's JSON shape, through ``reply`` (which counts it and adds the headers)."""
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, err: ServeError):
+        return reply(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        return reply(ServeError(400, f"invalid request: {loc}: {first.get('msg', 'invalid')}", "invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return reply(ServeError(err.status_code, str(err.detail), code))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, err: Exception):
+        return reply(internal_error(err))
+
+
+# -- info -------------------------------------------------------------------------------------------
+def _add_info_routes(app: Any, server: _Server) -> None:
+    """``/health``, ``/metrics``, ``/v1/models`` and ``/v1/models/{id}``."""
+    engine, model_object = server.engine, server.model_object
+
     @app.get("/health")
     async def health():
         if engine.closed or not engine.thread.is_alive():
@@ -196,7 +317,12 @@ def create_app(engine: Engine, api_key: str | None = None, host: str = "127.0.0.
         engine.resolve(model_id)
         return JSONResponse(model_object(model_id))
 
-    # -- adapters -------------------------------------------------------------------------------------
+
+# -- adapters ---------------------------------------------------------------------------------------
+def _add_adapter_routes(app: Any, server: _Server) -> None:
+    """``POST /v1/adapters`` (load), ``GET /v1/adapters``, ``DELETE /v1/adapters/{name}`` (unload)."""
+    engine, model_object = server.engine, server.model_object
+
     @app.post("/v1/adapters")
     async def load_adapter(request: Request):
         req = parse(AdapterRequest, await read_json(request, engine.limits.max_body_bytes))
@@ -224,94 +350,11 @@ def create_app(engine: Engine, api_key: str | None = None, host: str = "127.0.0.
         await asyncio.wrap_future(fut)
         return JSONResponse({"id": name, "object": "model", "deleted": True})
 
-    # -- generation -----------------------------------------------------------------------------------
-    async def run(request: Request, job: Job, kind: str, model: str, stream: bool, include_usage: bool):
-        engine.submit(job)
-        watch = asyncio.ensure_future(_wait_disconnect(request))
-        try:
-            first = await _next_event(job, watch)
-            if first[0] == "error":
-                raise first[1]
-            _, n_prompt, _max = first
-            if stream:
-                watch.cancel()  # from here Starlette watches the connection and cancels the stream
-                watch = None
-                return StreamingResponse(_sse(job, kind, model, n_prompt, include_usage), headers={
-                    **headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                    media_type="text/event-stream")
-            parts = []
-            while True:
-                ev = await _next_event(job, watch)
-                if ev[0] == "delta":
-                    parts.append(ev[1])
-                elif ev[0] == "error":
-                    raise ev[1]
-                else:
-                    _, finish, n_prompt, n_gen = ev
-                    break
-        except _Disconnected:
-            engine.cancel(job)
-            return JSONResponse({"error": {"message": "client disconnected", "type": "invalid_request_error",
-                                           "param": None, "code": "client_disconnected"}}, status_code=499)
-        except BaseException:
-            engine.cancel(job)
-            raise
-        finally:
-            if watch is not None:
-                watch.cancel()
-        text = "".join(parts)
-        cid, created = _id(kind), int(time.time())
-        if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
-            obj = "chat.completion"
-        else:
-            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
-        return JSONResponse({"id": cid, "object": obj, "created": created, "model": model,
-                             "system_fingerprint": fingerprint, "choices": [choice],
-                             "usage": _usage(n_prompt, n_gen)}, headers=headers)
 
-    async def _sse(job: Job, kind: str, model: str, n_prompt: int, include_usage: bool):
-        cid, created = _id(kind), int(time.time())
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-        def chunk(text: str | None, finish: str | None = None, role: bool = False) -> str:
-            if kind == "chat":
-                delta: dict = {} if text is None else {"content": text}
-                if role:
-                    delta = {"role": "assistant", "content": ""}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}
-            body = {"id": cid, "object": obj, "created": created, "model": model,
-                    "system_fingerprint": fingerprint, "choices": [choice]}
-            if include_usage:
-                body["usage"] = None
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        try:
-            if kind == "chat":
-                yield chunk(None, role=True)
-            while True:
-                ev = await job.events.get()
-                if ev[0] == "delta":
-                    yield chunk(ev[1])
-                elif ev[0] == "error":
-                    engine.metrics.error(ev[1].status)
-                    yield f"data: {json.dumps(ev[1].body())}\n\n"
-                    return
-                else:
-                    _, finish, n_prompt, n_gen = ev
-                    yield chunk(None if kind == "chat" else "", finish)
-                    if include_usage:
-                        body = {"id": cid, "object": obj, "created": created, "model": model,
-                                "system_fingerprint": fingerprint, "choices": [], "usage": _usage(n_prompt, n_gen)}
-                        yield f"data: {json.dumps(body)}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-        finally:
-            engine.cancel(job)  # the client went away mid-stream (no-op once the job finished)
+# -- generation -------------------------------------------------------------------------------------
+def _add_generation_routes(app: Any, server: _Server) -> None:
+    """``POST /v1/chat/completions`` and ``POST /v1/completions``: checked, queued, answered by ``server.run``."""
+    engine = server.engine
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -328,8 +371,8 @@ def create_app(engine: Engine, api_key: str | None = None, host: str = "127.0.0.
         max_tokens = _check_max_tokens(max_tokens, engine,
                                        "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         job = Job(adapter, _chat_messages(req), max_tokens, stop, req.ignore_eos)
-        return await run(request, job, "chat", req.model, req.stream,
-                         bool(req.stream_options and req.stream_options.include_usage))
+        return await server.run(request, job, "chat", req.model, req.stream,
+                                bool(req.stream_options and req.stream_options.include_usage))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -347,10 +390,8 @@ def create_app(engine: Engine, api_key: str | None = None, host: str = "127.0.0.
         max_tokens = (_check_max_tokens(req.max_tokens, engine) if req.max_tokens is not None
                       else min(16, engine.limits.max_tokens))  # OpenAI's default for completions
         job = Job(adapter, _completion_prompt(req), max_tokens, stop, req.ignore_eos)
-        return await run(request, job, "completion", req.model, req.stream,
-                         bool(req.stream_options and req.stream_options.include_usage))
-
-    return app
+        return await server.run(request, job, "completion", req.model, req.stream,
+                                bool(req.stream_options and req.stream_options.include_usage))
 
 
 def _id(kind: str) -> str:
