@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EdgeIA3Error
+from .batch_rows import RowDecoder, next_token
 from .llama_runtime import flash_attn_type
 
 
@@ -62,7 +63,7 @@ class Row:
     done: bool = False
 
 
-class LlamaBatchDecoder:
+class LlamaBatchDecoder(RowDecoder):
     """Greedy decoding of up to ``max_rows`` requests for one adapter at once (see the module doc)."""
 
     one_adapter = True  # every row decodes with the runtime's active adapter
@@ -126,22 +127,13 @@ class LlamaBatchDecoder:
             pass
 
     # -- requests --------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.rows)
-
     def join(self, key: Hashable, prompt_ids: list[int], adapter: str | None, max_tokens: int,
              ignore_eos: bool = False) -> int | None:
         """Prefill a new row; its first token (None: the model ended at once). A row that is done
         after this token (``max_tokens`` 1) is gone again when ``join`` returns. ``adapter`` must be
         the runtime's active one while other rows run; with none running, the runtime swaps to it."""
-        if len(self.rows) >= self.max_rows:
-            raise EdgeIA3Error(f"the batch is full ({self.max_rows} rows)")
-        if any(r.key == key for r in self.rows):
-            raise EdgeIA3Error(f"row {key!r} is already decoding")
         n = len(prompt_ids)
-        if n == 0 or n + max_tokens > self.context or max_tokens < 1:
-            raise EdgeIA3Error(f"prompt of {n} tokens + {max_tokens} new ones does not fit the context "
-                               f"({self.context})")
+        self._check_join(key, n, max_tokens)
         if not self.rt._runs(adapter):
             if self.rows:
                 raise EdgeIA3Error(f"rows decode with adapter '{self.rt.active or 'base'}'; adapter "
@@ -170,20 +162,7 @@ class LlamaBatchDecoder:
             return []
         self._fill([(r.last, r.length, r.seq, True) for r in self.rows])
         self._decode()
-        self.steps += 1
-        out = []
-        for i, r in enumerate(self.rows):
-            r.length += 1
-            out.append((r.key, self._take(r, i)))
-        self._drop_done()
-        return out
-
-    def leave(self, key: Hashable) -> None:
-        """Stop decoding row ``key`` (no-op if it already left)."""
-        for r in self.rows:
-            if r.key == key:
-                r.done = True
-        self._drop_done()
+        return self._collect(self._take)
 
     # -- internals -------------------------------------------------------------------------------
     def _fill(self, tokens: list[tuple[int, int, int, bool]]) -> None:
@@ -202,14 +181,7 @@ class LlamaBatchDecoder:
         """The row's greedy token from the logits of batch token ``i``: as ``generate_ids`` picks it."""
         logits = np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, i), shape=(self.rt.vocab_size,))
         tok = int(np.argmax(logits))
-        if not row.ignore_eos and self.rt._is_eog(tok):
-            row.done = True
-            return None
-        row.last = tok
-        row.generated += 1
-        if row.generated >= row.max_tokens:
-            row.done = True
-        return tok
+        return next_token(row, tok, not row.ignore_eos and self.rt._is_eog(tok))
 
     def _drop_done(self) -> None:
         for r in [r for r in self.rows if r.done]:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EdgeIA3Error
+from .batch_rows import RowDecoder, next_token
 
 FIRST_CAPACITY = 256  # KV positions per row at first; doubled as rows grow longer
 
@@ -51,7 +52,7 @@ class Row:
     done: bool = False
 
 
-class BatchDecoder:
+class BatchDecoder(RowDecoder):
     """Greedy decoding of up to ``max_rows`` requests at once (see the module doc)."""
 
     one_adapter = False  # each row carries its own adapter's vectors
@@ -89,21 +90,12 @@ class BatchDecoder:
         self.steps = 0
 
     # -- requests --------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self.rows)
-
     def join(self, key: Hashable, prompt_ids: list[int], adapter: str | None, max_tokens: int,
              ignore_eos: bool = False) -> int | None:
         """Prefill a new row; its first token (None: the model ended at once). A row that is done
         after this token (``max_tokens`` 1) is gone again when ``join`` returns."""
-        if len(self.rows) >= self.max_rows:
-            raise EdgeIA3Error(f"the batch is full ({self.max_rows} rows)")
-        if any(r.key == key for r in self.rows):
-            raise EdgeIA3Error(f"row {key!r} is already decoding")
         n = len(prompt_ids)
-        if n == 0 or n + max_tokens > self.context or max_tokens < 1:
-            raise EdgeIA3Error(f"prompt of {n} tokens + {max_tokens} new ones does not fit the context "
-                               f"({self.context})")
+        self._check_join(key, n, max_tokens)
         vectors = self._vectors_of(adapter)
         row = Row(key, adapter, max_tokens, frozenset() if ignore_eos else frozenset(self.eos),
                   self.eos if ignore_eos else ())
@@ -139,20 +131,7 @@ class BatchDecoder:
             mask[i, : r.length + 1] = 1
         logits = np.empty((b, 1, self.vocab), dtype=self.logits_dtype)
         self._run(ids, mask, logits, slice(0, b))
-        self.steps += 1
-        out = []
-        for i, r in enumerate(self.rows):
-            r.length += 1
-            out.append((r.key, self._take(r, logits[i, 0])))
-        self._drop_done()
-        return out
-
-    def leave(self, key: Hashable) -> None:
-        """Stop decoding row ``key`` (no-op if it already left)."""
-        for r in self.rows:
-            if r.key == key:
-                r.done = True
-        self._drop_done()
+        return self._collect(lambda r, i: self._take(r, logits[i, 0]))
 
     def close(self) -> None:
         """Drop the rows and the KV buffers (the decoder stays usable)."""
@@ -164,14 +143,7 @@ class BatchDecoder:
             logits = logits.astype(np.float32)
             logits[list(row.masked)] = -np.inf
         tok = int(np.argmax(logits))
-        if tok in row.eos:
-            row.done = True
-            return None
-        row.last = tok
-        row.generated += 1
-        if row.generated >= row.max_tokens:
-            row.done = True
-        return tok
+        return next_token(row, tok, tok in row.eos)
 
     def _drop_done(self) -> None:
         i = 0
