@@ -211,3 +211,24 @@ def expected_alone(srv: Server, client, cases) -> dict:
     return srv.alone
 
 
+def drive_rows(dec, cases) -> tuple[dict, dict, int]:
+    """Run ``cases`` - (prompt ids, adapter, max_tokens, ignore_eos, step it may join at, steps after
+    which it is dropped or None) - through the batch decoder ``dec`` as the server does: rows join
+    while there is room, dropped ones leave, then one step. The tokens per case, the step each
+    joined at, and the most rows that decoded at once."""
+    got: dict[int, list[int]] = {i: [] for i in range(len(cases))}
+    pending, joined, step, widest = list(range(len(cases))), {}, 0, 0
+    while pending or len(dec):
+        for i in [i for i in pending if cases[i][4] <= step][: dec.max_rows - len(dec)]:
+            pending.remove(i)
+            ids, ad, n, ie, _, _ = cases[i]
+            tok, joined[i] = dec.join(i, ids, ad, n, ignore_eos=ie), step
+            got[i] += [tok] if tok is not None else []
+        for i, (*_, drop) in enumerate(cases):
+            if drop is not None and joined.get(i) == step - drop:
+                dec.leave(i)
+        widest = max(widest, len(dec))
+        for key, tok in dec.step():
+            got[key] += [tok] if tok is not None else []
+        step += 1
+    return got, joined, widest

@@ -22,7 +22,7 @@ import pytest
 from edgeia3 import load_base
 from edgeia3.runtimes import onnx_batch, open_runtime
 from edgeia3.serve import Limits
-from serving import PROMPTS, ThreadServer, ascii_bpe_tokenizer, chat, error_of, wait_until
+from serving import PROMPTS, ThreadServer, ascii_bpe_tokenizer, chat, drive_rows, error_of, wait_until
 from tiny_models import make_tiny_model, random_peft_adapter
 
 MODELS = ["base", "a", "b"]
@@ -100,21 +100,7 @@ def test_batched_rows_decode_exactly_as_alone(rt, monkeypatch):
 
     monkeypatch.setattr(onnx_batch.BatchDecoder, "_take", recording_take)
     dec = rt.batch_decoder(max_rows=4)  # fewer rows than requests: some wait for a free row
-    got: dict[int, list[int]] = {i: [] for i in range(len(cases))}
-    pending, joined, step, widest = list(range(len(cases))), {}, 0, 0
-    while pending or len(dec):
-        for i in [i for i in pending if cases[i][4] <= step][: dec.max_rows - len(dec)]:
-            pending.remove(i)
-            ids, ad, n, ie, _, _ = cases[i]
-            tok, joined[i] = dec.join(i, ids, ad, n, ignore_eos=ie), step
-            got[i] += [tok] if tok is not None else []
-        for i, (*_, drop) in enumerate(cases):
-            if drop is not None and joined.get(i) == step - drop:
-                dec.leave(i)
-        widest = max(widest, len(dec))
-        for key, tok in dec.step():
-            got[key] += [tok] if tok is not None else []
-        step += 1
+    got, joined, widest = drive_rows(dec, cases)
     assert widest == 4 and dec.capacity[1] > 8 and max(joined.values()) > 4  # some waited for a free row
     for i, (ids, ad, n, ie, _, drop) in enumerate(cases):
         assert got[i] == (want[i] if drop is None else want[i][: drop + 1]), (i, got[i], want[i])

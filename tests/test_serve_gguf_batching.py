@@ -23,7 +23,7 @@ import pytest
 from edgeia3 import load_base
 from edgeia3.runtimes import llama_batch, open_runtime
 from edgeia3.serve import Limits
-from serving import PROMPTS, ThreadServer, ascii_bpe_tokenizer, chat, wait_until
+from serving import PROMPTS, ThreadServer, ascii_bpe_tokenizer, chat, drive_rows, wait_until
 from tiny_models import make_tiny_model, random_peft_adapter
 
 MODELS = ["base", "a", "b"]
@@ -96,22 +96,8 @@ def test_batched_rows_decode_exactly_as_alone(rt, adapter, monkeypatch):
     monkeypatch.setattr(llama_batch.LlamaBatchDecoder, "_take", recording_take)
     rt.use_adapter(None if adapter else "b")  # the decoder swaps to the rows' adapter as the first one joins
     dec = rt.batch_decoder(max_rows=4)  # fewer rows than requests: some wait for a free row
-    got: dict[int, list[int]] = {i: [] for i in range(len(cases))}
-    pending, joined, step, widest = list(range(len(cases))), {}, 0, 0
     try:
-        while pending or len(dec):
-            for i in [i for i in pending if cases[i][3] <= step][: dec.max_rows - len(dec)]:
-                pending.remove(i)
-                ids, n, ie, _, _ = cases[i]
-                tok, joined[i] = dec.join(i, ids, adapter, n, ignore_eos=ie), step
-                got[i] += [tok] if tok is not None else []
-            for i, (*_, drop) in enumerate(cases):
-                if drop is not None and joined.get(i) == step - drop:
-                    dec.leave(i)
-            widest = max(widest, len(dec))
-            for key, tok in dec.step():
-                got[key] += [tok] if tok is not None else []
-            step += 1
+        got, joined, widest = drive_rows(dec, [(ids, adapter, *rest) for ids, *rest in cases])
     finally:
         dec.close()
     assert rt.active == adapter
