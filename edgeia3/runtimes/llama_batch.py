@@ -48,7 +48,15 @@ import numpy as np
 
 from ..errors import EdgeIA3Error
 from .batch_rows import RowDecoder, next_token
-from .llama_runtime import flash_attn_type
+
+
+def flash_attn_type(ll: Any) -> int:
+    """Flash attention off, in every context the llama.cpp runtime makes (one request, or a batch,
+    here): llama.cpp's CPU flash attention splits the KV cells of a step into chunks by their count,
+    and a batch's count is its longest row's - a row's logits would then depend on the other rows.
+    Without it the masked cells of a batch add exact zeros, so each row computes what it computes
+    alone."""
+    return ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
 
 
 @dataclass
@@ -93,7 +101,7 @@ class LlamaBatchDecoder(RowDecoder):
         cp.n_batch = max(self.context, self.max_rows)  # a whole prompt in one llama_decode
         cp.n_ubatch = min(512, cp.n_batch)
         cp.n_threads = cp.n_threads_batch = rt.n_threads
-        cp.flash_attn_type = flash_attn_type(ll)  # as the runtime's own context (see there)
+        cp.flash_attn_type = flash_attn_type(ll)  # as the runtime's own context
         ctx = ll.llama_init_from_model(rt._model_ptr(), cp)
         if not ctx:
             raise EdgeIA3Error(f"llama.cpp cannot make a context of {self.max_rows} sequences x {self.context} "

@@ -35,20 +35,13 @@ from ..prompts import ChatTemplates, read_template
 from ..tokens import TokenContract
 from . import refuse_options, register_runtime
 from .base_runtime import RuntimeBase, adapter_format
+from .llama_batch import flash_attn_type
 
 # Adapters whose scale fields stay computed (~4 MB each on SmolLM2): switching among these
 # is only memory copies; any other adapter computes its fields once at switch time (~ms).
 FIELD_CACHE = 8
 
 IN_PLACE, RELOAD = "in-place", "reload"
-
-
-def flash_attn_type(ll: Any) -> int:
-    """Flash attention off, in every context the runtime makes (one request, or a batch): llama.cpp's
-    CPU flash attention splits the KV cells of a step into chunks by their count, and a batch's
-    count is its longest row's - a row's logits would then depend on the other rows. Without it
-    the masked cells of a batch add exact zeros, so each row computes what it computes alone."""
-    return ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
 
 
 def _llama_cpp() -> Any:
