@@ -153,9 +153,10 @@ def test_every_runtime_feeds_the_ids_the_stock_runtimes_feed(gemma):
 def test_stock_llama_cpp_on_the_merged_file_answers_as_edgeia3s_runtime(gemma):
     """The merged GGUF on stock llama-cpp-python (its tokenization, its greedy ``generate``) gives
     edgeia3's llama.cpp runtime's continuation with the side adapter swapped in, token for token, with
-    flash attention on (llama.cpp's own default, kept by edgeia3's runtime); with llama-cpp-python's
-    default (off) its logits stay within llama.cpp's compute floor of them. Both run the weights the
-    adapter was trained on: within that floor of PyTorch on the same blocks, and not the base."""
+    llama-cpp-python's defaults (flash attention off, as in edgeia3's runtime, where batched rows need
+    it off); with flash attention on (llama-server's default) its logits stay within llama.cpp's
+    compute floor of them. Both run the weights the adapter was trained on: within that floor of
+    PyTorch on the same blocks, and not the base."""
     dirs, ref = gemma["dirs"], gemma["ref"]
     rt = open_runtime(dirs["gguf"])
     rt.use_adapter(None)
@@ -172,11 +173,11 @@ def test_stock_llama_cpp_on_the_merged_file_answers_as_edgeia3s_runtime(gemma):
     assert float(np.abs(side_logits - trained).mean()) < 0.5
     assert np.mean(side_logits.argmax(-1) == trained.argmax(-1)) > 0.8
 
-    llm = stock_llama(dirs["gguf_merged"] / "model.gguf", n_ctx=256, flash_attn=True)
+    llm = stock_llama(dirs["gguf_merged"] / "model.gguf", n_ctx=256)
     for p in PROMPTS:
         assert list(itertools.islice(llm.generate(llm.tokenize(p.encode()), top_k=1, temp=0.0), 6)) == side[p], p
     llm.close()
-    llm = stock_llama(dirs["gguf_merged"] / "model.gguf", n_ctx=256, logits_all=True)
+    llm = stock_llama(dirs["gguf_merged"] / "model.gguf", n_ctx=256, logits_all=True, flash_attn=True)
     llm.eval(llm.tokenize(PROMPTS[0].encode()))
     stock = np.asarray(llm.scores[:len(ids)])
     llm.close()
