@@ -228,7 +228,9 @@ def test_server_batches_gguf_groups_and_answers_as_one_at_a_time(served, monkeyp
         assert long_a[0].endswith(text) and [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] \
             == "length"
         after = srv.http.get("/metrics").json()
-        assert after["adapter_swaps"] - before["adapter_swaps"] == 1  # to 'b' once the 'a' group was done
+        # to 'b' once the 'a' group was done; a joiner that reached the queue after 'b' (the threads race
+        # under load) runs in the next 'a' turn: one swap back. Never one per request.
+        assert 1 <= after["adapter_swaps"] - before["adapter_swaps"] <= 2
 
         # a running group keeps its adapter through an unload; a disconnected client frees its row
         with ThreadPoolExecutor(1) as ex, srv.http.stream(
