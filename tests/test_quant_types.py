@@ -6,7 +6,6 @@ A new GGML block type or llama.cpp file type is one table entry; these checks (a
 
 from __future__ import annotations
 
-import importlib.util
 
 import gguf
 import numpy as np
@@ -127,7 +126,6 @@ def test_file_type_names_round_trip(name):
     assert reported == ("all_f32" if name == "f32" else name)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
 @pytest.mark.parametrize("name", list(FILE_TYPES))
 def test_file_type_numbers_are_llama_cpps(name):
     import llama_cpp
