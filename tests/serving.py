@@ -5,6 +5,7 @@ synchronize on /metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -58,6 +59,15 @@ def export(kind: str, tiny: dict, out: Path, names: list[str], merge: str | None
     if kind == "onnx":
         return export_onnx(str(tiny["base"]), out, "fp32", adapters=adapters, merge=merge).out
     return export_gguf(str(tiny["base"]), out, quant="f32", adapters=adapters, merge=merge).out
+
+
+@contextlib.contextmanager
+def paced(monkeypatch, seconds: float):
+    """Each step (or token) takes >= ``seconds``: concurrent requests of a tiny model really overlap."""
+    from edgeia3.serve import engine
+
+    monkeypatch.setattr(engine, "TOKEN_DELAY", seconds)
+    yield
 
 
 # -- the server ------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ computes alone (and those of a forward pass over the whole sequence without a KV
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import threading
@@ -22,7 +21,7 @@ import pytest
 from edgeia3 import load_base
 from edgeia3.runtimes import onnx_batch, open_runtime
 from edgeia3.serve import Limits
-from serving import PROMPTS, ThreadServer, ascii_bpe_tokenizer, chat, drive_rows, error_of, wait_until
+from serving import PROMPTS, ThreadServer, ascii_bpe_tokenizer, chat, drive_rows, error_of, paced, wait_until
 from tiny_models import make_tiny_model, random_peft_adapter
 
 MODELS = ["base", "a", "b"]
@@ -134,15 +133,6 @@ def test_decoder_refuses_what_does_not_fit(rt):
 
 
 # -- the server ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def paced(monkeypatch, seconds: float):
-    """Each step (or token) takes >= ``seconds``: concurrent requests of a tiny model really overlap."""
-    from edgeia3.serve import engine
-
-    monkeypatch.setattr(engine, "TOKEN_DELAY", seconds)
-    yield
-
-
 def test_server_batches_mixed_adapters_and_answers_as_one_at_a_time(served, monkeypatch):
     cases = [(m, p) for p in PROMPTS for m in MODELS] * 2  # 24 requests over base, a, b
     with paced(monkeypatch, 0.002), ThreadServer(served, Limits(max_batch=1)) as one:

@@ -9,7 +9,6 @@ pass over the whole sequence without a KV cache.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import threading
@@ -23,7 +22,7 @@ import pytest
 from edgeia3 import load_base
 from edgeia3.runtimes import llama_batch, open_runtime
 from edgeia3.serve import Limits
-from serving import PROMPTS, ThreadServer, ascii_bpe_tokenizer, chat, drive_rows, wait_until
+from serving import PROMPTS, ThreadServer, ascii_bpe_tokenizer, chat, drive_rows, paced, wait_until
 from tiny_models import make_tiny_model, random_peft_adapter
 
 MODELS = ["base", "a", "b"]
@@ -153,15 +152,6 @@ def test_decoder_survives_a_reloading_swap(served):
 
 
 # -- the server ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def paced(monkeypatch, seconds: float):
-    """Each step (or token) takes >= ``seconds``: concurrent requests of a tiny model really overlap."""
-    from edgeia3.serve import engine
-
-    monkeypatch.setattr(engine, "TOKEN_DELAY", seconds)
-    yield
-
-
 def concurrently(client, cases, **kw) -> list:
     barrier = threading.Barrier(len(cases))
 

@@ -19,10 +19,10 @@ import numpy as np
 from ..errors import EdgeIA3Error
 from ..prompts import ChatTemplates, resolve_template
 from ..tokens import TokenContract
-from .base_runtime import NotLoadable, RuntimeBase, adapter_format
+from .base_runtime import NotLoadable, PreparedAdapter, RuntimeBase, adapter_format
 
-__all__ = ["NotLoadable", "Runtime", "RuntimeBase", "adapter_format", "generate", "open_runtime", "prompt_ids_for",
-           "refuse_options", "register_runtime"]
+__all__ = ["NotLoadable", "PreparedAdapter", "Runtime", "RuntimeBase", "adapter_format", "generate", "open_runtime",
+           "prompt_ids_for", "refuse_options", "register_runtime"]
 
 
 @runtime_checkable
@@ -93,6 +93,13 @@ class Runtime(Protocol):
         and make it usable as ``name``. ``workdir``: where the runtime may keep its own copy (deleted
         on unload). Returns facts about it (sites, params, format[, note]). Raises ``NotLoadable``
         (``cannot_load``), or ``EdgeIA3Error`` for a bad name or adapter; a refused adapter leaves no trace."""
+
+    def prepare_adapter(self, name: str, path: str | Path, workdir: str | Path) -> PreparedAdapter:
+        """``load_adapter``'s reading and checking, callable from another thread while the runtime
+        decodes; ``attach_prepared`` (on the decoding thread) then makes it usable."""
+
+    def attach_prepared(self, prepared: PreparedAdapter) -> dict:
+        """``load_adapter``'s quick second half: the prepared adapter becomes usable as its name."""
 
     def unload_adapter(self, name: str) -> None:
         """Forget adapter ``name`` (the base becomes active if it was) and any copy of it the runtime

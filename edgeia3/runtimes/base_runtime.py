@@ -1,15 +1,19 @@
 """What every runtime shares behind the ``Runtime`` protocol: run-time adapter loading
 (checks, refusal, cleanup) and the answers of a runtime that cannot load adapters.
 
-A runtime that can take adapters while it runs implements two hooks:
-``_attach(name, path, workdir) -> dict`` (validate the adapter against its base and make
-it usable; returns facts about it) and ``_detach(name)`` (forget it, with any copy it
-made). ``load_adapter`` / ``unload_adapter`` do the checks every runtime shares around them.
+A runtime that can take adapters while it runs implements three hooks:
+``_prepare(name, path, workdir) -> PreparedAdapter`` (read and validate the adapter against
+its base, precompute what using it needs; it touches no state the decoding thread uses, so a
+server runs it off that thread), ``_attach(prepared) -> dict`` (make it usable: quick, on the
+decoding thread; returns facts about it) and ``_detach(name)`` (forget it, with any copy it
+made). ``prepare_adapter`` / ``attach_prepared`` / ``load_adapter`` / ``unload_adapter`` do the
+checks every runtime shares around them.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,20 @@ def adapter_format(path: Path) -> str:
     if path.is_dir() and not (path / CANONICAL_FILE).exists():
         return "peft"
     return "edgeia3"
+
+
+@dataclass
+class PreparedAdapter:
+    """An adapter read and checked against a runtime's base, not yet usable there (``attach_prepared``)."""
+
+    name: str
+    path: Path
+    payload: Any  # what the runtime's ``_prepare`` made (parsed vectors, scale plans, a copy's path)
+    files: tuple[Path, ...] = ()  # copies made for it: removed if it is never attached
+
+    def discard(self) -> None:
+        for f in self.files:
+            f.unlink(missing_ok=True)
 
 
 class RuntimeBase:
@@ -66,7 +84,12 @@ class RuntimeBase:
         """Validate the adapter at ``path`` (any form this runtime takes) against this base and make
         it usable as ``name``; ``workdir``: where the runtime may keep its own copy. Returns facts about
         it (sites, params, format). A refused adapter leaves no trace; ``NotLoadable`` if this runtime
-        cannot load adapters at all (``cannot_load``)."""
+        cannot load adapters at all (``cannot_load``). The same as ``attach_prepared(prepare_adapter(...))``."""
+        return self.attach_prepared(self.prepare_adapter(name, path, workdir))
+
+    def prepare_adapter(self, name: str, path: str | Path, workdir: str | Path) -> PreparedAdapter:
+        """The slow half of ``load_adapter``: read and validate the adapter against this base. Safe to
+        call from another thread while this runtime decodes (a server parses loads off its worker)."""
         check_adapter_name(name)
         path = Path(path)
         if not path.exists():
@@ -76,10 +99,19 @@ class RuntimeBase:
         reason = self.cannot_load()
         if reason:
             raise NotLoadable(reason)
+        return self._prepare(name, path, Path(workdir))
+
+    def attach_prepared(self, prepared: PreparedAdapter) -> dict:
+        """The quick half of ``load_adapter``, on the thread that decodes: make a prepared adapter
+        usable. Refused (and its copies removed) if its name was taken meanwhile."""
+        if prepared.name in self.adapters:
+            prepared.discard()
+            raise EdgeIA3Error(f"adapter '{prepared.name}' is already loaded")
         try:
-            return self._attach(name, path, Path(workdir))
+            return self._attach(prepared)
         except BaseException:
-            self._forget_refused(name)
+            self._forget_refused(prepared.name)
+            prepared.discard()
             raise
 
     def unload_adapter(self, name: str) -> None:
@@ -92,7 +124,10 @@ class RuntimeBase:
         self._detach(name)
         self.templates.forget(name)
 
-    def _attach(self, name: str, path: Path, workdir: Path) -> dict:
+    def _prepare(self, name: str, path: Path, workdir: Path) -> PreparedAdapter:
+        raise NotLoadable(self.cannot_load() or f"the {self.name} runtime cannot load adapters at run time")
+
+    def _attach(self, prepared: PreparedAdapter) -> dict:
         raise NotLoadable(self.cannot_load() or f"the {self.name} runtime cannot load adapters at run time")
 
     def _detach(self, name: str) -> None:

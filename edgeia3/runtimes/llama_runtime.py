@@ -34,7 +34,7 @@ from ..manifest import export_kind, read_manifest
 from ..prompts import ChatTemplates, read_template
 from ..tokens import TokenContract
 from . import refuse_options, register_runtime
-from .base_runtime import RuntimeBase, adapter_format
+from .base_runtime import PreparedAdapter, RuntimeBase, adapter_format
 from .llama_batch import flash_attn_type
 
 # Adapters whose scale fields stay computed (~4 MB each on SmolLM2): switching among these
@@ -226,16 +226,21 @@ class LlamaCppRuntime(RuntimeBase):
         self._cache.move_to_end(name)
         return self._cache[name]
 
-    def _attach(self, name: str, path: Path, workdir: Path) -> dict:
+    def _prepare(self, name: str, path: Path, workdir: Path) -> PreparedAdapter:
         """Validate the adapter (canonical, PEFT dir or ``.ia3.gguf``) against this GGUF and precompute
-        its scale fields like the export's own adapters'; the next ``use_adapter`` swaps them in."""
+        its scale fields like the export's own adapters' (reads only the file's index and config)."""
         from edgeia3.converters.gguf.merge import adapter_plan
 
         adapter = self.base.load_adapter(path)  # family, identity, lengths, finite
-        self._add_plan(name, adapter_plan(adapter, self.base))
-        self.adapter_paths[name] = Path(path)
-        self.templates.record(name, adapter)  # its prompts render as it was trained
-        return {"sites": adapter.sites, "params": adapter.num_params, "format": adapter_format(path)}
+        return PreparedAdapter(name, path, (adapter, adapter_plan(adapter, self.base)))
+
+    def _attach(self, prepared: PreparedAdapter) -> dict:
+        """Record the precomputed plan; the next ``use_adapter`` swaps it in."""
+        adapter, plan = prepared.payload
+        self._add_plan(prepared.name, plan)
+        self.adapter_paths[prepared.name] = prepared.path
+        self.templates.record(prepared.name, adapter)  # its prompts render as it was trained
+        return {"sites": adapter.sites, "params": adapter.num_params, "format": adapter_format(prepared.path)}
 
     def _detach(self, name: str) -> None:
         if self._active == name:

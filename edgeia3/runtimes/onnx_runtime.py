@@ -30,7 +30,7 @@ from ..manifest import MANIFEST, export_kind, read_manifest
 from ..prompts import ChatTemplates, read_template
 from ..tokens import TokenContract, hf_encoder
 from . import refuse_options, register_runtime
-from .base_runtime import RuntimeBase
+from .base_runtime import PreparedAdapter, RuntimeBase
 
 
 class OnnxRuntime(RuntimeBase):
@@ -123,17 +123,23 @@ class OnnxRuntime(RuntimeBase):
             self._adapter_dtype = activation_np_dtype(self.path / (self.manifest.model_file or "model.onnx"))
         return self._adapter_dtype
 
-    def _attach(self, name: str, path: Path, workdir: Path) -> dict:
-        """Check the adapter against this export's IA3 inputs, write this runtime's own
-        ``.onnx_adapter`` copy under ``workdir`` and load that (see ``onnx_adapters``)."""
+    def _prepare(self, name: str, path: Path, workdir: Path) -> PreparedAdapter:
+        """Check the adapter against this export's IA3 inputs and write this runtime's own
+        ``.onnx_adapter`` copy under ``workdir`` (see ``onnx_adapters``)."""
         from .onnx_adapters import prepare
 
         copy, info, adapter = prepare(self.manifest, self.adapter_dtype, name, path, workdir)
+        return PreparedAdapter(name, path, (copy, info, adapter), files=(copy,))
+
+    def _attach(self, prepared: PreparedAdapter) -> dict:
+        """Load the prepared copy into onnxruntime-genai's adapter set."""
+        copy, info, adapter = prepared.payload
+        name = prepared.name
         try:
             self._og_adapters.load(str(copy), name)
         except Exception as e:  # onnxruntime-genai raises its own RuntimeError types
-            copy.unlink(missing_ok=True)
-            raise EdgeIA3Error(f"onnxruntime-genai cannot load adapter {path}: {' '.join(str(e).split())}") from None
+            raise EdgeIA3Error(f"onnxruntime-genai cannot load adapter {prepared.path}: "
+                               f"{' '.join(str(e).split())}") from None
         self._files[name] = copy
         self._copies.add(name)
         self.templates.record(name, adapter)  # only once loaded; its prompts render as it was trained

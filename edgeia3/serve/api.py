@@ -299,6 +299,8 @@ def _add_info_routes(app: Any, server: _Server) -> None:
     async def health():
         if engine.closed or not engine.thread.is_alive():
             raise ServeError(503, "the worker is not running", "unavailable")
+        if engine.unusable:
+            raise engine.unusable_error()
         snap = engine.snapshot()
         return JSONResponse({"status": "ok", "runtime": engine.rt.name,
                              "adapters": snap["adapters_loaded"], "queue_depth": snap["queue_depth"],

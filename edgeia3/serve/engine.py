@@ -20,10 +20,12 @@ Two ways to schedule, by what the runtime can do:
 Either way every request decodes greedily with its adapter's exact weights from
 its own KV cache, so its answer never depends on which other requests were in flight.
 
-Control tasks (loading / unloading an adapter) run on the same thread, between
+Control tasks (adding / unloading an adapter) run on the same thread, between
 requests (batched: between steps; a running ONNX row keeps its own copy of its
 adapter's vectors; unloading the adapter a llama.cpp group decodes with waits until
-the group is done), before the next waiting request.
+the group is done), before the next waiting request. A run-time load is read and
+checked first on a loader thread (``hotload.AdapterControl``): only its quick attach
+waits for the worker, so a large or bad file never holds up decoding.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from typing import Any, Callable
 
 from ..errors import EdgeIA3Error
 from ..prompts import NoChatTemplate
-from ..runtimes import NotLoadable, Runtime, prompt_ids_for
+from ..runtimes import Runtime, prompt_ids_for
+from .hotload import AdapterControl
 from .metrics import Metrics, snapshot
 from .requests import BASE, Job, Limits, ServeError, TextStream, internal_error, not_found, run_control
 
@@ -89,8 +92,8 @@ class Scheduler:
         return None
 
 
-class Engine:
-    """One runtime served by one worker thread."""
+class Engine(AdapterControl):
+    """One runtime served by one worker thread (run-time adapter loads: ``hotload.AdapterControl``)."""
 
     def __init__(self, runtime: Runtime, limits: Limits | None = None, workdir: str | Path | None = None,
                  adapters_dir: str | Path | None = None):
@@ -112,6 +115,8 @@ class Engine:
         self.max_batch = max(1, int(self.limits.max_batch)) if runtime.batch_decoder is not None else 1
         self.active: str | None = runtime.active
         self.closed = False
+        self.failures = 0  # requests failed inside the server (500) in a row, since one last completed
+        self.unusable: str | None = None  # why the runtime no longer serves (set once; /health says it)
         self.names: dict[str, dict] = {n: {"source": "export"} for n in runtime.adapters}
         self.pending: set[str] = set()  # names reserved by run-time loads not done yet
         self.merged = runtime.merged  # the adapter in the weights: "base" runs it, it cannot be unloaded
@@ -125,6 +130,8 @@ class Engine:
         else:
             loop = self._loop
         self.thread = threading.Thread(target=loop, name="edgeia3-serve-worker", daemon=True)
+        # run-time loads are read and checked here, off the worker (hotload.AdapterControl)
+        self.loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgeia3-serve-loader")
 
     # -- lifetime -------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -140,9 +147,15 @@ class Engine:
             for job in self.running:  # stop the running requests at their next token
                 job.cancelled.set()
                 dropped.append(job)
+            controls = [fut for _, fut, _ in self.controls]  # never run now: their callers get a 503
+            self.controls.clear()
             self.cond.notify_all()
         for job in dropped:
             job.post("error", ServeError(503, "the server is shutting down", "shutting_down"))
+        for fut in controls:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(ServeError(503, "the server is shutting down", "shutting_down"))
+        self.loader.shutdown(wait=False, cancel_futures=True)
         if self.thread.is_alive():
             self.thread.join(timeout=30)
         try:
@@ -169,6 +182,8 @@ class Engine:
         with self.cond:
             if self.closed:
                 raise ServeError(503, "the server is shutting down", "shutting_down")
+            if self.unusable:
+                raise self.unusable_error()
             if job.adapter is not None and job.adapter not in self.names:
                 raise not_found(job.adapter, list(self.names))
             if len(self.waiting) >= self.limits.max_queue:
@@ -207,79 +222,6 @@ class Engine:
             self.controls.append((fn, fut, holds))
             self.cond.notify()
         return fut
-
-    # -- adapters -------------------------------------------------------------------------------
-    def _check_new(self, name: str, others: Any = ()) -> None:
-        """409 if ``name`` is taken (names are case-insensitive: the server's copies of adapters are
-        files named after them, on filesystems that may not tell case apart). Under ``cond``."""
-        taken = next((n for n in (BASE, *self.names, *others) if n.lower() == name.lower()), None)
-        if taken is not None:
-            raise ServeError(409, f"a model named '{taken}' is already served or being loaded (names are "
-                                  "case-insensitive); unload it first", "model_exists", "name")
-
-    def load_adapter(self, name: str, path: Path, shown: str) -> concurrent.futures.Future:
-        """A run-time load: reserve ``name`` now (unique; at most ``max_adapters`` served or being loaded,
-        so pending loads are bounded too), validate and add it on the worker thread."""
-        with self.cond:
-            self._check_new(name, self.pending)
-            cap = self.limits.max_adapters
-            if len(self.names) + len(self.pending) >= cap:
-                raise ServeError(400, f"this server already serves or is loading {cap} adapters, the most "
-                                      "--max-adapters allows; unload one first (DELETE /v1/adapters/NAME)",
-                                 "too_many_adapters", "name")
-            self.pending.add(name)
-        fut = self.call(lambda: self.load_adapter_now(name, path, shown, source="request"))
-        fut.add_done_callback(lambda _: self._release(name))  # loaded, refused or cancelled
-        return fut
-
-    def _release(self, name: str) -> None:
-        with self.cond:
-            self.pending.discard(name)
-
-    def load_adapter_now(self, name: str, path: str | Path, shown: str | None = None,
-                         source: str = "adapters_dir") -> dict:
-        """On the worker thread (or before it starts): validate and add adapter ``name``. Errors name
-        the path as ``shown`` (what the client sent); the model list never shows paths."""
-        with self.cond:
-            self._check_new(name)
-        t0 = time.perf_counter()
-        try:
-            info = self.rt.load_adapter(name, path, self.workdir / "adapters")
-        except NotLoadable as e:
-            raise ServeError(400, str(e), "adapter_loading_not_supported") from None
-        except EdgeIA3Error as e:
-            raise ServeError(400, f"cannot load adapter '{name}' from {shown or path}: {e}", "invalid_adapter",
-                             "path") from None
-        info = {**info, "source": source, "load_seconds": round(time.perf_counter() - t0, 6)}
-        with self.cond:
-            self.names[name] = info
-        return info
-
-    def unload_adapter(self, name: str) -> concurrent.futures.Future:
-        """Stop serving ``name`` now (waiting requests for it get 404), then free it on the worker
-        thread after the running request. Raises 404 for an unknown name."""
-        if name == BASE:
-            raise ServeError(400, "the base model cannot be unloaded", "invalid_value", "name")
-        with self.cond:
-            if name not in self.names:
-                raise not_found(name, list(self.names))
-            if self.names[name].get("merged"):
-                raise ServeError(400, f"adapter '{name}' is merged into this export's weights; it cannot be "
-                                      "unloaded", "adapter_loading_not_supported")
-            del self.names[name]
-            dropped = [j for j in self.waiting if j.adapter == name]
-            self.waiting = [j for j in self.waiting if j.adapter != name]
-        for job in dropped:
-            job.finished = time.perf_counter()
-            job.post("error", ServeError(404, f"The model '{name}' was unloaded before this request ran",
-                                         "model_not_found", "model"))
-
-        def remove() -> None:
-            self.rt.unload_adapter(name)  # and the server's copy of it, if the runtime made one
-            if self.active == name:
-                self.active = self.rt.active
-
-        return self.call(remove, holds=name)
 
     # -- the worker -----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -327,7 +269,27 @@ class Engine:
     def fail(self, job: Job, err: ServeError) -> None:
         job.finished = time.perf_counter()
         job.post("error", err)
+        if err.status == 500:
+            self._count_failure(getattr(err, "cause", "error"))
         return None
+
+    def _count_failure(self, cause: str) -> None:
+        """One more request failed inside the server. ``max_failures`` in a row with none completing
+        between them: the runtime counts as unusable - every waiting and later request gets a 503 at
+        once and ``/health`` says so (restart the server) - rather than each failing in turn."""
+        with self.cond:
+            self.failures += 1
+            if self.unusable or self.failures < self.limits.max_failures:
+                return
+            self.unusable = f"the runtime failed {self.failures} requests in a row (last: {cause})"
+            dropped, self.waiting = self.waiting, []
+        log.error("%s; answering every request with 503 until the server is restarted", self.unusable)
+        for job in dropped:
+            job.finished = time.perf_counter()
+            job.post("error", self.unusable_error())
+
+    def unusable_error(self) -> ServeError:
+        return ServeError(503, f"{self.unusable}; the server must be restarted", "runtime_unusable")
 
     def admit(self, job: Job) -> tuple[list[int], int] | None:
         """A job about to run: its prompt ids and max_tokens, or None once it was answered (an
@@ -435,6 +397,7 @@ class Engine:
             with m.lock:
                 m.cancelled += 1
             return
+        self.failures = 0  # the runtime works
         if finish is None:
             finish = "length" if n >= max_tokens else "stop"
         rest = text.finish()

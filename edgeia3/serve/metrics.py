@@ -71,6 +71,8 @@ def snapshot(engine: Any) -> dict:
             "batch": {"max_rows": engine.max_batch, "steps": m.batch_steps, "rows_decoded": m.batch_rows,
                       "mean_rows": round(m.batch_rows / m.batch_steps, 3) if m.batch_steps else 0.0,
                       "peak_rows": m.batch_peak},
+            "unusable": engine.unusable,  # None while the runtime works (see Engine._count_failure)
+            "failures_in_a_row": engine.failures,
             "adapter_swaps": m.adapter_swaps,
             "swap_seconds_total": round(m.swap_seconds, 6),
             "adapters_loaded": adapters,
@@ -83,5 +85,5 @@ def snapshot(engine: Any) -> dict:
             "limits": {"max_queue": engine.limits.max_queue, "max_tokens": engine.limits.max_tokens,
                        "max_prompt_tokens": engine.limits.max_prompt_tokens,
                        "max_body_bytes": engine.limits.max_body_bytes, "context": engine.context,
-                       "max_adapters": engine.limits.max_adapters},
+                       "max_adapters": engine.limits.max_adapters, "max_failures": engine.limits.max_failures},
         }

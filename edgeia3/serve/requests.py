@@ -36,7 +36,9 @@ class ServeError(Exception):
 
 def internal_error(e: BaseException) -> ServeError:
     """A bug or a runtime failure, as the 500 its request gets."""
-    return ServeError(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
+    err = ServeError(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
+    err.cause = type(e).__name__  # what /health may tell (the message may name files)
+    return err
 
 
 def not_found(model: str, names: list[str]) -> ServeError:
@@ -53,6 +55,7 @@ class Limits:
     max_group_wait: float = 1.0  # seconds another adapter's oldest request may wait while one adapter is served
     max_batch: int = 16  # requests decoded together (runtimes that batch: ONNX, GGUF); 1: one at a time
     max_adapters: int = 64  # adapters served at once (the export's own included); a run-time load beyond: 400
+    max_failures: int = 8  # requests failed inside the server in a row (none completing) that mark the runtime unusable
 
 
 class Job:
