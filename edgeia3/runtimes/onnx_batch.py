@@ -11,10 +11,17 @@ takes IA3 vectors per batch row, [batch, 1, N]). Each request is a *row*:
 - rows leave on EOS / ``max_tokens`` (by themselves) or ``leave`` (stop string,
   cancelled request), between steps; the last row moves into the freed one.
 
+Prefill runs ``PREFILL_CHUNK`` prompt tokens at a time into the row's cache, so a long
+prompt of a large vocabulary never allocates logits for every position ([n, vocab]: a 4k
+prompt of a 128k vocabulary would be 2 GB); only the last position's are used.
+
 KV cache: one buffer per past input, [rows, kv_heads, capacity, head_size],
 bound with IOBinding as both ``past_key_values.*`` and ``present.*``, so
 GroupQueryAttention sees the same pointer and writes each new key/value in place
 (``past_present_share_buffer``) instead of copying the whole cache every step.
+The buffers grow by doubling up to ``max_rows`` x the context (the most the server's
+``--max-batch`` can need) and are released once every row has left, so one long
+request does not keep its memory after it ends.
 Each row's cache is *right-padded*: its ``length`` valid positions first.
 
 Masking: the builder's graph reduces ``attention_mask`` to ``seqlens_k = sum(mask) - 1``
@@ -36,7 +43,8 @@ import numpy as np
 from ..errors import EdgeIA3Error
 from .batch_rows import RowDecoder, next_token
 
-FIRST_CAPACITY = 256  # KV positions per row at first; doubled as rows grow longer
+FIRST_CAPACITY = 256  # KV positions per row at first; doubled as rows grow longer, released when all leave
+PREFILL_CHUNK = 256  # prompt tokens per prefill run: logits exist for one chunk only, never [n, vocab]
 
 
 @dataclass
@@ -85,6 +93,7 @@ class BatchDecoder(RowDecoder):
         self.kv: list[np.ndarray] = []
         self.vec: list[np.ndarray] = []
         self.capacity = (0, 0)  # (rows, positions) the buffers hold
+        self.peak = (0, 0)  # the most they held
         self.binding = self.sess.io_binding()
         self.bound: tuple | None = None  # what the binding's buffers are bound to
         self.steps = 0
@@ -104,16 +113,13 @@ class BatchDecoder(RowDecoder):
         self.rows.append(row)
         for (name, _), buf in zip(self.ia3, self.vec):
             buf[slot] = vectors[name]
-        ids = np.asarray([prompt_ids], dtype=self.ids_dtype)
-        mask = np.ones((1, n), dtype=self.mask_dtype)
-        logits = np.empty((1, n, self.vocab), dtype=self.logits_dtype)
         try:
-            self._run(ids, mask, logits, slice(slot, slot + 1))
+            last = self._prefill(prompt_ids, slot)
         except BaseException:
             self.rows.pop()
             raise
         row.length = n
-        tok = self._take(row, logits[0, -1])
+        tok = self._take(row, last)
         self._drop_done()
         return tok
 
@@ -132,6 +138,17 @@ class BatchDecoder(RowDecoder):
         logits = np.empty((b, 1, self.vocab), dtype=self.logits_dtype)
         self._run(ids, mask, logits, slice(0, b))
         return self._collect(lambda r, i: self._take(r, logits[i, 0]))
+
+    def _prefill(self, prompt_ids: list[int], slot: int) -> np.ndarray:
+        """The prompt into row ``slot``'s cache, ``PREFILL_CHUNK`` tokens a run (each chunk attends
+        to the cache the ones before it wrote); the logits at its last position."""
+        for start in range(0, len(prompt_ids), PREFILL_CHUNK):
+            chunk = prompt_ids[start: start + PREFILL_CHUNK]
+            ids = np.asarray([chunk], dtype=self.ids_dtype)
+            mask = np.ones((1, start + len(chunk)), dtype=self.mask_dtype)
+            logits = np.empty((1, len(chunk), self.vocab), dtype=self.logits_dtype)
+            self._run(ids, mask, logits, slice(slot, slot + 1))
+        return logits[0, -1]
 
     def close(self) -> None:
         """Drop the rows and the KV buffers (the decoder stays usable)."""
@@ -160,6 +177,8 @@ class BatchDecoder(RowDecoder):
                     buf[i] = buf[last]
                 self.rows[i] = moved
             self.rows.pop()
+        if not self.rows and self.capacity[1] > FIRST_CAPACITY:
+            self.close()  # all rows left: give grown buffers back (the next join allocates anew)
 
     def _vectors_of(self, adapter: str | None) -> dict[str, np.ndarray]:
         """The row's own copy of its adapter's vectors: unloading the adapter cannot touch a running row."""
@@ -189,6 +208,7 @@ class BatchDecoder(RowDecoder):
                 buf[: have_rows] = self.vec[k]
             vec.append(buf)
         self.kv, self.vec, self.capacity = kv, vec, (new_rows, new_pos)
+        self.peak = (max(self.peak[0], new_rows), max(self.peak[1], new_pos))
         self.bound = None
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, logits: np.ndarray, rows: slice) -> None:
