@@ -32,7 +32,7 @@ def main() -> None:
     from edgeia3.evaluate import evaluate
     from edgeia3.formats.peft_dir import peft_target_modules
     from edgeia3.prompts import resolve_template
-    from edgeia3.train import _EvalTwin
+    from edgeia3.peft_model import EvalTwin
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--quant", default="auto")
@@ -54,7 +54,7 @@ def main() -> None:
     evals = load_examples(task / "eval.jsonl", lb.tokenizer, 256, template)[: args.eval_rows] if args.eval_rows else None
     sites = list(lb.family.default_targets)
     # built before get_peft_model, which injects IA3 layers into lb.model in place
-    twin = _EvalTwin(lb, sites) if evals and lb.quant in ("nf4", "gguf") else None
+    twin = EvalTwin(lb, sites) if evals and lb.quant in ("nf4", "gguf") else None
     modules, feedforward = peft_target_modules(lb.family, sites)
     model = get_peft_model(lb.model, IA3Config(task_type=lb.family.peft_task_type, target_modules=modules,
                                                feedforward_modules=feedforward))

@@ -12,7 +12,6 @@ non-finite loss all stop the run with a message.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -27,12 +26,13 @@ from typing import Any
 import torch
 
 from . import seq2seq
-from .adapter import IA3Adapter, IA3Vector, fused_layout_for
+from .adapter import IA3Adapter
 from .atomic import atomic_dir, check_out
 from .base import DEFAULT_BASE, LoadedBase, load_base
 from .data import IGNORE, Example
 from .errors import EdgeIA3Error
-from .formats.peft_dir import peft_target_modules, write_peft_dir
+from .formats.peft_dir import write_peft_dir
+from .peft_model import EvalTwin, adapter_from_peft, ia3_params, wrap_with_ia3
 from .schedule import (DEFAULT_LR, DEFAULT_SCHEDULE, DEFAULT_WARMUP, SCHEDULES, Schedule, checkpoint_steps,
                        early_signal, plan, quarter_means)
 from .tasks import Task, task_for
@@ -146,80 +146,6 @@ def gradient_warning(step: int, norm: float) -> str | None:
     }.get(gradient_trouble(norm))
 
 
-def _ia3_params(model: Any) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if "ia3_l" in n}
-
-
-def wrap_with_ia3(base: LoadedBase, sites: list[str]) -> Any:
-    """A PEFT IA3 model on ``base`` targeting ``sites``; fused slices not targeted stay at 1."""
-    from peft import IA3Config, get_peft_model
-
-    fam = base.family
-    modules, feedforward = peft_target_modules(fam, sites)
-    cfg = IA3Config(task_type=fam.peft_task_type, target_modules=modules, feedforward_modules=feedforward,
-                    fan_in_fan_out=fam.conv1d)
-    model = get_peft_model(base.model, cfg)
-    # A fused module (phi3 qkv_proj) holds several sites in one vector: mask the
-    # gradient of slices that were not asked for, so they stay exactly 1.
-    for s in fam.sites:
-        if s.fused_rows is not None and s.name not in sites and s.module in modules:
-            a, b = s.fused_rows(base.config)
-            for name, p in _ia3_params(model).items():
-                if f".{s.module}." in name:
-                    mask = torch.ones_like(p)
-                    mask[a:b] = 0
-                    p.register_hook(lambda g, m=mask: g * m)
-    return model
-
-
-class _EvalTwin:
-    """A full-precision twin of a 4-bit (NF4 or GGUF-block) base for evaluation.
-
-    4-bit layers dequantize every weight on every forward, which makes greedy
-    generation minutes slower (and bitsandbytes' fast CPU eval path is the repack
-    that breaks training, FACTS.md). The twin holds the *dequantized* 4-bit
-    weights, so with the current IA3 vectors copied in it computes the same
-    function as the 4-bit model (exactness tested), at fp32 speed.
-    """
-
-    def __init__(self, lb: LoadedBase, sites: list[str]):
-        from .merge import dequantize_model
-
-        if lb.quant == "gguf":
-            from edgeia3.converters.gguf.torch_weights import densify
-
-            twin = densify(copy.deepcopy(lb.model))
-        else:
-            twin = dequantize_model(copy.deepcopy(lb.model))
-        self.model = wrap_with_ia3(dataclasses.replace(lb, model=twin, quant="none"), sites)
-
-    def sync(self, trained: Any) -> Any:
-        src = _ia3_params(trained)
-        with torch.no_grad():
-            for name, p in _ia3_params(self.model).items():
-                p.copy_(src[name])
-        return self.model
-
-
-def adapter_from_peft(model: Any, base: LoadedBase, sites: list[str], quant: str) -> IA3Adapter:
-    """Read the trained vectors out of a PEFT model into the canonical adapter."""
-    fam = base.family
-    layout = fused_layout_for(fam, base.config)
-    params = {n.replace(".default", ""): p.detach().float().cpu().numpy().ravel()
-              for n, p in _ia3_params(model).items()}
-    vectors = []
-    for name, values in params.items():
-        path = name.split("base_model.model.", 1)[-1].rsplit(".ia3_l", 1)[0]
-        layer, located = fam.locate(path)
-        for s in located:
-            if s.name not in sites:
-                continue
-            part = values[layout[s.name][0]:layout[s.name][1]] if s.name in layout else values
-            vectors.append(IA3Vector(layer, s.name, s.scaling, part.copy()))
-    return IA3Adapter(fam.name, vectors, base=base.identity, quant=quant, fused_layout=layout,
-                      trained_on=dict(base.weights or {}))
-
-
 def bf16_supported(device: torch.device) -> bool:
     """bf16 matmuls pay off: CUDA with bf16, or a CPU with AVX512-BF16 / AMX."""
     if device.type == "cuda":
@@ -289,7 +215,7 @@ class _Run:
     task: Task
     sites: list[str]
     data: _Data
-    twin: _EvalTwin | None
+    twin: EvalTwin | None
     model: Any
     params: dict[str, torch.nn.Parameter]
     optim: torch.optim.Optimizer
@@ -331,9 +257,9 @@ def _setup(base: str, quant: str, cfg: TrainConfig, acc: Any, data: str | Path, 
     packed = sum(m.packed.nbytes for m in lb.model.modules() if hasattr(m, "packed"))  # GGUF blocks
     weights_mb = (lb.model.get_memory_footprint() + packed) / 2**20
     # Built before wrap_with_ia3, which injects IA3 layers into lb.model in place.
-    twin = _EvalTwin(lb, sites) if lb.quant in ("nf4", "gguf") and ds.eval_set and acc.is_main_process else None
+    twin = EvalTwin(lb, sites) if lb.quant in ("nf4", "gguf") and ds.eval_set and acc.is_main_process else None
     model = wrap_with_ia3(lb, sites)
-    params = _ia3_params(model)
+    params = ia3_params(model)
     optim = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
     model, optim = acc.prepare(model, optim)
     # Planned from the largest shard, so every process runs the same number of steps.

@@ -197,7 +197,7 @@ def test_packed_layers_give_the_dense_gradients(tiny256, autocast):
     """Forward and backward through the GGUF-block layers equal a dense copy of the same
     dequantized weights (fp32 exactly; under bf16 autocast within bf16 rounding)."""
     from edgeia3.converters.gguf.torch_weights import densify
-    from edgeia3.train import wrap_with_ia3
+    from edgeia3.peft_model import wrap_with_ia3
 
     lb = load_base(tiny256, quant="q4_0")
     dense = copy.deepcopy(lb)

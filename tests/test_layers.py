@@ -42,7 +42,8 @@ LAYERS: dict[str, set[str]] = {
     | _names("edgeia3.converters.onnx", "", "adapter_file", "builder", "graph", "mobile", "t5", "transcode",
              "web"),
     "steps": _names("edgeia3", "base", "embedded", "npm", "train", "tasks", "data", "evaluate", "progress",
-                    "schedule", "seq2seq", "merge", "export", "run", "report", "report_render", "inspect", "web")
+                    "schedule", "seq2seq", "merge", "peft_model", "export", "run", "report", "report_render",
+                    "inspect", "web")
     | _names("edgeia3.steps", "", "gguf_export", "gguf_merge", "onnx_export", "t5_export")
     | _names("edgeia3.runtimes", "", "base_runtime", "batch_rows", "llama_batch", "llama_runtime", "onnx_adapters",
              "onnx_batch", "onnx_runtime", "t5_llama", "t5_onnx", "torch_runtime")

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from edgeia3 import EdgeIA3Error, load_base
 from edgeia3.cli import app
-from edgeia3.train import TrainConfig, _Guard, train, wrap_with_ia3
+from edgeia3.peft_model import wrap_with_ia3
+from edgeia3.train import TrainConfig, _Guard, train
 from tiny_models import input_ids, write_label_task
 from edgeia3.formats import load_adapter
 
@@ -237,7 +238,7 @@ def test_labelled_loss_equals_the_models_own_loss(family, tiny_dir):
     """The LM head applied only at labelled positions gives the model's own ``labels=`` loss
     (gemma2: with its final logit soft-capping), and the same IA3 gradients."""
     from edgeia3.tasks import labelled_loss
-    from edgeia3.train import wrap_with_ia3
+    from edgeia3.peft_model import wrap_with_ia3
 
     lb = load_base(tiny_dir(family))
     model = wrap_with_ia3(lb, list(lb.family.default_targets))
