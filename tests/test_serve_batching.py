@@ -99,10 +99,18 @@ def test_batched_rows_decode_exactly_as_alone(rt, monkeypatch):
         return take(self, row, logits)
 
     monkeypatch.setattr(onnx_batch.BatchDecoder, "_take", recording_take)
+    run, positions = onnx_batch.BatchDecoder._run, []  # logits positions each model call allocates
+
+    def recording_run(self, ids, mask, logits, rows):
+        positions.append(logits.shape[1])
+        return run(self, ids, mask, logits, rows)
+
+    monkeypatch.setattr(onnx_batch.BatchDecoder, "_run", recording_run)
     dec = rt.batch_decoder(max_rows=4)  # fewer rows than requests: some wait for a free row
     got, joined, widest = drive_rows(dec, cases)
     assert widest == 4 and dec.peak[1] > 8 and max(joined.values()) > 4  # some waited for a free row
     assert dec.capacity == (0, 0) and dec.kv == []  # every row left: the grown buffers were released
+    assert max(positions) == 4  # prompts of up to 23 tokens never had logits for every position
     for i, (ids, ad, n, ie, _, drop) in enumerate(cases):
         assert got[i] == (want[i] if drop is None else want[i][: drop + 1]), (i, got[i], want[i])
     # the logits too: each row's equal what it computes alone (batch 1), and a full forward without cache
