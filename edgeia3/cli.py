@@ -156,7 +156,7 @@ def inspect(path: Path = typer.Argument(..., help="adapter, model dir, .gguf or 
 @app.command()
 @user_errors
 def report(
-    exports: list[Path] = typer.Argument(..., help="export directories (ONNX and/or GGUF)"),
+    exports: list[Path] = typer.Argument(..., help="export directories (ONNX, GGUF, web: run in headless Chromium)"),
     out: Path = typer.Option(..., help="report directory (report.md, report.json, PNG charts)"),
     eval_data: Optional[list[str]] = typer.Option(None, "--eval", help="ADAPTER=data.jsonl: task accuracy"),
     runs: int = typer.Option(5, help="timed runs per latency figure (after one warm-up)"),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgeIA3Error
-from .manifest import AdapterEntry, ExportManifest
+from .manifest import WEB_KIND, AdapterEntry, ExportManifest
 
 
 def export_onnx(base: str, out: str | Path, precision: str = "int4",
@@ -159,7 +159,7 @@ class ExportInfo:
     """What any export directory holds, read from its manifest (edgeia3.json)."""
 
     path: Path
-    kind: str  # onnx | gguf | onnx-t5
+    kind: str  # onnx | gguf | onnx-t5 | web
     precision: str  # int4 / fp32 ... or the GGUF file type (Q4_1 ...)
     base_spec: str  # how to load the same base in PyTorch (the drift reference)
     model_bytes: int
@@ -291,18 +291,47 @@ def _t5_onnx_adapters(info: ExportInfo) -> dict[str, Any]:
     return out
 
 
+def _web_info(path: Path, m: ExportManifest) -> ExportInfo:
+    """An ``export web`` folder: the ONNX export's IA3 inputs, its browser graph's files."""
+    from .registry import get_family
+
+    graph = m.extra["graph"]
+    files = [_typed(graph["file"], str, "graph file"), *_typed(graph["external_data"], list, "external data")]
+    # the web manifest keeps each input's name, size, layer and parts; its scaling is its sites'
+    scaling = {s.name: s.scaling.value for s in get_family(m.family).sites}
+    inputs = [{"node": "", "scaling": scaling[_typed(d["parts"], list, "parts")[0][0]], **d}
+              for d in _typed(m.ia3_inputs or [], list, "ia3_inputs")]
+    m = dataclasses.replace(m, ia3_inputs=inputs, model_bytes=sum((path / f).stat().st_size for f in files))
+    info = _onnx_info(path, m)
+    return dataclasses.replace(info, precision=f"{info.precision} {graph['matmul']}")
+
+
+def _web_adapters(info: ExportInfo) -> dict[str, Any]:
+    from edgeia3.converters.onnx.adapter_file import adapter_from_tensors
+    from edgeia3.converters.onnx.graph import plans_of
+    from edgeia3.converters.onnx.web import read_web_adapter
+
+    m = info.manifest
+    return {n: dataclasses.replace(adapter_from_tensors(read_web_adapter(p)[0], plans_of(m), m.family,
+                                                        m.adapters[n].sites, p),
+                                   quant=m.adapters[n].trained_quant or "none",
+                                   trained_on=m.adapters[n].trained_weights or {},
+                                   extra=_template_extra(m.adapters[n]))
+            for n, p in info.adapter_files.items()}
+
+
 # manifest kind -> (info reader, adapter reader)
 _READERS = {"onnx": (_onnx_info, _onnx_adapters), "gguf": (_gguf_info, _gguf_adapters),
-            "onnx-t5": (_t5_onnx_info, _t5_onnx_adapters)}
+            "onnx-t5": (_t5_onnx_info, _t5_onnx_adapters), WEB_KIND: (_web_info, _web_adapters)}
 
 
 def read_export(path: str | Path) -> ExportInfo:
     """Read an export directory's manifest; one clear error if it is not one."""
     from .errors import EdgeIA3Error
-    from .manifest import MANIFEST, read_manifest
+    from .manifest import KINDS, MANIFEST, read_manifest
 
     path = Path(path)
-    m = read_manifest(path)
+    m = read_manifest(path, (*KINDS, WEB_KIND))
     manifest = path / MANIFEST
     try:
         return _READERS[m.kind][0](path, m)

@@ -259,7 +259,7 @@ def export_kind(directory: str | Path) -> str | None:
     header is read, so a damaged manifest still names its runtime (which then says what is wrong)."""
     try:
         doc = _read_json(Path(directory))
-        return _check_header(doc, Path(directory) / MANIFEST, KINDS)
+        return _check_header(doc, Path(directory) / MANIFEST, (*KINDS, WEB_KIND))
     except EdgeIA3Error:
         return None
 

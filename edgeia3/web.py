@@ -238,8 +238,16 @@ class NativeWeb:
         tensors, _ = read_web_adapter(path)
         return {p["name"]: tensors[p["name"]].astype(np.float32).reshape(1, 1, -1) for p in inputs}
 
+    def logits(self, ids: list[int], adapter: str | Path | None = None) -> Any:
+        """Next-token logits at every position of ``ids`` ([len, vocab]), the prompt in one run."""
+        return self._steps(ids, adapter)[0][0]
+
     def generate(self, ids: list[int], adapter: str | Path | None = None, max_tokens: int = 32) -> list[int]:
         """Greedy token ids after ``ids``, stopping at EOS (not included) or ``max_tokens``."""
+        return self._steps(ids, adapter, max_tokens)[1]
+
+    def _steps(self, ids: list[int], adapter: str | Path | None, max_tokens: int = 0) -> tuple[Any, list[int]]:
+        """The prompt's logits, then up to ``max_tokens`` greedy ids (EOS ends them, not included)."""
         import numpy as np
 
         d = self.manifest.extra["decoder"]
@@ -248,21 +256,22 @@ class NativeWeb:
         for i in range(d["num_layers"]):
             for kind in ("key", "value"):
                 past[d["past_names"][kind] % i] = np.zeros((1, d["kv_heads"], 0, d["head_size"]), np.float32)
-        eos, out, total, tokens = set(d["eos_token_ids"]), [], 0, list(ids)
+        eos, out, total, tokens, first = set(d["eos_token_ids"]), [], 0, list(ids), None
         while True:
             total += len(tokens)
             res = self.session.run(None, {**feeds, **past, "input_ids": np.array([tokens], np.int64),
                                           "attention_mask": np.ones((1, total), np.int64)})
             named = dict(zip([o.name for o in self.session.get_outputs()], res))
+            first = named["logits"] if first is None else first
             for i in range(d["num_layers"]):
                 for kind in ("key", "value"):
                     past[d["past_names"][kind] % i] = named[d["present_names"][kind] % i]
             best = int(np.argmax(named["logits"][0, -1]))
-            if best in eos:
-                return out
+            if best in eos or len(out) >= max_tokens:
+                return first, out
             out.append(best)
             if len(out) >= max_tokens:
-                return out
+                return first, out
             tokens = [best]
 
 

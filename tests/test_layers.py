@@ -46,7 +46,7 @@ LAYERS: dict[str, set[str]] = {
                     "inspect", "web")
     | _names("edgeia3.steps", "", "gguf_export", "gguf_merge", "onnx_export", "t5_export")
     | _names("edgeia3.runtimes", "", "base_runtime", "batch_rows", "llama_batch", "llama_runtime", "onnx_adapters",
-             "onnx_batch", "onnx_runtime", "t5_llama", "t5_onnx", "torch_runtime")
+             "onnx_batch", "onnx_runtime", "t5_llama", "t5_onnx", "torch_runtime", "web_runtime")
     | _names("edgeia3.serve", "", "api", "batching", "bodies", "engine", "hotload", "metrics", "requests",
              "security"),
     "cli": _names("edgeia3", "", "__main__", "cli"),

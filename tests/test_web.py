@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import threading
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -484,3 +485,46 @@ def test_smollm2_adapter_in_the_browser(tmp_path_factory, site, page):
     shot = ROOT / "docs" / "web-demo.png" if os.environ.get("EDGEIA3_UPDATE_SCREENSHOT") == "1" else tmp / "web-demo.png"
     page.page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+
+
+# -- the web export as an edgeia3 runtime, and `edgeia3 report` over it ------------------------
+def test_web_runtime_drives_the_page_as_native_onnxruntime_runs_the_graph(exported):
+    """``open_runtime`` on a web folder runs it in Chromium (edgeia3.runtimes.web_runtime): prompt ids,
+    greedy ids, every position's logits and streaming - each against native onnxruntime."""
+    from edgeia3.runtimes import open_runtime
+
+    out, native = exported
+    with open_runtime(out) as rt:
+        assert rt.name.startswith("onnxruntime-web") and rt.adapters == ["a", "b"]
+        for adapter in (None, "a", "b"):
+            rt.use_adapter(adapter)
+            msgs = [{"role": "user", "content": PROMPTS[2]}]
+            ids = rt.prompt_ids(msgs)
+            assert ids == native.prompt_ids(msgs, adapter)
+            np.testing.assert_allclose(rt.logits(ids), native.logits(ids, adapter), atol=1e-4, rtol=0)
+            arrivals, got = [], []
+            for tok in rt.generate_ids(ids, 24, ignore_eos=True):
+                got.append(tok)
+                arrivals.append(time.perf_counter())
+            assert len(got) == 24 and got[:len(want := native.generate(ids, adapter, 24))] == want
+            assert len(set(arrivals)) > 12  # streamed as the page made them, not all at the end
+        gen = rt.generate_ids(ids, 24, ignore_eos=True)  # abandoned after one token: the page stops
+        first = next(gen)
+        gen.close()
+        assert list(rt.generate_ids(ids, 1, ignore_eos=True)) == [first]
+
+
+def test_report_measures_the_web_export_in_chromium(exported, tmp_path):
+    out, native = exported
+    res = runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "r"), "--runs", "1"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "r" / "report.json").read_text())
+    [web] = doc["exports"]
+    assert web["kind"] == "web" and web["label"].startswith("web int4 dequantize")
+    speed = web["speed_base"]
+    assert 0 < speed["ttft_s"]["median"] < 60 and 0 < speed["decode_tok_s"]["median"] < 5000
+    assert web["switch_s"]["median"] < 1e-3  # a different set of input tensors for the next run
+    for name in ("a", "b"):
+        drift = web["adapters"][name]["drift"]
+        assert drift["max_abs_logit_diff"] < 5.0 and 0 <= drift["greedy_token_agreement"] <= 1
+    assert "web int4 dequantize side" in (tmp_path / "r" / "report.md").read_text()

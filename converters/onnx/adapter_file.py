@@ -88,8 +88,14 @@ def read_onnx_adapter(path: str | Path, plans: list[IA3Input], family: str,
     ``sites``: the adapter's sites (from the export manifest); without them,
     parts that are exactly ones (identity) are dropped.
     """
+    return adapter_from_tensors(read_onnx_adapter_tensors(path), plans, family, sites, path)
+
+
+def adapter_from_tensors(tensors: dict[str, np.ndarray], plans: list[IA3Input], family: str,
+                         sites: list[str] | None, path: str | Path) -> IA3Adapter:
+    """Graph-input tensors (name -> [1, 1, N]: an ``.onnx_adapter``'s or a web export's adapter
+    file, read from ``path``) back into a canonical adapter; ``sites`` as for ``read_onnx_adapter``."""
     fam = get_family(family)
-    tensors = read_onnx_adapter_tensors(path)
     vectors = []
     for p in plans:
         if p.name not in tensors:

@@ -162,13 +162,13 @@ def open_runtime(path: str | Path, adapters: dict[str, str | Path] | None = None
             rt = opener(path, adapters=adapters, provider=provider, **options)
             rt.templates.given = given
             return rt
-    raise EdgeIA3Error(f"{path}: not a model edgeia3 can run (transformers dir, ONNX or GGUF export)")
+    raise EdgeIA3Error(f"{path}: not a model edgeia3 can run (transformers dir, ONNX, GGUF or web export)")
 
 
 def _import_optional_runtimes() -> None:
     import importlib
 
-    for mod in ("onnx_runtime", "llama_runtime", "t5_llama", "t5_onnx"):
+    for mod in ("onnx_runtime", "llama_runtime", "t5_llama", "t5_onnx", "web_runtime"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:

@@ -25,6 +25,16 @@ const HERE = new URL(".", import.meta.url);
 const ADAPTER_FORMAT = "edgeia3-web-ia3/1";
 const MAX_HEADER = 16 * 1024 * 1024;
 
+// Resolves on the next macrotask without setTimeout's 4 ms clamp: awaiting session.run() only ever
+// queues microtasks, so without this nothing else on the page runs until a whole answer is done.
+function nextTask() {
+  return new Promise((resolve) => {
+    const ch = new MessageChannel();
+    ch.port1.onmessage = () => resolve();
+    ch.port2.postMessage(null);
+  });
+}
+
 export class EdgeIA3WebError extends Error {
   constructor(message) { super(message); this.name = "EdgeIA3WebError"; }
 }
@@ -212,6 +222,40 @@ export class Model {
 
   decode(ids) { return this.tokenizer.decode(ids, { skip_special_tokens: true }); }
 
+  /** Next-token logits at every position of `ids` with `adapter` (null: the base), as a Float32Array
+   * [ids.length * vocab]; queued like `generate`. For drift checks against a reference. */
+  logits(ids, adapter = null) {
+    const run = this._queue.then(async () => {
+      const ia3 = adapter ? (await this.loadAdapter(adapter)).tensors : this._ones;
+      const d = this.manifest.decoder;
+      const past = {};
+      for (let i = 0; i < d.num_layers; i++) {
+        for (const kind of ["key", "value"]) {
+          past[d.past_names[kind].replace("%d", i)] = new this.ort.Tensor("float32", new Float32Array(0), [1, d.kv_heads, 0, d.head_size]);
+        }
+      }
+      const out = new Float32Array(ids.length * d.vocab_size);
+      const chunk = this.prefillChunk > 0 ? this.prefillChunk : ids.length;
+      for (let s = 0; s < ids.length; s += chunk) {
+        const part = ids.slice(s, s + chunk);
+        const res = await this.session.run({
+          ...ia3, ...past,
+          input_ids: new this.ort.Tensor("int64", BigInt64Array.from(part, BigInt), [1, part.length]),
+          attention_mask: new this.ort.Tensor("int64", new BigInt64Array(s + part.length).fill(1n), [1, s + part.length]),
+        });
+        for (let i = 0; i < d.num_layers; i++) {
+          for (const kind of ["key", "value"]) {
+            past[d.past_names[kind].replace("%d", i)] = res[d.present_names[kind].replace("%d", i)];
+          }
+        }
+        out.set(res.logits.data, s * d.vocab_size);
+      }
+      return out;
+    });
+    this._queue = run.catch(() => {});
+    return run;
+  }
+
   /** Greedy generation; one request at a time (later calls wait). */
   generate(request) {
     const run = this._queue.then(() => this._generate(request));
@@ -279,6 +323,7 @@ export class Model {
       const now = this.decode(out);
       if (onToken) onToken(now.slice(text.length), now, best);
       text = now;
+      await nextTask();  // let the page paint the token and handle events (abort, scripts polling) now
       if (signal && signal.aborted) { aborted = true; break; }
       if (out.length >= maxTokens) break;
       logits = await step([best]);
