@@ -202,9 +202,11 @@ def main() -> None:
                     for row in evals:
                         msgs = [m for m in row["messages"] if m["role"] != "assistant"]
                         target = row["messages"][-1]["content"].strip()
-                        got = generate(page, messages=msgs, adapter=name, maxTokens=16)
+                        # the reference answer's length + 4, as bench_deploy_accuracy scores (extract's JSON is ~33 tokens)
+                        budget = len(nw.tokenizer(target, add_special_tokens=False)["input_ids"]) + 4
+                        got = generate(page, messages=msgs, adapter=name, maxTokens=budget)
                         ids = nw.prompt_ids(msgs, name)
-                        want = nw.generate(ids, name, 16)
+                        want = nw.generate(ids, name, budget)
                         same += got["ids"] == want and got["prompt_ids"] == ids
                         hits += got["text"].strip() == target
                         native_hits += nw.detokenize(want).strip() == target
