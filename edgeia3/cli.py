@@ -315,6 +315,9 @@ def serve(
     max_failures: int = typer.Option(8, help="requests failing inside the server in a row (500s, none "
                                      "completing) after which the runtime counts as unusable: /health and "
                                      "every request get 503"),
+    threads: Optional[int] = typer.Option(None, help="compute threads (ONNX: the batched session's intra-op "
+                                          "threads, default half the cores as onnxruntime-genai; GGUF: llama.cpp's, "
+                                          "default every core)"),
     provider: Optional[str] = typer.Option(None, help="onnxruntime execution provider (ONNX exports)"),
     log_level: str = typer.Option("warning", help="uvicorn log level (info shows each request)"),
     chat_template: Optional[str] = typer.Option(None, help=CHAT_TEMPLATE_HELP + "; for every adapter"),
@@ -327,14 +330,14 @@ def serve(
     for name, value in (("--max-queue", max_queue), ("--max-tokens", max_tokens),
                         ("--max-prompt-tokens", max_prompt_tokens), ("--max-body-bytes", max_body_bytes),
                         ("--max-batch", max_batch), ("--max-adapters", max_adapters),
-                        ("--max-failures", max_failures)):
+                        ("--max-failures", max_failures), ("--threads", 1 if threads is None else threads)):
         if value < 1:
             raise EdgeIA3Error(f"{name} must be at least 1")
     limits = Limits(max_queue=max_queue, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
                     max_body_bytes=max_body_bytes, max_group_wait=max_group_wait, max_batch=max_batch,
                     max_adapters=max_adapters, max_failures=max_failures)
     serve_fn(model, host=host, port=port, api_key=api_key, adapters_dir=adapters_dir, limits=limits,
-             provider=provider, log_level=log_level, chat_template=chat_template, insecure=insecure,
+             provider=provider, log_level=log_level, chat_template=chat_template, insecure=insecure, threads=threads,
              announce=lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True))
 
 

@@ -112,3 +112,25 @@ def test_a_runtime_that_fails_every_request_is_reported_unusable(served, monkeyp
             assert {f.result(timeout=10)[0] for f in [ex.submit(ask) for _ in range(6)]} == {503}
         m = json.loads(srv.http.get("/metrics").text)
         assert m["unusable"] and m["failures_in_a_row"] >= failures and m["queue_depth"] == 0
+
+
+def test_threads_reach_the_runtime_and_bad_values_are_refused(served, tiny):
+    from edgeia3.cli import app
+    from edgeia3.serve import build
+    from cli_checks import runner
+
+    engine = build(served, threads=1)
+    try:
+        rt = engine.rt
+        if "llama" in rt.name:
+            assert rt.n_threads == 1
+        else:
+            assert rt.ort_session().get_session_options().intra_op_num_threads == 1
+        answer = list(rt.generate_ids(rt.prompt_ids(PROMPTS[0]), 4))
+        assert len(answer) >= 1
+    finally:
+        engine.close()
+    res = runner.invoke(app, ["serve", "--model", str(served), "--threads", "0"])
+    assert res.exit_code == 2 and "--threads" in res.output
+    res = runner.invoke(app, ["serve", "--model", str(tiny["base"]), "--threads", "2", "--port", "1"])
+    assert res.exit_code == 2 and "threads" in res.output  # the torch runtime takes no thread count

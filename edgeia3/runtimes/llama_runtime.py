@@ -367,6 +367,8 @@ def open_gguf(path: str | Path, adapters: dict[str, str | Path] | None = None, p
     path = Path(path)
     if provider:
         raise EdgeIA3Error(f"{path}: --provider applies to ONNX exports (llama.cpp: n_gpu_layers)")
+    if "threads" in kwargs:  # the name every runtime takes (serve --threads)
+        kwargs["n_threads"] = kwargs.pop("threads")
     known = {"n_ctx", "n_threads", "n_gpu_layers", "swap", "workdir"}
     refuse_options(path, "llama.cpp", {k: v for k, v in kwargs.items() if k not in known})
     if path.is_file():

@@ -37,10 +37,11 @@ class OnnxRuntime(RuntimeBase):
     name = "onnxruntime-genai"
     adapter_mechanism = "IA3 side-tensors fed as graph inputs by onnxruntime-genai Adapters (no reload)"
 
-    def __init__(self, path: str | Path, provider: str | None = None):
+    def __init__(self, path: str | Path, provider: str | None = None, threads: int | None = None):
         import onnxruntime_genai as og
 
         self.path = Path(path)
+        self.threads = threads  # intra-op threads of the plain session (batches, logits); None: genai's rule
         self.manifest = read_manifest(self.path)
         self.genai_config = _read_json(self.path / "genai_config.json", self.path)
         with _load_errors(self.path, "the export's genai_config.json"):
@@ -311,6 +312,8 @@ class OnnxRuntime(RuntimeBase):
             so = ort.SessionOptions()
             so.log_severity_level = 3  # IA3 inputs are overridable initializers by design; no warning per input
             _genai_threads(so, self.genai_config["model"]["decoder"].get("session_options", {}))
+            if self.threads:
+                so.intra_op_num_threads = int(self.threads)
             with _load_errors(self.path, model_file.name, "onnxruntime"):
                 self._session = ort.InferenceSession(str(model_file), so, providers=providers)
             types = {i.name: i.type for i in (*self._session.get_inputs(),
@@ -399,11 +402,12 @@ def _is_onnx_export(path: Path) -> bool:
 
 
 def _open(path: Path, adapters: dict | None = None, provider: str | None = None, **options: Any) -> OnnxRuntime:
+    threads = options.pop("threads", None)
     refuse_options(path, "onnxruntime-genai", options)
     if adapters:
         raise EdgeIA3Error(f"{path}: an ONNX export carries its own adapters ({MANIFEST}); attaching "
                            f"{', '.join(adapters)} at run time is not possible - re-export with --adapter NAME=PATH")
-    return OnnxRuntime(path, provider=provider)
+    return OnnxRuntime(path, provider=provider, threads=threads)
 
 
 register_runtime(_is_onnx_export, _open)

@@ -34,18 +34,20 @@ def create_app(engine: Engine, api_key: str | None = None, host: str = "127.0.0.
 
 def build(model: str | Path, adapters_dir: str | Path | None = None, limits: Limits | None = None,
           provider: str | None = None, progress: Callable[[str], None] | None = None,
-          chat_template: str | Path | None = None) -> Engine:
+          chat_template: str | Path | None = None, threads: int | None = None) -> Engine:
     """Open ``model`` (an ONNX or GGUF export dir; a transformers dir works without run-time adapter
     loading) and load every adapter found in ``adapters_dir`` (validated like ``POST /v1/adapters``;
     all of them, even beyond ``limits.max_adapters``, which caps run-time loads). Without
     ``adapters_dir``, ``POST /v1/adapters`` is refused (403).
     ``chat_template``: "chatml" or a Jinja file for every request (None: each adapter's recorded
-    template, else the model's own)."""
+    template, else the model's own). ``threads``: the runtime's compute threads (ONNX: the batched
+    session's intra-op threads; GGUF: llama.cpp's; None: each runtime's default)."""
     from ..runtimes import open_runtime
     from .hotload import discover
 
     found = discover(adapters_dir) if adapters_dir is not None else {}
-    rt = open_runtime(model, provider=provider, chat_template=chat_template)
+    options = {"threads": threads} if threads else {}  # else each runtime's own default
+    rt = open_runtime(model, provider=provider, chat_template=chat_template, **options)
     engine = Engine(rt, limits, adapters_dir=adapters_dir)
     try:
         for i, (name, path) in enumerate(found.items()):
@@ -64,7 +66,7 @@ def build(model: str | Path, adapters_dir: str | Path | None = None, limits: Lim
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           adapters_dir: str | Path | None = None, limits: Limits | None = None, provider: str | None = None,
           log_level: str = "warning", announce: Callable[[str], None] | None = print,
-          chat_template: str | Path | None = None, insecure: bool = False) -> None:
+          chat_template: str | Path | None = None, insecure: bool = False, threads: int | None = None) -> None:
     """Serve ``model`` over HTTP until interrupted. A ``host`` beyond this machine needs ``api_key``
     unless ``insecure``."""
     from .security import check_bind, is_loopback
@@ -76,7 +78,8 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key:
     except ImportError as e:  # optional dependency
         raise EdgeIA3Error("edgeia3 serve needs FastAPI and uvicorn: pip install 'edgeia3[serve]'") from e
 
-    engine = build(model, adapters_dir, limits, provider, progress=announce, chat_template=chat_template)
+    engine = build(model, adapters_dir, limits, provider, progress=announce, chat_template=chat_template,
+                   threads=threads)
     app = create_app(engine, api_key=api_key, host=host)
     if announce:
         names = engine.model_names()
