@@ -28,6 +28,9 @@ from .registry import Family, Scaling, get_family
 CANONICAL_FILE = "edgeia3_adapter.safetensors"
 FORMAT = "edgeia3-ia3"
 FORMAT_VERSION = "1"
+# No IA3 adapter comes near this: a 70B model's vectors are ~10 MB. A bigger file is refused before
+# a byte of it is read (a server must not load whatever large file a request names).
+MAX_ADAPTER_BYTES = 256 << 20
 # What an adapter may be called wherever it gets a name (exports' files and manifests, the server's
 # models): file-name safe, and never "base", the server's name for the model without an adapter.
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -153,17 +156,41 @@ class IA3Adapter:
         return _read_canonical(path)
 
 
-def _read_canonical(path: Path) -> IA3Adapter:
+def read_adapter_safetensors(path: str | Path, check_header: Any = None,
+                             max_bytes: int = MAX_ADAPTER_BYTES) -> tuple[dict[str, np.ndarray], dict]:
+    """Tensors and metadata of an adapter's safetensors file, checked before its data is read: the
+    file's size (at most ``max_bytes``), then ``check_header(metadata, {name: shape})`` (raises for a
+    file that is not the expected kind), then that every tensor is a vector (one dimension over 1)."""
     from safetensors import SafetensorError, safe_open
 
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise EdgeIA3Error(f"cannot read {path}: {e.strerror or e}") from None
+    if size > max_bytes:
+        raise EdgeIA3Error(f"{path} is {size / 2**20:.0f} MiB; no IA3 adapter is larger than "
+                           f"{max_bytes >> 20} MiB (is it a model file?)")
     try:
         with safe_open(str(path), "np") as st:
             meta = st.metadata() or {}
-            tensors = {k: st.get_tensor(k) for k in st.keys()}
+            shapes = {k: st.get_slice(k).get_shape() for k in st.keys()}
+            if check_header is not None:
+                check_header(meta, shapes)
+            bad = next((k for k, v in shapes.items() if sum(d > 1 for d in v) > 1), None)  # vectors only
+            if bad is not None:
+                raise EdgeIA3Error(f"{path}: tensor {bad} has shape {list(shapes[bad])}, not an IA3 vector")
+            return {k: st.get_tensor(k) for k in shapes}, meta
     except (SafetensorError, OSError, ValueError) as e:
         raise EdgeIA3Error(f"{path} is not a readable safetensors file: {e}") from e
-    if meta.get("format") != FORMAT:
-        raise EdgeIA3Error(f"{path} is not an edgeia3 IA3 adapter (format={meta.get('format')!r})")
+
+
+def _read_canonical(path: Path) -> IA3Adapter:
+    def canonical(meta: dict, shapes: dict) -> None:
+        if meta.get("format") != FORMAT:
+            raise EdgeIA3Error(f"{path} is not an edgeia3 IA3 adapter (format={meta.get('format')!r})")
+
+    tensors, meta = read_adapter_safetensors(path, canonical)
 
     def json_meta(key: str, default: str, kind: Any) -> Any:
         value = json.loads(meta.get(key, default))

@@ -141,3 +141,43 @@ def test_peft_feedforward_modules_must_be_targets(tiny_dir, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(EdgeIA3Error, match=r"adapter_config.json: feedforward_modules \['up_proj'\] are not among"):
         load_adapter(tmp_path / "p", base_config=base.config)
+
+
+def _sparse_safetensors(path, n_floats: int, metadata: dict, shape=None) -> None:
+    """A valid safetensors header for one float32 tensor of ``n_floats`` values, the data a hole."""
+    import struct
+
+    header = json.dumps({"__metadata__": metadata,
+                         "w": {"dtype": "F32", "shape": shape or [n_floats], "data_offsets": [0, 4 * n_floats]}})
+    header += " " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header.encode())
+        f.truncate(8 + len(header) + 4 * n_floats)
+
+
+@pytest.mark.parametrize("reader", ["canonical", "peft", "web"])
+def test_large_or_foreign_files_are_refused_before_their_data_is_read(tmp_path, reader):
+    """A server names files by request: a 1 GiB file, or a file of another kind, must be refused from
+    its size or header - reading 1 GiB of tensors first (a finding of the server's audit) is not."""
+    import time
+
+    from edgeia3.adapter import FORMAT, IA3Adapter, read_adapter_safetensors
+    from edgeia3.converters.onnx.web import ADAPTER_FORMAT, read_web_adapter
+    from edgeia3.errors import EdgeIA3Error
+    from edgeia3.formats.peft_dir import WEIGHTS_FILE
+
+    path, fmt = tmp_path / "x.safetensors", {"canonical": FORMAT, "web": ADAPTER_FORMAT, "peft": "pt"}[reader]
+    # PEFT dirs read their adapter_model.safetensors with read_adapter_safetensors (formats/peft_dir.py)
+    read = {"canonical": IA3Adapter.load, "web": read_web_adapter, "peft": read_adapter_safetensors}[reader]
+    if reader == "peft":
+        path = tmp_path / WEIGHTS_FILE
+    cases = [(1 << 28, {"format": fmt}, None, "no IA3 adapter is larger"),  # 1 GiB of float32
+             (1 << 20, {"format": fmt}, [1024, 1024], "not an IA3 vector")]  # a matrix: a model's weight
+    if reader != "peft":  # PEFT files carry no format of their own
+        cases.append((1 << 20, {"format": "something-else"}, None, "is not an edgeia3"))
+    for n, meta, shape, needle in cases:
+        _sparse_safetensors(path, n, meta, shape)
+        t0 = time.perf_counter()
+        with pytest.raises(EdgeIA3Error, match=needle):
+            read(path)
+        assert time.perf_counter() - t0 < 1.0  # from the header: the data was never read

@@ -363,17 +363,13 @@ def write_web_adapter(tensors: dict[str, np.ndarray], path: Path, export_id: str
 
 def read_web_adapter(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     """The tensors and metadata of a web adapter file (one EdgeIA3Error for anything else)."""
-    from safetensors import safe_open
+    from edgeia3.adapter import read_adapter_safetensors
 
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise EdgeIA3Error(f"{path} is not a readable web adapter file ({e})") from None
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise EdgeIA3Error(f"{path} is not an edgeia3 web adapter (format {meta.get('format')!r})")
-    return tensors, meta
+    def web_adapter(meta: dict, shapes: dict) -> None:
+        if meta.get("format") != ADAPTER_FORMAT:
+            raise EdgeIA3Error(f"{path} is not an edgeia3 web adapter (format {meta.get('format')!r})")
+
+    return read_adapter_safetensors(path, web_adapter)  # size-capped, checked before its data is read
 
 
 def export_id(manifest: ExportManifest) -> str:

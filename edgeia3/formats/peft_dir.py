@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..adapter import CANONICAL_FILE, IA3Adapter, IA3Vector, fused_layout_for
+from ..adapter import CANONICAL_FILE, IA3Adapter, IA3Vector, fused_layout_for, read_adapter_safetensors
 from ..errors import EdgeIA3Error
 from ..registry import Family, Scaling, Site, family_for_config, get_family
 
@@ -86,13 +86,7 @@ def _read_config(path: Path) -> dict:
 
 
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path / WEIGHTS_FILE), "np") as st:
-            return {k: st.get_tensor(k) for k in st.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise EdgeIA3Error(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {e}") from e
+    return read_adapter_safetensors(path / WEIGHTS_FILE)[0]  # size-capped, shapes checked before data
 
 
 def _vectors(path: Path, fam: Family, layout: dict, peft_cfg: dict,
