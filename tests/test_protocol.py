@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = sorted((ROOT / "edgeia3" / "serve").glob("*.py"))
 CLIENTS = SERVER + [ROOT / "edgeia3" / f for f in ("run.py", "report.py", "report_render.py", "inspect.py", "cli.py")]
-RUNTIME_MODULES = ("torch_runtime", "onnx_runtime", "llama_runtime", "t5_llama", "t5_onnx")
+RUNTIME_MODULES = ("torch_runtime", "onnx_runtime", "llama_runtime", "t5_llama", "t5_onnx", "web_runtime")
 OWN = {"self", "cls"}  # a class's own private attributes are its business
 RUNTIME_REFS = {"rt", "runtime"}  # how the server names its runtime (also as ``engine.rt``)
 
@@ -123,7 +123,7 @@ def test_every_runtime_class_implements_the_protocol():
             "context_length", "vocab_size", "batch_decoder"} <= set(members)
     classes = _runtime_classes()
     assert {c.__name__ for c in classes} == {"TorchRuntime", "OnnxRuntime", "LlamaCppRuntime", "T5LlamaRuntime",
-                                             "T5OnnxRuntime"}
+                                             "T5OnnxRuntime", "WebRuntime"}
     for cls in classes:
         assert issubclass(cls, RuntimeBase), cls
         annotated = set().union(*(getattr(k, "__annotations__", {}) for k in cls.__mro__))
