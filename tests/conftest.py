@@ -11,6 +11,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from tiny_models import make_tiny_model, make_tiny_tokenizer  # noqa: E402
 from fuzzing import valid  # noqa: E402,F401  (the reader fuzz tests' valid files, one set per module)
 
+pytest_plugins = ["web_browser"]  # the browser tests' fixtures (site, browser, page, exported)
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):

@@ -5,155 +5,30 @@ exported folder; the demo page and its ES module run the graph on onnxruntime-we
 Every answer is checked against native onnxruntime on the same folder's graph with the same
 inputs (``edgeia3.web.NativeWeb``): the same greedy token ids, the same prompt ids.
 
-Needs ``playwright`` (pip; its driver only - never ``playwright install``) and a Chromium at
-/usr/bin/chromium (Debian: ``apt-get install -y chromium``) or $EDGEIA3_CHROMIUM. Without
-them the module is skipped, unless EDGEIA3_REQUIRE_BROWSER=1 (CI) makes that a failure.
+What it needs (Playwright and Debian's Chromium) and the fixtures: tests/web_browser.py. The graph's
+matmul forms are checked without a browser in tests/test_web_graph.py, the web runtime and
+``edgeia3 report`` over a web folder in tests/test_web_runtime.py.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
-import threading
-import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from edgeia3 import load_base
 from edgeia3.cli import app
 from edgeia3.converters.onnx.web import write_web_adapter
-from edgeia3.web import NativeWeb, make_server
+from edgeia3.web import NativeWeb
 from cli_checks import runner
-from tiny_models import VOCAB, make_tiny_model, random_peft_adapter
+from tiny_models import VOCAB, make_tiny_model
+from web_browser import CHROMIUM, CHROMIUM_ARGS, PROMPTS, ROOT, Page, require_browser
 
-CHROMIUM = os.environ.get("EDGEIA3_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-PROMPTS = ["hello there", "sun is warm", "what is 2+2?"]
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _browser_missing() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install playwright)"
-    if not Path(CHROMIUM).is_file():
-        return f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set EDGEIA3_CHROMIUM)"
-    return None
-
-
-_MISSING = _browser_missing()
-if _MISSING:
-    if os.environ.get("EDGEIA3_REQUIRE_BROWSER") == "1":
-        raise RuntimeError(f"browser tests required (EDGEIA3_REQUIRE_BROWSER=1) but {_MISSING}")
-    pytest.skip(_MISSING, allow_module_level=True)
-
-
-# -- the browser and the server ----------------------------------------------------------------
-class Page:
-    """One Chromium tab on the static server."""
-
-    def __init__(self, browser, root_url: str):
-        self.page = browser.new_page()
-        self.root = root_url
-        self.errors: list[str] = []
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-
-    def open(self, folder: str, **query) -> dict:
-        """Open ``folder``/index.html with ``query``; wait for done/error; what #answer says."""
-        q = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-        self.page.goto(f"{self.root}/{folder}/index.html" + (f"?{q}" if q else ""))
-        if not query:
-            self.page.wait_for_selector("#answer[data-state=ready], #answer[data-state=error]", timeout=60_000)
-        else:
-            self.page.wait_for_selector("#answer[data-state=done], #answer[data-state=error]", timeout=60_000)
-        a = self.page.locator("#answer")
-        out = {"state": a.get_attribute("data-state"), "text": a.text_content()}
-        if out["state"] == "done":
-            out["ids"] = json.loads(a.get_attribute("data-ids"))
-            out["prompt_ids"] = json.loads(a.get_attribute("data-prompt-ids"))
-            out["stats"] = json.loads(self.page.locator("#stats").text_content())
-        return out
-
-    def generate(self, **request) -> dict:
-        """``window.edgeia3Model.generate(request)`` on the loaded page."""
-        return self.page.evaluate("""async (r) => {
-            const res = await window.edgeia3Model.generate(r);
-            return {text: res.text, ids: res.ids, prompt_ids: res.promptIds, aborted: res.aborted, stats: res.stats};
-        }""", request)
-
-    def js(self, expr: str, arg=None):
-        return self.page.evaluate(expr, arg)
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    """A static server over one folder (exports are copied or linked into it)."""
-    root = tmp_path_factory.mktemp("site")
-    srv = make_server(root, port=0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
-
-
-@pytest.fixture(scope="module")
-def playwright():
-    """One Playwright driver per module (a second sync_playwright() inside the first is refused)."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def browser(playwright):
-    b = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-    yield b
-    b.close()
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_dir, tmp_path_factory, site):
-    """A tiny llama (BPE tokenizer), two adapters, exported with the CLI into the site."""
-    tmp = tmp_path_factory.mktemp("web")
-    base = tiny_dir("llama", tokenizer="bpe")
-    for name, seed in (("a", 1), ("b", 2)):
-        random_peft_adapter(copy.deepcopy(load_base(base).model), "llama", tmp / name, seed=seed)
-        _scale_adapter(tmp / name, 2.5)  # far enough from ones that the greedy answers differ
-    out = site[0] / "tiny"
-    res = runner.invoke(app, ["export", "web", "--base", str(base), "--out", str(out),
-                              "--adapter", f"a={tmp / 'a'}", "--adapter", f"b={tmp / 'b'}"])
-    assert res.exit_code == 0, res.output
-    assert "web export of" in res.output
-    return out, NativeWeb(out)
-
-
-def _scale_adapter(path: Path, k: float) -> None:
-    """Spread an adapter's vectors: 1 + k * (v - 1), in both files it holds."""
-    from safetensors.numpy import load_file, save_file
-    from safetensors import safe_open
-
-    for f in path.glob("*.safetensors"):
-        with safe_open(str(f), framework="numpy") as h:
-            meta = h.metadata()
-        t = load_file(str(f))
-        save_file({n: (1 + k * (v - 1)).astype(v.dtype) for n, v in t.items()}, str(f), metadata=meta)
-
-
-@pytest.fixture(scope="module")
-def page(browser, site):
-    p = Page(browser, site[1])
-    yield p
-    p.page.close()
+require_browser()  # fixtures (site, browser, page, exported): tests/web_browser.py
 
 
 # -- the folder --------------------------------------------------------------------------------
@@ -177,87 +52,6 @@ def test_the_folder_is_what_onnxruntime_web_runs(exported):
     for name, a in m.adapters.items():
         blob = (out / a.file).read_bytes()
         assert len(blob) == a.bytes < 4096
-
-
-def _nbits_model(k: int, n: int, bits: int, block: int, zero_points: bool, bias: bool, minimum: bool = False,
-                 seed: int = 0):
-    """One MatMulNBits (accuracy_level 0: fp32 compute) with random codes, scales, zero points, bias;
-    ``minimum``: plus the transcoder's per-block minimum term (x @ E block sums, @ M, Add: Q4_1's form)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    blocks = -(-k // block)
-    per = block * bits // 8
-    b = rng.integers(0, 256, (n, blocks, per), dtype=np.uint8)
-    scales = rng.uniform(0.01, 0.1, (n * blocks,)).astype(np.float32)
-    inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "S")]
-    inputs = ["x", "B", "S"]
-    if zero_points:
-        zp = rng.integers(0, 256, (n * (-(-blocks // 2) if bits == 4 else blocks),), dtype=np.uint8)
-        inits.append(numpy_helper.from_array(zp, "Z"))
-        inputs.append("Z")
-    if bias:
-        inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "bias"))
-        inputs += [""] * (4 - len(inputs)) + ["", "bias"]
-    out = "y/nbits" if minimum else "y"
-    nodes = [helper.make_node("MatMulNBits", inputs, [out], name="/m/MatMul_Q4", domain="com.microsoft",
-                              K=k, N=n, bits=bits, block_size=block, accuracy_level=0)]
-    if minimum:
-        e = np.zeros((k, k // block), np.float32)
-        e[np.arange(k), np.arange(k) // block] = 1
-        inits += [numpy_helper.from_array(e, "E"),
-                  numpy_helper.from_array(rng.uniform(-0.3, 0.3, (k // block, n)).astype(np.float32), "M")]
-        nodes += [helper.make_node("MatMul", ["x", "E"], ["sums"], name="/m/sums"),
-                  helper.make_node("MatMul", ["sums", "M"], ["y/min"], name="/m/gguf_min/MatMul"),
-                  helper.make_node("Add", ["y/nbits", "y/min"], ["y"], name="/m/gguf_min/Add")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
-                             ir_version=10)
-
-
-@pytest.mark.parametrize("bits, k, zero_points, bias, minimum", [
-    (4, 96, False, False, False), (4, 80, True, True, False), (8, 64, False, True, False),
-    (8, 96, True, False, False), (4, 96, True, False, True)])
-def test_matmulnbits_as_dequantize_linear_is_exact(bits, k, zero_points, bias, minimum):
-    """DequantizeLinear (blocked) + MatMul over the same codes, scales and zero points computes what
-    MatMulNBits computes at fp32 (K not a multiple of the block included); a Q4_1-style minimum term
-    folds into the weight (one MatMul left)."""
-    import onnxruntime as ort
-
-    from edgeia3.converters.onnx.web import dequantize_matmuls, fold_block_minimum
-
-    model = _nbits_model(k, 48, bits, 32, zero_points, bias, minimum)
-    x = np.random.default_rng(1).standard_normal((3, k)).astype(np.float32)
-    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert dequantize_matmuls(model.graph) == 1
-    assert fold_block_minimum(model.graph) == int(minimum)
-    ops = [n.op_type for n in model.graph.node]
-    assert "MatMulNBits" not in ops and ops.count("MatMul") == 1 and ops[0] == "DequantizeLinear"
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.disable_quant_qdq", "1")
-    got = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
-
-
-@pytest.mark.parametrize("bits, k, zero_points, bias, minimum", [(4, 96, True, False, True), (4, 80, False, True, False),
-                                                                 (8, 64, True, False, False)])
-def test_int8_form_is_one_integer_matmul_within_int8_rounding(bits, k, zero_points, bias, minimum):
-    """matmul="int8": the exact weight (minimum term folded) re-rounded to int8 per column, one
-    DynamicQuantizeMatMul (int8 activations): within int8 rounding of MatMulNBits at fp32."""
-    import onnxruntime as ort
-
-    from edgeia3.converters.onnx.web import dequantize_matmuls, fold_block_minimum, int8_matmuls
-
-    model = _nbits_model(k, 48, bits, 32, zero_points, bias, minimum)
-    x = np.random.default_rng(1).standard_normal((3, k)).astype(np.float32)
-    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    dequantize_matmuls(model.graph)
-    fold_block_minimum(model.graph)
-    assert int8_matmuls(model.graph) == 1
-    assert [n.op_type for n in model.graph.node] == ["DynamicQuantizeMatMul"] + (["Add"] if bias else [])
-    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert 0 < np.abs(got - want).max() < 0.02 * np.abs(want).max()
 
 
 # -- answers -----------------------------------------------------------------------------------
@@ -485,46 +279,3 @@ def test_smollm2_adapter_in_the_browser(tmp_path_factory, site, page):
     shot = ROOT / "docs" / "web-demo.png" if os.environ.get("EDGEIA3_UPDATE_SCREENSHOT") == "1" else tmp / "web-demo.png"
     page.page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
-
-
-# -- the web export as an edgeia3 runtime, and `edgeia3 report` over it ------------------------
-def test_web_runtime_drives_the_page_as_native_onnxruntime_runs_the_graph(exported):
-    """``open_runtime`` on a web folder runs it in Chromium (edgeia3.runtimes.web_runtime): prompt ids,
-    greedy ids, every position's logits and streaming - each against native onnxruntime."""
-    from edgeia3.runtimes import open_runtime
-
-    out, native = exported
-    with open_runtime(out) as rt:
-        assert rt.name.startswith("onnxruntime-web") and rt.adapters == ["a", "b"]
-        for adapter in (None, "a", "b"):
-            rt.use_adapter(adapter)
-            msgs = [{"role": "user", "content": PROMPTS[2]}]
-            ids = rt.prompt_ids(msgs)
-            assert ids == native.prompt_ids(msgs, adapter)
-            np.testing.assert_allclose(rt.logits(ids), native.logits(ids, adapter), atol=1e-4, rtol=0)
-            arrivals, got = [], []
-            for tok in rt.generate_ids(ids, 24, ignore_eos=True):
-                got.append(tok)
-                arrivals.append(time.perf_counter())
-            assert len(got) == 24 and got[:len(want := native.generate(ids, adapter, 24))] == want
-            assert len(set(arrivals)) > 12  # streamed as the page made them, not all at the end
-        gen = rt.generate_ids(ids, 24, ignore_eos=True)  # abandoned after one token: the page stops
-        first = next(gen)
-        gen.close()
-        assert list(rt.generate_ids(ids, 1, ignore_eos=True)) == [first]
-
-
-def test_report_measures_the_web_export_in_chromium(exported, tmp_path):
-    out, native = exported
-    res = runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "r"), "--runs", "1"])
-    assert res.exit_code == 0, res.output
-    doc = json.loads((tmp_path / "r" / "report.json").read_text())
-    [web] = doc["exports"]
-    assert web["kind"] == "web" and web["label"].startswith("web int4 dequantize")
-    speed = web["speed_base"]
-    assert 0 < speed["ttft_s"]["median"] < 60 and 0 < speed["decode_tok_s"]["median"] < 5000
-    assert web["switch_s"]["median"] < 1e-3  # a different set of input tensors for the next run
-    for name in ("a", "b"):
-        drift = web["adapters"][name]["drift"]
-        assert drift["max_abs_logit_diff"] < 5.0 and 0 <= drift["greedy_token_agreement"] <= 1
-    assert "web int4 dequantize side" in (tmp_path / "r" / "report.md").read_text()
