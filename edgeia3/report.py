@@ -77,8 +77,11 @@ def measure_speed(rt: Runtime, ids: list[int], opts: ReportOptions) -> dict:
                 first = last
         if r == 0:
             continue  # warm-up
-        ttft.append(first - t0)
-        if n > 1:
+        own = rt.last_timing  # the runtime's clock, where arrivals are not when tokens were made
+        ttft.append(own["ttft_s"] if own else first - t0)
+        if own and own["decode_tok_s"]:
+            tps.append(own["decode_tok_s"])
+        elif n > 1 and not own:
             tps.append((n - 1) / (last - first))
     return {"ttft_s": _stats(ttft), "decode_tok_s": _stats(tps) if tps else None}
 

@@ -33,6 +33,10 @@ class Runtime(Protocol):
     # ONNX exports, each row with its own adapter, see ``onnx_batch``; GGUF exports, rows with the
     # active adapter - the decoder's ``one_adapter`` -, see ``llama_batch``); None: one request at a time.
     batch_decoder: Callable[[int], Any] | None
+    # The last finished ``generate_ids`` timed by the runtime's own clock ({"ttft_s", "decode_tok_s"}),
+    # where the times tokens reach the caller are not when they were made (the web runtime polls the
+    # page, so several tokens can arrive at once); None: the arrival times are the timing.
+    last_timing: dict | None
 
     @property
     def adapters(self) -> list[str]:

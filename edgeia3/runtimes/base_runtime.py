@@ -59,6 +59,7 @@ class RuntimeBase:
     name: str = "runtime"
     templates: ChatTemplates
     batch_decoder: Any = None  # one request at a time, unless a runtime decodes batches (ONNX, GGUF)
+    last_timing: dict | None = None  # tokens reach the caller as they are made: time their arrivals
     _active: str | None = None
 
     @property

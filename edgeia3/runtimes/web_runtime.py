@@ -8,7 +8,8 @@ exactly as a web app calling ``edgeia3.js`` would. It implements the ``Runtime``
 tok/s, adapter switch, drift and accuracy against the model the adapters were trained as).
 
 Tokens stream out of the page as it makes them: the page's ``onToken`` pushes ids into a list
-that this side polls (``POLL_SECONDS``), so time to first token is the page's plus one poll.
+that this side polls (``POLL_SECONDS``); on a busy machine one poll can bring several tokens, so the
+page's own clock (its ``stats``: ``ttft_ms``, ``decode_tok_s``) times each request (``last_timing``).
 Needs ``playwright`` (pip; its driver only) and a Chromium at /usr/bin/chromium or
 ``$EDGEIA3_CHROMIUM`` (Debian: ``apt-get install -y chromium``); nothing downloads a browser.
 """
@@ -39,14 +40,15 @@ POLL_SECONDS = 0.002  # how often generate_ids asks the page for new tokens
 LOAD_TIMEOUT_MS = 600_000
 
 _START = """([key, r]) => {
-  const s = {ids: [], done: false, error: null, ctl: new AbortController()};
+  const s = {ids: [], done: false, error: null, stats: null, ctl: new AbortController()};
   (window.__edgeia3Streams ||= {})[key] = s;
   window.edgeia3Model.generate({...r, signal: s.ctl.signal, onToken: (d, text, id) => { s.ids.push(id); }})
-    .then(() => { s.done = true; }, (e) => { s.error = String((e && e.message) || e); s.done = true; });
+    .then((res) => { s.stats = res.stats; s.done = true; },
+          (e) => { s.error = String((e && e.message) || e); s.done = true; });
 }"""
 _POLL = """(key) => {
   const s = window.__edgeia3Streams[key];
-  const out = {ids: s.ids.splice(0), done: s.done, error: s.error};
+  const out = {ids: s.ids.splice(0), done: s.done, error: s.error, stats: s.stats};
   if (s.done) delete window.__edgeia3Streams[key];
   return out;
 }"""
@@ -57,6 +59,11 @@ _LOGITS = """async ([ids, adapter]) => {
   for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
   return btoa(s);
 }"""
+
+
+def _timing(stats: dict) -> dict:
+    """The page's own timing of one request, in the report's units."""
+    return {"ttft_s": stats["ttft_ms"] / 1000, "decode_tok_s": stats["decode_tok_s"]}
 
 
 _BROWSER_THREAD: list = []  # the one thread every Playwright call runs on (see _on_browser_thread)
@@ -184,6 +191,7 @@ class WebRuntime(RuntimeBase):
         request = {"ids": [int(i) for i in prompt_ids], "adapter": self._active, "maxTokens": int(max_tokens),
                    "ignoreEos": bool(ignore_eos)}
         self._eval(_START, [key, request])
+        self.last_timing = None
         done = False
         try:
             while not done:
@@ -191,6 +199,8 @@ class WebRuntime(RuntimeBase):
                 done = state["done"]
                 if state["error"]:
                     raise EdgeIA3Error(f"{self.path}: the page failed: {state['error']}")
+                if done and state["stats"]:
+                    self.last_timing = _timing(state["stats"])
                 yield from state["ids"]
                 if not done:
                     time.sleep(POLL_SECONDS)
