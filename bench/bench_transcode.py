@@ -49,6 +49,8 @@ def main() -> None:
                "q4_0 blocks (--weights q4_0)": ("q4_0", "q4_0")}
     if args.base != "default":  # a K-quant file: its own mixture is the default route
         configs = {"builder int4": ("builder", "gguf"), "its GGUF blocks (default)": ("auto", "gguf")}
+    # a base model has no chat template: its prompt is the message's text as it stands
+    prompt = PROMPT if args.base == "default" else PROMPT[0]["content"]
     with tempfile.TemporaryDirectory() as tmp:
         rts, rows = {}, {}
         for label, (weights, trained_as) in configs.items():
@@ -56,14 +58,14 @@ def main() -> None:
             rts[label] = OnnxRuntime(res.out)
             rows[label] = {"export": label, "model MB": round(res.manifest.model_bytes / 1e6, 1)}
             ref = load_base(args.base, quant=trained_as)
-            ids = rts[label].prompt_ids(PROMPT)
+            ids = rts[label].prompt_ids(prompt)
             with torch.no_grad():
                 want = ref.model(input_ids=torch.tensor([ids])).logits[0].numpy()
             got = rts[label].logits(ids)
             rows[label]["mean |dlogit| vs trained-as"] = round(float(np.abs(got - want).mean()), 3)
             rows[label]["argmax agree"] = f"{np.mean(got.argmax(-1) == want.argmax(-1)):.0%}"
             del ref
-        ids = next(iter(rts.values())).prompt_ids(PROMPT)
+        ids = next(iter(rts.values())).prompt_ids(prompt)
         speeds: dict[str, list[float]] = {k: [] for k in rts}
         for label, rt in rts.items():
             decode_once(rt, ids, 8)  # warm-up
