@@ -42,6 +42,7 @@ def test_the_folder_is_what_onnxruntime_web_runs(exported):
     assert m.kind == "web" and m.token_contract == {"add_bos": False, "bos_id": None, "add_eos": False,
                                                     "eos_id": None}
     assert {p["package"]: p["version"] for p in m.extra["runtime"]["packages"]}["onnxruntime-web"] == "1.31.1"
+    assert m.extra["graph"]["session_options"] == {"session.disable_quant_qdq": "1", "session.disable_prepacking": "1"}
     g = onnx.load(str(out / "model.onnx"), load_external_data=False)
     names = {p["name"] for p in m.ia3_inputs}
     assert names and names <= {i.name for i in g.graph.input}
