@@ -30,14 +30,13 @@ from bench_web import PROMPT, renderer_peaks  # noqa: E402
 from common import header, table  # noqa: E402
 
 
-def variant(folder: Path, out: Path, change: tuple[str, str, str | None]) -> Path:
+def variant(folder: Path, out: Path, key: str, value: str | None) -> Path:
     """A copy of ``folder`` with one session config entry set (value) or removed (None)."""
     shutil.copytree(folder, out, copy_function=os.link)
     manifest = out / "edgeia3.json"
     doc = json.loads(manifest.read_text())
     manifest.unlink()  # a hard link: write a new file, leave the folder's as it is
     options = doc["graph"]["session_options"]
-    _, key, value = change
     if value is None:
         options.pop(key, None)
     else:
@@ -74,14 +73,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     header("web export: session options vs peak memory and decode speed (Chromium, WASM, 1 thread)")
-    changes = [("set", *kv.split("=", 1)) for kv in args.set] + [("unset", k, None) for k in args.unset]
+    changes = [tuple(kv.split("=", 1)) for kv in args.set] + [(k, None) for k in args.unset]
     rows, first = [], None
     with tempfile.TemporaryDirectory(dir=args.folder.parent) as tmp:  # same filesystem: hard links
         for change in [None, *changes]:
-            folder = args.folder if change is None else variant(args.folder, Path(tmp) / f"v{len(rows)}", change)
+            folder = args.folder if change is None else variant(args.folder, Path(tmp) / f"v{len(rows)}", *change)
             got = measure(folder, args.tokens, args.runs)
             first = first or got["ids"]
-            label = "as exported" if change is None else (f"{change[1]}={change[2]}" if change[2] else f"without {change[1]}")
+            label = "as exported" if change is None else (f"{change[0]}={change[1]}" if change[1] else f"without {change[0]}")
             rows.append({"variant": label, **{k: v for k, v in got.items() if k != "ids"},
                          "same tokens": got["ids"] == first})
             print(json.dumps(rows[-1]), flush=True)

@@ -78,11 +78,12 @@ def measure_speed(rt: Runtime, ids: list[int], opts: ReportOptions) -> dict:
         if r == 0:
             continue  # warm-up
         own = rt.last_timing  # the runtime's clock, where arrivals are not when tokens were made
-        ttft.append(own["ttft_s"] if own else first - t0)
-        if own and own["decode_tok_s"]:
-            tps.append(own["decode_tok_s"])
-        elif n > 1 and not own:
-            tps.append((n - 1) / (last - first))
+        if own:
+            ttft.append(own["ttft_s"])
+            tps += [own["decode_tok_s"]] if own["decode_tok_s"] else []
+        else:
+            ttft.append(first - t0)
+            tps += [(n - 1) / (last - first)] if n > 1 else []
     return {"ttft_s": _stats(ttft), "decode_tok_s": _stats(tps) if tps else None}
 
 
