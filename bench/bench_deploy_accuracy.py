@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import header, table
+from common import header, prompt_rows, table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,21 +58,6 @@ def stock_llama(path: Path, **kw):
         return llama_cpp.Llama(model_path=str(path), verbose=False, seed=0, **kw)
     finally:
         ll.llama_model_default_params = defaults
-
-
-def prompt_row(row: dict) -> dict:
-    """A chat row as a prompt/completion row: the system and user messages one per line, then
-    ``Answer:``; the assistant's answer after a space."""
-    *msgs, answer = row["messages"]
-    return {"prompt": "\n".join(m["content"] for m in msgs) + "\nAnswer:", "completion": " " + answer["content"]}
-
-
-def prompt_rows(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "eval"):
-        rows = [prompt_row(json.loads(x)) for x in (src / f"{split}.jsonl").read_text().splitlines() if x.strip()]
-        (dst / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return dst
 
 
 def query(row: dict) -> tuple:

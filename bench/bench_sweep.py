@@ -12,13 +12,15 @@ The stock-runtime check of a deployed recipe is bench/bench_deploy_accuracy.py.
     python bench/bench_sweep.py --out bench-out/sweep --budgets 60 --seeds 2 \\
         --recipe defaults --recipe "lr=6e-3,schedule=constant-decay" --recipe "lr=1e-2,schedule=constant-decay"
     python bench/bench_sweep.py --grid "lr=3e-3,6e-3,1e-2;schedule=linear,constant-decay,cosine;bf16=on,off"
-    python bench/bench_sweep.py --base gemma3-270m --train-args "--chat-template chatml"   # another base
+    python bench/bench_sweep.py --base gemma3-270m --prompt-rows   # a base model: prompt/completion rows
 
 Recipe keys: lr, schedule (constant, constant-decay, cosine, linear), warmup (fraction of the
 steps), batch (rows per step), bf16 (on, off, auto); ``defaults`` is `edgeia3 train` with no
 option (whatever its defaults are). Finished cells under --out are reused (delete to rerun);
 ``--report`` only prints the table of what is there. Seeds: ``2`` or ``2,100=1,auto=1`` (per
-budget). On a shared 2-core CPU, ``--jobs 2 --threads 1`` runs two cells side by side.
+budget). ``--prompt-rows`` trains and scores every recipe on the tasks' rows as prompt/completion
+rows (common.prompt_row, written under <out>/data), for a base model with no chat template of its
+own, as bench_deploy_accuracy.py does. On a shared 2-core CPU, ``--jobs 2 --threads 1`` runs two cells side by side.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import header, table
+from common import header, prompt_rows, table
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"lr": "--lr", "schedule": "--schedule", "warmup": "--warmup", "batch": "--batch-size", "bf16": None}
@@ -97,10 +99,16 @@ def seeds_for(spec: str, budget: str) -> int:
     return per.get(budget, default)
 
 
-def auto_steps(task: str, batch: int) -> int:
+def task_data(args, task: str) -> Path:
+    """The folder of the task's train/eval.jsonl that every recipe trains on."""
+    data = ROOT / "examples" / "tasks" / task
+    return prompt_rows(data, Path(args.out) / "data" / task) if args.prompt_rows else data
+
+
+def auto_steps(data: Path, batch: int) -> int:
     from edgeia3.schedule import plan
 
-    rows = sum(1 for line in (ROOT / "examples" / "tasks" / task / "train.jsonl").open() if line.strip())
+    rows = sum(1 for line in (data / "train.jsonl").open() if line.strip())
     return plan(rows, batch).steps
 
 
@@ -118,12 +126,12 @@ def cell_dir(out: Path, task: str, budget: str, name: str, seed: int) -> Path:
 
 
 def cell_command(args, task: str, budget: str, name: str, recipe: dict | None, seed: int, d: Path) -> list[str]:
-    data = ROOT / "examples" / "tasks" / task
+    data = task_data(args, task)
     if recipe is None:  # the plain PEFT loop
-        steps = auto_steps(task, 8) if budget == "auto" else int(budget)
+        steps = auto_steps(data, 8) if budget == "auto" else int(budget)
         extra = shlex.split(args.train_args)
         template = extra[extra.index("--chat-template") + 1] if "--chat-template" in extra else None
-        return [sys.executable, str(ROOT / "bench" / "peft_loop.py"), "--base", args.base, "--task", task,
+        return [sys.executable, str(ROOT / "bench" / "peft_loop.py"), "--base", args.base, "--data-dir", str(data),
                 "--steps", str(steps), "--lr", str(args.peft_lr), "--seed", str(seed), "--eval-rows",
                 str(args.rows), "--out", str(d / "peft.json"), *(["--chat-template", template] if template else [])]
     budget_args = [] if budget == "auto" else ["--max-steps", budget]
@@ -191,6 +199,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100, help="eval rows scored (the first N)")
     ap.add_argument("--no-peft", action="store_true", help="leave out the plain PEFT loop rows")
     ap.add_argument("--peft-lr", type=float, default=3e-3)
+    ap.add_argument("--prompt-rows", action="store_true", help="train and score prompt/completion rows (a base model)")
     ap.add_argument("--train-args", default="", help="extra `edgeia3 train` options for every recipe")
     ap.add_argument("--jobs", type=int, default=1, help="cells run side by side")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each cell")

@@ -1,10 +1,12 @@
-"""Shared helpers for the bench scripts: machine description and tables."""
+"""Shared helpers for the bench scripts: machine description, tables, prompt/completion rows."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
+from pathlib import Path
 
 
 def machine() -> str:
@@ -28,3 +30,18 @@ def table(rows: list[dict]) -> str:
     out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     out += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(out)
+
+
+def prompt_row(row: dict) -> dict:
+    """A chat row as a prompt/completion row: the system and user messages one per line, then
+    ``Answer:``; the assistant's answer after a space."""
+    *msgs, answer = row["messages"]
+    return {"prompt": "\n".join(m["content"] for m in msgs) + "\nAnswer:", "completion": " " + answer["content"]}
+
+
+def prompt_rows(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "eval"):
+        rows = [prompt_row(json.loads(x)) for x in (src / f"{split}.jsonl").read_text().splitlines() if x.strip()]
+        (dst / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dst

@@ -2,7 +2,7 @@
 random batches of the same rows, constant LR, the model's own ``labels=`` loss, fp32 compute,
 the base's default IA3 sites (as `edgeia3 train` picks them).
 
-    python bench/peft_loop.py --quant auto|gguf|nf4|none --steps 20 [--task sentiment] [--base default]
+    python bench/peft_loop.py --quant auto|gguf|nf4|none --steps 20 [--task sentiment | --data-dir DIR] [--base default]
         [--lr 3e-3] [--seed 0] [--eval-rows 100] [--chat-template chatml] --out result.json
 
 ``--eval-rows N``: afterwards, exact-match accuracy and eval loss on the first N rows of the
@@ -41,14 +41,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--task", default="sentiment")
+    ap.add_argument("--task", default="sentiment", help="an example task (examples/tasks/NAME)")
+    ap.add_argument("--data-dir", default=None, help="a folder with train.jsonl and eval.jsonl (instead of --task)")
     ap.add_argument("--eval-rows", type=int, default=0, help="score on the first N eval rows (0: no eval)")
     ap.add_argument("--chat-template", default=None, help="as `edgeia3 train --chat-template` (a base without one)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     lb = load_base(args.base, quant=args.quant)
-    task = ROOT / "examples" / "tasks" / args.task
+    task = Path(args.data_dir) if args.data_dir else ROOT / "examples" / "tasks" / args.task
     template = resolve_template(args.chat_template) or getattr(lb.tokenizer, "chat_template", None)
     rows = load_examples(task / "train.jsonl", lb.tokenizer, 256, template)
     evals = load_examples(task / "eval.jsonl", lb.tokenizer, 256, template)[: args.eval_rows] if args.eval_rows else None
@@ -80,7 +81,7 @@ def main() -> None:
         tokens += int(mask.sum())
     wall = time.perf_counter() - t0
     result = {
-        "base": args.base, "quant": lb.quant, "task": args.task, "lr": args.lr, "seed": args.seed,
+        "base": args.base, "quant": lb.quant, "task": args.data_dir or args.task, "lr": args.lr, "seed": args.seed,
         "steps": args.steps, "wall_seconds": round(wall, 2), "tokens_per_second": round(tokens / wall, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "loss_curve": [round(x, 5) for x in losses]}
