@@ -123,6 +123,9 @@ def test_early_signal_verdicts_on_known_curves():
     assert still["message"] == ("still improving: more steps would help (eval loss 1.700 at step 15, 1.340 at 22, "
                                 "1.200 at 30: -29% over the second half of the run, -10% over the last quarter)")
     assert still["second_half_drop"] == 0.2941 and still["points"][-1] == [30, 1.2]
+    # Gemma 3 270M's intent at 30 steps (81%): the last probe a little above the one before it
+    gemma = early_signal([(0, 11.51), (8, 2.15), (15, 1.179), (22, 0.862), (30, 0.896)], 30)
+    assert gemma["verdict"] == "still improving" and gemma["second_half_drop"] == 0.2689
     # the last quarter alone, steeply
     assert early_signal([(0, 5), (15, 1), (30, 0.8), (45, 0.7), (60, 0.55)], 60)["verdict"] == "still improving"
     # below the floor (answers nearly all right): no longer "still improving", however steep
