@@ -20,7 +20,8 @@ option (whatever its defaults are). Finished cells under --out are reused (delet
 ``--report`` only prints the table of what is there. Seeds: ``2`` or ``2,100=1,auto=1`` (per
 budget). ``--prompt-rows`` trains and scores every recipe on the tasks' rows as prompt/completion
 rows (common.prompt_row, written under <out>/data), for a base model with no chat template of its
-own, as bench_deploy_accuracy.py does. On a shared 2-core CPU, ``--jobs 2 --threads 1`` runs two cells side by side.
+own, as bench_deploy_accuracy.py does. On a shared 2-core CPU, ``--jobs 2 --threads 1`` runs two
+cells side by side.
 """
 
 from __future__ import annotations
