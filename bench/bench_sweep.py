@@ -101,9 +101,9 @@ def seeds_for(spec: str, budget: str) -> int:
 
 
 def task_data(args, task: str) -> Path:
-    """The folder of the task's train/eval.jsonl that every recipe trains on."""
-    data = ROOT / "examples" / "tasks" / task
-    return prompt_rows(data, Path(args.out) / "data" / task) if args.prompt_rows else data
+    """The folder of the task's train/eval.jsonl that every recipe trains on (with --prompt-rows,
+    main writes it once before any cell starts)."""
+    return Path(args.out) / "data" / task if args.prompt_rows else ROOT / "examples" / "tasks" / task
 
 
 def auto_steps(data: Path, batch: int) -> int:
@@ -239,6 +239,8 @@ def main() -> None:
               f"({time.strftime('%H:%M:%S')})", flush=True)
 
     if not args.report:
+        for task in tasks if args.prompt_rows else []:
+            prompt_rows(ROOT / "examples" / "tasks" / task, task_data(args, task))
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(do, todo[::-1] if args.reverse else todo))
     cells = []

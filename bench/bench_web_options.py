@@ -32,16 +32,15 @@ from common import header, table  # noqa: E402
 
 def variant(folder: Path, out: Path, key: str, value: str | None) -> Path:
     """A copy of ``folder`` with one session config entry set (value) or removed (None)."""
-    shutil.copytree(folder, out, copy_function=os.link)
-    manifest = out / "edgeia3.json"
-    doc = json.loads(manifest.read_text())
-    manifest.unlink()  # a hard link: write a new file, leave the folder's as it is
+    # every file hard-linked but the manifest, which the copy writes anew: the folder's stays as it is
+    shutil.copytree(folder, out, copy_function=os.link, ignore=shutil.ignore_patterns("edgeia3.json"))
+    doc = json.loads((folder / "edgeia3.json").read_text())
     options = doc["graph"]["session_options"]
     if value is None:
         options.pop(key, None)
     else:
         options[key] = value
-    manifest.write_text(json.dumps(doc))
+    (out / "edgeia3.json").write_text(json.dumps(doc))
     return out
 
 

@@ -80,10 +80,12 @@ def measure_speed(rt: Runtime, ids: list[int], opts: ReportOptions) -> dict:
         own = rt.last_timing  # the runtime's clock, where arrivals are not when tokens were made
         if own:
             ttft.append(own["ttft_s"])
-            tps += [own["decode_tok_s"]] if own["decode_tok_s"] else []
+            if own["decode_tok_s"]:
+                tps.append(own["decode_tok_s"])
         else:
             ttft.append(first - t0)
-            tps += [(n - 1) / (last - first)] if n > 1 else []
+            if n > 1:
+                tps.append((n - 1) / (last - first))
     return {"ttft_s": _stats(ttft), "decode_tok_s": _stats(tps) if tps else None}
 
 
